@@ -1,0 +1,187 @@
+"""The `raytune-ft` command line."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from raytune_ft import __version__
+from raytune_ft.config import ConfigError, ExperimentConfig, config_to_yaml, load_config
+
+app = typer.Typer(
+    help="Fine-tune Hugging Face models on Ray: validate, prepare data, train, tune, serve, benchmark.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out = Console()
+err = Console(stderr=True)
+
+ConfigArg = Annotated[Path, typer.Argument(help="Experiment YAML file.", show_default=False)]
+OverridesArg = Annotated[
+    list[str] | None,
+    typer.Argument(help="Dotted overrides such as train.lr=3e-5 data.max_length=64.", show_default=False),
+]
+
+EXIT_RUNTIME, EXIT_CONFIG = 1, 2
+
+
+def _fail(message: str, code: int) -> NoReturn:
+    err.print(f"[bold red]error:[/] {message}", highlight=False, markup=True, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _load(config: Path, overrides: list[str] | None) -> ExperimentConfig:
+    try:
+        return load_config(config, overrides or [])
+    except ConfigError as exc:
+        err.print(f"[bold red]{len(exc.issues)} error(s)[/] in {config}:", highlight=False)
+        for issue in exc.issues:
+            err.print(f"  {issue}", highlight=False, markup=False, soft_wrap=True)
+        raise typer.Exit(EXIT_CONFIG) from None
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"raytune-ft {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """Fine-tune Hugging Face models on Ray."""
+
+
+@app.command()
+def validate(config: ConfigArg, overrides: OverridesArg = None) -> None:
+    """Check an experiment file; print the resolved config, or every error with its file line."""
+    cfg = _load(config, overrides)
+    sys.stdout.write(config_to_yaml(cfg))
+    err.print(f"[green]✓[/] {config} is valid", highlight=False)
+
+
+@app.command()
+def data(
+    config: ConfigArg,
+    overrides: OverridesArg = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Rebuild even if a test split exists (the old one is moved aside).")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the full JSON data report.")] = False,
+    no_tokens: Annotated[bool, typer.Option("--no-tokens", help="Skip the tokenizer statistics.")] = False,
+) -> None:
+    """Run the data pipeline (read, curate, split, tokenize) and print the data report."""
+    from raytune_ft.data import DataError, prepare_data
+    from raytune_ft.model_source import ModelSourceError
+
+    cfg = _load(config, overrides)
+    try:
+        with err.status("preparing data") as status:
+            prepared = prepare_data(
+                cfg, force=force, with_tokens=not no_tokens, on_stage=lambda s: status.update(f"{s}…")
+            )
+    except (DataError, ModelSourceError) as exc:
+        _fail(str(exc), EXIT_RUNTIME)
+    if as_json:
+        sys.stdout.write(json.dumps(prepared.report, indent=2, ensure_ascii=False) + "\n")
+        return
+    _print_data_report(prepared.report)
+    if prepared.replaced:
+        err.print(f"previous data directory moved to {prepared.replaced}", highlight=False)
+    state = "up to date, reused" if prepared.reused else "written"
+    out.print(f"\nData {state}: {prepared.data_dir}  (report: {prepared.data_dir / 'data_report.json'})",
+              highlight=False)
+
+
+def _print_data_report(report: dict[str, Any]) -> None:
+    src = report["source"]
+    out.print(f"[bold]Source[/] {src['path']} ({src['format']}): {src['rows_read']} rows read, "
+              f"{src['rows_used']} used", highlight=False)
+    for kind, found in report["findings"].items():
+        line = f"  {kind} repeats: {found['repeated_rows']} rows repeat an earlier text ({found['texts_repeated']} texts)"
+        if "repeats_with_conflicting_label" in found:
+            line += (f"; {found['repeats_with_conflicting_label']} repeats carry a different label "
+                     f"({found['texts_with_conflicting_labels']} texts, {found['rows_in_conflicting_texts']} rows)")
+        out.print(line, highlight=False)
+
+    steps = Table(title="Curation", title_justify="left")
+    for col in ("step", "rows in", "rows out", "removed", "notes"):
+        steps.add_column(col, justify="right" if col.startswith(("rows", "removed")) else "left")
+    for step in report["steps"]:
+        notes = ", ".join(f"{k}={v}" for k, v in step.items() if k not in ("name", "rows_in", "rows_out", "removed"))
+        steps.add_row(step["name"], str(step["rows_in"]), str(step["rows_out"]), str(step["removed"]), notes)
+    out.print(steps)
+
+    tokens = report.get("tokens", {}).get("splits", {})
+    splits = Table(title=f"Splits ({report['split']['strategy']}, seed {report['split']['seed']})",
+                   title_justify="left")
+    for col in ("split", "rows", "class balance", "tokens p50/p95/max", "truncated / blocks"):
+        splits.add_column(col, justify="left" if col in ("split", "class balance") else "right")
+    for name, info in report["splits"].items():
+        balance = info["class_balance"]
+        balance_text = " ".join(f"{c}:{v['rows']} ({v['fraction']:.1%})" for c, v in balance.items()) if balance else "-"
+        tok = tokens.get(name, {})
+        lengths = f"{tok['p50']}/{tok['p95']}/{tok['max']}" if "p50" in tok else "-"
+        extra = tok.get("truncated_rows", tok.get("blocks", "-"))
+        splits.add_row(name, str(info["rows"]), balance_text, lengths, str(extra))
+    out.print(splits)
+    if report.get("class_weights"):
+        out.print(f"class weights (train): {report['class_weights']}", highlight=False)
+
+
+def _not_yet(command: str, issue: str) -> NoReturn:
+    _fail(f"'raytune-ft {command}' is not available yet in {__version__}: it arrives with '{issue}'.", EXIT_CONFIG)
+
+
+@app.command()
+def train(config: ConfigArg, overrides: OverridesArg = None) -> None:
+    """Fine-tune with DeepSpeed on Ray Train."""
+    _load(config, overrides)
+    _not_yet("train", "Fine-tuning engine")
+
+
+@app.command()
+def tune(config: ConfigArg, overrides: OverridesArg = None) -> None:
+    """Search hyper-parameters with Ray Tune."""
+    _load(config, overrides)
+    _not_yet("tune", "Hyper-parameter search")
+
+
+@app.command()
+def serve(target: Annotated[str, typer.Argument(help="Run directory or export to serve.")]) -> None:
+    """Deploy an exported model behind HTTP with Ray Serve."""
+    _not_yet("serve", "Serving and latency benchmark")
+
+
+@app.command()
+def bench(args: Annotated[list[str] | None, typer.Argument(help="What to benchmark.")] = None) -> None:
+    """Benchmark serving latency and training throughput."""
+    _not_yet("bench", "Serving and latency benchmark")
+
+
+@app.command()
+def submit(config: ConfigArg, overrides: OverridesArg = None) -> None:
+    """Submit an experiment as a Ray job to a cluster."""
+    _load(config, overrides)
+    _not_yet("submit", "Clusters, jobs and autoscaling")
+
+
+@app.command()
+def run(config: ConfigArg, overrides: OverridesArg = None) -> None:
+    """Run the whole pipeline: data, tune, test, export, serve, bench, report."""
+    _load(config, overrides)
+    _not_yet("run", "One command, end to end")
+
+
+if __name__ == "__main__":
+    app()

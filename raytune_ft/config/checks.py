@@ -1,0 +1,100 @@
+"""Rules that span several fields or sections, checked after each section is valid on its own."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel
+
+from raytune_ft.config.schema import (
+    ExperimentConfig,
+    GridDim,
+    IntDim,
+    LogUniformDim,
+    UniformDim,
+    nested_models,
+)
+
+# Sections whose leaves a search may vary; model identity, data location and serving stay fixed in a search.
+SEARCHABLE_SECTIONS = ("train", "finetune", "deepspeed", "data", "scaling")
+
+
+def schema_leaf(path: str) -> str | None:
+    """Return None when `path` names a settable leaf of the schema, else why it does not."""
+    parts = path.split(".")
+    model: type[BaseModel] = ExperimentConfig
+    for i, part in enumerate(parts):
+        fields = dict(model.model_fields)
+        fields.update({f.alias: f for f in model.model_fields.values() if f.alias})
+        if part not in fields:
+            where = ".".join(parts[:i]) or "top level"
+            return f"'{part}' is not a key of {where} (known: {', '.join(sorted(model.model_fields))})"
+        models = nested_models(fields[part].annotation)
+        sub = models[0] if models else None
+        if i == len(parts) - 1:
+            return f"'{path}' is a section, not a single value" if sub else None
+        if sub is None:
+            return f"'{'.'.join(parts[: i + 1])}' is a value, it has no key '{parts[i + 1]}'"
+        model = sub
+    return None
+
+
+def consistency_errors(cfg: ExperimentConfig) -> list[tuple[str, str]]:
+    """Every cross-field contradiction as (dotted path, message)."""
+    errors: list[tuple[str, str]] = []
+    data, tune = cfg.data, cfg.tune
+    classification = cfg.model.task == "sequence-classification"
+
+    if classification and not data.columns.label:
+        errors.append(("data.columns.label", "sequence-classification needs a label column"))
+    if not classification:
+        if data.curation.balance != "none":
+            errors.append(("data.curation.balance", "class balancing needs labels; causal-lm has none"))
+        if data.split.strategy == "stratified":
+            errors.append(("data.split.strategy", "stratified splitting needs labels; causal-lm has none"))
+        if data.labels is not None:
+            errors.append(("data.labels", "causal-lm has no labels"))
+
+    if cfg.deepspeed.precision in ("bf16", "fp16") and not cfg.scaling.use_gpu:
+        errors.append(
+            ("deepspeed.precision", f"{cfg.deepspeed.precision} needs scaling.use_gpu: true; CPU trains in fp32")
+        )
+
+    if cfg.finetune.gradual_unfreeze is not None and cfg.finetune.method == "lora":
+        errors.append(("finetune.gradual_unfreeze", "gradual unfreezing works with method full or partial"))
+
+    needs_validation = []
+    if cfg.train.early_stopping is not None:
+        needs_validation.append("train.early_stopping")
+    if tune is not None:
+        needs_validation.append("tune")
+    if needs_validation and data.split.validation == 0:
+        errors.append(("data.split.validation", f"must be > 0 because {' and '.join(needs_validation)} is set"))
+
+    if tune is not None:
+        errors.extend(_tune_errors(cfg))
+    return errors
+
+
+def _tune_errors(cfg: ExperimentConfig) -> list[tuple[str, str]]:
+    tune = cfg.tune
+    assert tune is not None
+    errors: list[tuple[str, str]] = []
+    for key, dim in tune.search_space.items():
+        where = f"tune.search_space.{key}"
+        if key.split(".")[0] not in SEARCHABLE_SECTIONS:
+            errors.append((where, f"only keys under {', '.join(SEARCHABLE_SECTIONS)} can be searched"))
+            continue
+        problem = schema_leaf(key)
+        if problem:
+            errors.append((where, problem))
+        if tune.algorithm == "grid" and not isinstance(dim, GridDim):
+            errors.append((where, f"algorithm 'grid' needs type 'grid', got '{dim.type}'"))
+        if tune.algorithm == "pb2" and not isinstance(dim, (UniformDim, LogUniformDim, IntDim)):
+            errors.append((where, f"pb2 models continuous ranges; type '{dim.type}' is not supported"))
+    if tune.algorithm in ("pbt", "pb2"):
+        if tune.perturbation_interval is None:
+            errors.append(("tune.perturbation_interval", f"{tune.algorithm} needs a perturbation interval"))
+        if not tune.search_space:
+            errors.append(("tune.search_space", f"{tune.algorithm} needs at least one key to perturb"))
+    if tune.algorithm == "bohb" and tune.scheduler != "hyperband":
+        errors.append(("tune.scheduler", "bohb runs with its own HyperBand scheduler: set scheduler: hyperband"))
+    return errors

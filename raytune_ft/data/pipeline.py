@@ -1,0 +1,216 @@
+"""The data pipeline: read -> curate -> split -> balance -> tokenizer report -> write, one counted step at a time."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from raytune_ft.config.schema import ExperimentConfig
+from raytune_ft.data import curation
+from raytune_ft.data.readers import DataError, Records, detect_format, read_records
+from raytune_ft.data.split import SPLITS, check_classes_present, check_disjoint, split_records
+from raytune_ft.data.store import REPORT, file_sha256, is_complete, retire, write_json_atomic, write_prepared
+
+# Fields that change tokenisation only; the splits (and so the test split) do not depend on them.
+TOKENIZATION_FIELDS = ("max_length", "block_size")
+
+
+@dataclass
+class PreparedData:
+    data_dir: Path
+    report: dict[str, Any]
+    reused: bool
+    replaced: Path | None = None
+
+
+def data_dir_for(cfg: ExperimentConfig) -> Path:
+    return Path(cfg.output_dir) / cfg.name / "data"
+
+
+def split_fingerprint(cfg: ExperimentConfig, source_sha256: str) -> str:
+    """Identity of a split: the source bytes and every setting that decides which row lands where."""
+    data = cfg.data.model_dump(mode="json", exclude={"path", *TOKENIZATION_FIELDS})
+    blob = json.dumps({"data": data, "task": cfg.model.task, "source": source_sha256}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def prepare_data(
+    cfg: ExperimentConfig,
+    *,
+    force: bool = False,
+    with_tokens: bool = True,
+    on_stage: Callable[[str], None] = lambda stage: None,
+) -> PreparedData:
+    """Build (or reuse) the experiment's data directory. A directory whose test split came from other settings
+    is an error unless `force`, which moves it aside rather than deleting it."""
+    source = Path(cfg.data.path)
+    data_dir = data_dir_for(cfg)
+    if not source.is_file():
+        raise DataError(source, None, "file not found" if not source.exists() else "is not a file")
+    on_stage(f"hashing {source.name}")
+    fingerprint = split_fingerprint(cfg, file_sha256(source))
+    replaced = None
+    if is_complete(data_dir, fingerprint):
+        report = json.loads((data_dir / REPORT).read_text())
+        if with_tokens and report.get("tokens", {}).get("settings") != _token_settings(cfg):
+            on_stage("tokenizing")
+            report["tokens"] = _token_report(cfg, {n: _texts_of(data_dir, n) for n in SPLITS})
+            write_json_atomic(data_dir / REPORT, report)
+        return PreparedData(data_dir, report, reused=True)
+    if data_dir.exists():
+        if (data_dir / "test.parquet").exists() and not force:
+            raise DataError(
+                data_dir,
+                None,
+                "holds a test split built from other data or settings; the test split is written once. "
+                "Use a new experiment name, or --force to move the old directory aside and rebuild",
+            )
+        if force or (data_dir / "test.parquet").exists():
+            replaced = retire(data_dir)
+
+    report, splits, classes = curate_and_split(cfg, on_stage)
+    if with_tokens:
+        on_stage("tokenizing")
+        report["tokens"] = _token_report(cfg, {name: recs.texts for name, recs in splits.items()})
+    report["fingerprint"] = fingerprint
+    on_stage("writing splits")
+    write_prepared(data_dir, {name: _table(recs, classes) for name, recs in splits.items()}, report, fingerprint)
+    return PreparedData(data_dir, report, reused=False, replaced=replaced)
+
+
+def curate_and_split(
+    cfg: ExperimentConfig, on_stage: Callable[[str], None] = lambda stage: None
+) -> tuple[dict[str, Any], dict[str, Records], list[str] | None]:
+    data, cur = cfg.data, cfg.data.curation
+    source = Path(data.path)
+    fmt = detect_format(source, data.format)
+    label_column = data.columns.label if cfg.model.task == "sequence-classification" else None
+
+    on_stage(f"reading {source.name}")
+    records = read_records(source, fmt, data.columns.text, label_column)
+    rows_read = len(records)
+    if data.max_rows is not None and data.max_rows < len(records):
+        records = records.take(list(range(data.max_rows)))
+    classes = _classes(records, data.labels, source)
+
+    on_stage("curating")
+    normalize = curation.normalizer(cur.normalize)
+    findings = {
+        "exact": curation.repeat_findings(records, curation.exact),
+        "normalized": curation.repeat_findings(records, normalize),
+    }
+    steps: list[curation.StepReport] = []
+
+    def apply(result: tuple[Records, curation.StepReport]) -> None:
+        nonlocal records
+        records, step = result
+        steps.append(step)
+
+    if cur.drop_empty:
+        apply(curation.drop_empty(records))
+    if cur.min_chars or cur.max_chars is not None:
+        apply(curation.length_filter(records, cur.min_chars, cur.max_chars))
+    group_key = normalize if cur.dedupe == "normalized" else curation.exact
+    if records.labels is not None and cur.conflicts != "keep":
+        apply(curation.resolve_conflicts(records, group_key, cur.conflicts))
+    if cur.dedupe in ("exact", "normalized"):
+        apply(curation.dedupe(records, curation.exact, "dedupe_exact"))
+    if cur.dedupe == "normalized":
+        apply(curation.dedupe(records, normalize, "dedupe_normalized"))
+    if len(records) == 0:
+        raise DataError(source, None, "no rows left after curation; loosen data.curation")
+
+    on_stage("splitting")
+    splits, strategy = split_records(records, data.split, normalize, str(source))
+    check_disjoint(splits, normalize)
+    if classes is not None:
+        check_classes_present(splits, classes, data.split, str(source))
+    else:
+        check_classes_present(splits, [], data.split, str(source))
+
+    weights = None
+    if classes is not None and cur.balance == "downsample":
+        splits["train"], step = curation.downsample(splits["train"], data.split.seed)
+        steps.append(step)
+    elif classes is not None and cur.balance == "class_weights":
+        weights = curation.class_weights(splits["train"].labels or [], classes)
+
+    report = {
+        "source": {"path": str(source), "format": fmt, "rows_read": rows_read, "rows_used": min(rows_read,
+                   data.max_rows or rows_read)},
+        "findings": findings,
+        "steps": [s.as_dict() for s in steps],
+        "classes": classes,
+        "label_names": data.label_names,
+        "split": {"strategy": strategy, "seed": data.split.seed, "validation": data.split.validation,
+                  "test": data.split.test, "disjoint_after_normalization": True},
+        "splits": {name: {"rows": len(recs), "class_balance": curation.class_balance(recs.labels, classes)}
+                   for name, recs in splits.items()},
+        "class_weights": weights,
+    }
+    return report, splits, classes
+
+
+def _classes(records: Records, declared: list[str] | None, source: Path) -> list[str] | None:
+    if records.labels is None:
+        return None
+    if declared is None:
+        classes = curation.infer_classes(records.labels)
+        if len(classes) < 2:
+            raise DataError(source, None, f"only one label value ({classes[0]!r}) in the data; need at least 2")
+        return classes
+    allowed = set(declared)
+    bad = [i for i, label in enumerate(records.labels) if label not in allowed]
+    if bad:
+        first = bad[0]
+        raise DataError(
+            source,
+            records.rows[first],
+            f"label {records.labels[first]!r} is not one of data.labels {declared} "
+            f"({len(bad)} row(s) with undeclared labels; first shown)",
+        )
+    return list(declared)
+
+
+def _token_settings(cfg: ExperimentConfig) -> dict[str, Any]:
+    classification = cfg.model.task == "sequence-classification"
+    return {
+        "tokenizer": cfg.model.name_or_path,
+        "max_length": cfg.data.max_length if classification else None,
+        "block_size": None if classification else cfg.data.block_size,
+    }
+
+
+def _token_report(cfg: ExperimentConfig, texts: dict[str, list[str]]) -> dict[str, Any]:
+    from raytune_ft.data.tokenize import token_stats
+    from raytune_ft.model_source import load_tokenizer
+
+    settings = _token_settings(cfg)
+    tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.revision, cfg.model.trust_remote_code)
+    per_split = {
+        name: token_stats(split_texts, tokenizer, settings["max_length"], settings["block_size"])
+        for name, split_texts in texts.items()
+    }
+    return {"settings": settings, "splits": per_split}
+
+
+def _texts_of(data_dir: Path, name: str) -> list[str]:
+    import pyarrow.parquet as pq
+
+    return pq.read_table(data_dir / f"{name}.parquet", columns=["text"]).column("text").to_pylist()
+
+
+def _table(records: Records, classes: list[str] | None) -> Any:
+    import pyarrow as pa
+
+    columns: dict[str, Any] = {"text": pa.array(records.texts, pa.string())}
+    if records.labels is not None and classes is not None:
+        index = {c: i for i, c in enumerate(classes)}
+        columns["label"] = pa.array(records.labels, pa.string())
+        columns["label_id"] = pa.array([index[label] for label in records.labels], pa.int64())
+    columns["source_line"] = pa.array(records.rows, pa.int64())
+    return pa.table(columns)
