@@ -41,7 +41,7 @@ def _load(config: Path, overrides: list[str] | None) -> ExperimentConfig:
     try:
         return load_config(config, overrides or [])
     except ConfigError as exc:
-        err.print(f"[bold red]{len(exc.issues)} error(s)[/] in {config}:", highlight=False)
+        err.print(f"[bold red]{len(exc.issues)} error(s)[/] in {config}:", highlight=False, soft_wrap=True)
         for issue in exc.issues:
             err.print(f"  {issue}", highlight=False, markup=False, soft_wrap=True)
         raise typer.Exit(EXIT_CONFIG) from None
@@ -67,7 +67,7 @@ def validate(config: ConfigArg, overrides: OverridesArg = None) -> None:
     """Check an experiment file; print the resolved config, or every error with its file line."""
     cfg = _load(config, overrides)
     sys.stdout.write(config_to_yaml(cfg))
-    err.print(f"[green]✓[/] {config} is valid", highlight=False)
+    err.print(f"[green]✓[/] {config} is valid", highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -97,22 +97,29 @@ def data(
         return
     _print_data_report(prepared.report)
     if prepared.replaced:
-        err.print(f"previous data directory moved to {prepared.replaced}", highlight=False)
+        err.print(f"previous data directory moved to {prepared.replaced}", highlight=False, soft_wrap=True)
     state = "up to date, reused" if prepared.reused else "written"
-    out.print(f"\nData {state}: {prepared.data_dir}  (report: {prepared.data_dir / 'data_report.json'})",
-              highlight=False)
+    out.print(
+        f"\nData {state}: {prepared.data_dir}  (report: {prepared.data_dir / 'data_report.json'})", highlight=False
+    )
 
 
 def _print_data_report(report: dict[str, Any]) -> None:
     src = report["source"]
-    out.print(f"[bold]Source[/] {src['path']} ({src['format']}): {src['rows_read']} rows read, "
-              f"{src['rows_used']} used", highlight=False)
+    out.print(
+        f"[bold]Source[/] {src['path']} ({src['format']}): {src['rows_read']} rows read, {src['rows_used']} used",
+        highlight=False,
+    )
     for kind, found in report["findings"].items():
-        line = f"  {kind} repeats: {found['repeated_rows']} rows repeat an earlier text ({found['texts_repeated']} texts)"
+        line = (
+            f"  {kind} repeats: {found['repeated_rows']} rows repeat an earlier text ({found['texts_repeated']} texts)"
+        )
         if "repeats_with_conflicting_label" in found:
-            line += (f"; {found['repeats_with_conflicting_label']} repeats carry a different label "
-                     f"({found['texts_with_conflicting_labels']} texts, {found['rows_in_conflicting_texts']} rows)")
-        out.print(line, highlight=False)
+            line += (
+                f"; {found['repeats_with_conflicting_label']} repeats carry a different label "
+                f"({found['texts_with_conflicting_labels']} texts, {found['rows_in_conflicting_texts']} rows)"
+            )
+        out.print(line, highlight=False, soft_wrap=True)
 
     steps = Table(title="Curation", title_justify="left")
     for col in ("step", "rows in", "rows out", "removed", "notes"):
@@ -123,20 +130,23 @@ def _print_data_report(report: dict[str, Any]) -> None:
     out.print(steps)
 
     tokens = report.get("tokens", {}).get("splits", {})
-    splits = Table(title=f"Splits ({report['split']['strategy']}, seed {report['split']['seed']})",
-                   title_justify="left")
+    splits = Table(
+        title=f"Splits ({report['split']['strategy']}, seed {report['split']['seed']})", title_justify="left"
+    )
     for col in ("split", "rows", "class balance", "tokens p50/p95/max", "truncated / blocks"):
         splits.add_column(col, justify="left" if col in ("split", "class balance") else "right")
     for name, info in report["splits"].items():
         balance = info["class_balance"]
-        balance_text = " ".join(f"{c}:{v['rows']} ({v['fraction']:.1%})" for c, v in balance.items()) if balance else "-"
+        balance_text = (
+            " ".join(f"{c}:{v['rows']} ({v['fraction']:.1%})" for c, v in balance.items()) if balance else "-"
+        )
         tok = tokens.get(name, {})
         lengths = f"{tok['p50']}/{tok['p95']}/{tok['max']}" if "p50" in tok else "-"
         extra = tok.get("truncated_rows", tok.get("blocks", "-"))
         splits.add_row(name, str(info["rows"]), balance_text, lengths, str(extra))
     out.print(splits)
     if report.get("class_weights"):
-        out.print(f"class weights (train): {report['class_weights']}", highlight=False)
+        out.print(f"class weights (train): {report['class_weights']}", highlight=False, soft_wrap=True)
 
 
 def _not_yet(command: str, issue: str) -> NoReturn:

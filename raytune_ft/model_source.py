@@ -20,8 +20,7 @@ def resolve_model_source(ref: str) -> str:
         spec = importlib.util.find_spec(package) if package else None
         if spec is None or not spec.submodule_search_locations:
             raise ModelSourceError(
-                f"'{ref}': Python package '{package}' is not installed "
-                f"(pip install {package.replace('_', '-')})"
+                f"'{ref}': Python package '{package}' is not installed (pip install {package.replace('_', '-')})"
             )
         folder = Path(next(iter(spec.submodule_search_locations))) / sub
         _check_model_dir(folder, ref)

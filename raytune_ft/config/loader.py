@@ -244,17 +244,6 @@ def _unknown_key_hint(parts: list[Any]) -> str:
     return f"unknown key (expected one of: {', '.join(known)}){hint}"
 
 
-def _issue_path(err: dict[str, Any], raw: Any) -> list[Any]:
-    parts = _clean_loc(raw, err["loc"])
-    if err["type"] == "value_error":
-        # Section validators start their message with the field they are about: point at that field.
-        first = re.match(r"[A-Za-z_]+", str(err.get("ctx", {}).get("error", "")))
-        model = _model_at(parts)
-        if first and model is not None and first.group(0) in model.model_fields:
-            parts = [*parts, first.group(0)]
-    return parts
-
-
 def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
     """Read, override, validate and resolve an experiment file; raise ConfigError listing every problem."""
     path = Path(path)
@@ -305,7 +294,7 @@ def validate_raw(
         cfg = ExperimentConfig.model_validate(raw)
     except ValidationError as exc:
         for err in exc.errors():
-            parts = _issue_path(err, raw)
+            parts = _clean_loc(raw, err["loc"])
             message = _unknown_key_hint(parts) if err["type"] == "extra_forbidden" else _describe(err)
             issues.append(ConfigIssue(_dotted(parts), message, where(parts)))
         raise ConfigError(_ordered(issues)) from None

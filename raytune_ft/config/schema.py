@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 Task = Literal["sequence-classification", "causal-lm"]
 PositiveInt = Annotated[int, Field(gt=0)]
@@ -63,26 +63,29 @@ class CurationConfig(Section):
     max_chars: PositiveInt | None = None
     balance: Literal["none", "downsample", "class_weights"] = "none"
 
-    @model_validator(mode="after")
-    def _length_bounds(self) -> CurationConfig:
-        if self.max_chars is not None and self.max_chars < self.min_chars:
-            raise ValueError(f"max_chars ({self.max_chars}) must be >= min_chars ({self.min_chars})")
-        return self
+    # Field validators (not model validators) so each rule fires even when an unrelated field is wrong.
+    @field_validator("max_chars")
+    @classmethod
+    def _length_bounds(cls, value: int | None, info: ValidationInfo) -> int | None:
+        low = info.data.get("min_chars", 0)
+        if value is not None and value < low:
+            raise ValueError(f"must be >= min_chars ({low}), got {value}")
+        return value
 
 
 class SplitConfig(Section):
     validation: Fraction = 0.1
-    test: Fraction = 0.1
+    test: Annotated[float, Field(ge=0, lt=1, validate_default=True)] = 0.1
     seed: int = 42
     strategy: Literal["auto", "stratified", "random", "contiguous"] = "auto"
 
-    @model_validator(mode="after")
-    def _leaves_training_data(self) -> SplitConfig:
-        if self.validation + self.test >= 1:
-            raise ValueError(
-                f"validation + test must be < 1 to leave training data, got {self.validation + self.test:g}"
-            )
-        return self
+    @field_validator("test")
+    @classmethod
+    def _leaves_training_data(cls, value: float, info: ValidationInfo) -> float:
+        total = value + info.data.get("validation", 0)
+        if total >= 1:
+            raise ValueError(f"validation + test must be < 1 to leave training data, got {total:g}")
+        return value
 
 
 class DataConfig(Section):
@@ -106,21 +109,27 @@ class DataConfig(Section):
             return [str(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v for v in value]
         return value
 
-    @model_validator(mode="after")
-    def _label_lists(self) -> DataConfig:
-        if self.labels is not None:
-            if len(self.labels) < 2:
-                raise ValueError("labels needs at least 2 classes")
-            if len(set(self.labels)) != len(self.labels):
-                raise ValueError("labels contains duplicates")
-        if self.label_names is not None:
-            if self.labels is None:
-                raise ValueError("label_names needs labels")
-            if len(self.label_names) != len(self.labels):
-                raise ValueError(
-                    f"label_names has {len(self.label_names)} entries but labels has {len(self.labels)}"
-                )
-        return self
+    @field_validator("labels")
+    @classmethod
+    def _distinct_classes(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None:
+            if len(value) < 2:
+                raise ValueError(f"needs at least 2 classes, got {len(value)}")
+            if len(set(value)) != len(value):
+                raise ValueError(f"has duplicates: {value}")
+        return value
+
+    @field_validator("label_names")
+    @classmethod
+    def _one_name_per_label(cls, value: list[str] | None, info: ValidationInfo) -> list[str] | None:
+        if value is None or "labels" not in info.data:
+            return value
+        labels = info.data["labels"]
+        if labels is None:
+            raise ValueError("needs data.labels to say which raw value each name belongs to")
+        if len(value) != len(labels):
+            raise ValueError(f"has {len(value)} entries but labels has {len(labels)}")
+        return value
 
 
 class LoraConfig(Section):
@@ -148,18 +157,19 @@ class EwcConfig(Section):
 class FinetuneConfig(Section):
     method: Literal["full", "lora", "partial"] = "full"
     lora: LoraConfig = LoraConfig()
-    freeze: FreezeConfig = FreezeConfig()
+    freeze: Annotated[FreezeConfig, Field(validate_default=True)] = FreezeConfig()
     gradual_unfreeze: GradualUnfreezeConfig | None = None
     layerwise_lr_decay: Annotated[float, Field(gt=0, le=1)] = 1.0
     l1: Annotated[float, Field(ge=0)] = 0.0
     dropout: Fraction | None = None
     ewc: EwcConfig | None = None
 
-    @model_validator(mode="after")
-    def _partial_freezes_something(self) -> FinetuneConfig:
-        if self.method == "partial" and not (self.freeze.embeddings or self.freeze.layers):
-            raise ValueError("method 'partial' needs freeze.embeddings or freeze.layers > 0")
-        return self
+    @field_validator("freeze")
+    @classmethod
+    def _partial_freezes_something(cls, value: FreezeConfig, info: ValidationInfo) -> FreezeConfig:
+        if info.data.get("method") == "partial" and not (value.embeddings or value.layers):
+            raise ValueError("method 'partial' needs freeze.embeddings: true or freeze.layers > 0")
+        return value
 
 
 class DeepSpeedConfig(Section):
@@ -169,13 +179,20 @@ class DeepSpeedConfig(Section):
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     overrides: dict[str, Any] = Field(default_factory=dict, description="Raw DeepSpeed JSON keys, merged last.")
 
-    @model_validator(mode="after")
-    def _offload_needs_stage(self) -> DeepSpeedConfig:
-        if self.offload_params and self.zero_stage != 3:
-            raise ValueError(f"offload_params needs zero_stage 3, got zero_stage {self.zero_stage}")
-        if self.offload_optimizer and self.zero_stage == 0:
-            raise ValueError("offload_optimizer needs zero_stage 1, 2 or 3, got zero_stage 0")
-        return self
+    @field_validator("offload_optimizer")
+    @classmethod
+    def _optimizer_offload_needs_zero(cls, value: bool, info: ValidationInfo) -> bool:
+        if value and info.data.get("zero_stage") == 0:
+            raise ValueError("needs zero_stage 1, 2 or 3, got zero_stage 0")
+        return value
+
+    @field_validator("offload_params")
+    @classmethod
+    def _param_offload_needs_stage3(cls, value: bool, info: ValidationInfo) -> bool:
+        stage = info.data.get("zero_stage")
+        if value and stage is not None and stage != 3:
+            raise ValueError(f"needs zero_stage 3 (only ZeRO-3 partitions parameters), got zero_stage {stage}")
+        return value
 
 
 class EarlyStoppingConfig(Section):
@@ -209,19 +226,22 @@ class ScalingConfig(Section):
     gpus_per_worker: Annotated[float, Field(ge=0)] = 0.0
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
 
-    @model_validator(mode="after")
-    def _gpu_flags_agree(self) -> ScalingConfig:
-        if self.gpus_per_worker > 0 and not self.use_gpu:
-            raise ValueError("gpus_per_worker > 0 needs use_gpu: true")
-        return self
+    @field_validator("gpus_per_worker")
+    @classmethod
+    def _gpu_flags_agree(cls, value: float, info: ValidationInfo) -> float:
+        if value > 0 and info.data.get("use_gpu") is False:
+            raise ValueError(f"needs use_gpu: true, got {value:g} with use_gpu: false")
+        return value
 
 
 class RangeDim(Section):
-    @model_validator(mode="after")
-    def _ordered(self) -> RangeDim:
-        if self.low >= self.high:  # type: ignore[attr-defined]
-            raise ValueError(f"low ({self.low}) must be < high ({self.high})")  # type: ignore[attr-defined]
-        return self
+    @field_validator("high", check_fields=False)
+    @classmethod
+    def _ordered(cls, value: float, info: ValidationInfo) -> float:
+        low = info.data.get("low")
+        if low is not None and value <= low:
+            raise ValueError(f"must be > low ({low}), got {value}")
+        return value
 
 
 class UniformDim(RangeDim):
@@ -272,14 +292,16 @@ class TuneConfig(Section):
 
 class AutoscalingConfig(Section):
     min_replicas: Annotated[int, Field(ge=0)] = 1
-    max_replicas: PositiveInt = 1
+    max_replicas: Annotated[int, Field(gt=0, validate_default=True)] = 1
     target_ongoing_requests: PositiveFloat = 2.0
 
-    @model_validator(mode="after")
-    def _bounds(self) -> AutoscalingConfig:
-        if self.max_replicas < self.min_replicas:
-            raise ValueError(f"max_replicas ({self.max_replicas}) must be >= min_replicas ({self.min_replicas})")
-        return self
+    @field_validator("max_replicas")
+    @classmethod
+    def _bounds(cls, value: int, info: ValidationInfo) -> int:
+        low = info.data.get("min_replicas")
+        if low is not None and value < low:
+            raise ValueError(f"must be >= min_replicas ({low}), got {value}")
+        return value
 
 
 class RequestLimits(Section):

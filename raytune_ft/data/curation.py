@@ -68,9 +68,7 @@ def repeat_findings(records: Records, key: Callable[[str], str]) -> dict[str, An
     if records.labels is not None:
         labels = records.labels
         conflicting = [g for g in repeated if len({labels[i] for i in g}) > 1]
-        found["repeats_with_conflicting_label"] = sum(
-            1 for g in repeated for i in g[1:] if labels[i] != labels[g[0]]
-        )
+        found["repeats_with_conflicting_label"] = sum(1 for g in repeated for i in g[1:] if labels[i] != labels[g[0]])
         found["texts_with_conflicting_labels"] = len(conflicting)
         found["rows_in_conflicting_texts"] = sum(len(g) for g in conflicting)
         found["conflict_examples"] = [_example(records, g) for g in conflicting[:MAX_EXAMPLES]]

@@ -140,16 +140,27 @@ def curate_and_split(
         weights = curation.class_weights(splits["train"].labels or [], classes)
 
     report = {
-        "source": {"path": str(source), "format": fmt, "rows_read": rows_read, "rows_used": min(rows_read,
-                   data.max_rows or rows_read)},
+        "source": {
+            "path": str(source),
+            "format": fmt,
+            "rows_read": rows_read,
+            "rows_used": min(rows_read, data.max_rows or rows_read),
+        },
         "findings": findings,
         "steps": [s.as_dict() for s in steps],
         "classes": classes,
         "label_names": data.label_names,
-        "split": {"strategy": strategy, "seed": data.split.seed, "validation": data.split.validation,
-                  "test": data.split.test, "disjoint_after_normalization": True},
-        "splits": {name: {"rows": len(recs), "class_balance": curation.class_balance(recs.labels, classes)}
-                   for name, recs in splits.items()},
+        "split": {
+            "strategy": strategy,
+            "seed": data.split.seed,
+            "validation": data.split.validation,
+            "test": data.split.test,
+            "disjoint_after_normalization": True,
+        },
+        "splits": {
+            name: {"rows": len(recs), "class_balance": curation.class_balance(recs.labels, classes)}
+            for name, recs in splits.items()
+        },
         "class_weights": weights,
     }
     return report, splits, classes

@@ -80,8 +80,9 @@ def read_records(path: str | Path, fmt: str, text_column: str, label_column: str
             records = _read_jsonl(path, text, text_column, label_column)
         else:
             if label_column is not None:
-                raise DataError(path, None, "plain text has no labels; sequence-classification needs tsv, csv, jsonl "
-                                "or parquet")
+                raise DataError(
+                    path, None, "plain text has no labels; sequence-classification needs tsv, csv, jsonl or parquet"
+                )
             records = _read_text(text)
     if len(records) == 0:
         raise DataError(path, None, "has no data rows")

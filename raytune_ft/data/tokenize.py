@@ -46,7 +46,9 @@ def token_stats(texts: list[str], tokenizer: Any, max_length: int | None, block_
     }
     if max_length is not None:
         truncated = sum(1 for n in lengths if n > max_length)
-        stats.update(max_length=max_length, truncated_rows=truncated, truncated_fraction=round(truncated / len(lengths), 4))
+        stats.update(
+            max_length=max_length, truncated_rows=truncated, truncated_fraction=round(truncated / len(lengths), 4)
+        )
     if block_size is not None:
         stats.update(block_size=block_size, blocks=stats["total"] // block_size)
     return stats
@@ -67,8 +69,9 @@ def _tokenize_arrow_batch(batch: Any, model_ref: str, task: str, max_length: int
     else:
         out = tokenize_classification(texts, batch.column("label_id").to_pylist(), tokenizer, max_length)
     ids = pa.list_(pa.int32())
-    return pa.table({k: pa.array(v, type=pa.int64() if k == "labels" and task != "causal-lm" else ids)
-                     for k, v in out.items()})
+    return pa.table(
+        {k: pa.array(v, type=pa.int64() if k == "labels" and task != "causal-lm" else ids) for k, v in out.items()}
+    )
 
 
 def ray_datasets(
@@ -88,7 +91,8 @@ def ray_datasets(
     datasets = {}
     for name in splits:
         path = Path(data_dir) / f"{name}.parquet"
-        ds = ray.data.read_parquet(str(path), columns=["text"] + ([] if task == "causal-lm" else ["label_id"]))
+        columns = ["text"] + ([] if task == "causal-lm" else ["label_id"])
+        ds = ray.data.read_parquet(str(path)).select_columns(columns)
         datasets[name] = ds.map_batches(
             _tokenize_arrow_batch,
             batch_format="pyarrow",

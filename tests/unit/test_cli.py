@@ -1,0 +1,100 @@
+"""The command line as a user meets it: help, validate, data, and the commands still to come."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from raytune_ft.cli import app
+
+COMMANDS = ["validate", "data", "train", "tune", "serve", "bench", "submit", "run"]
+runner = CliRunner()
+
+
+def experiment(tmp_path: Path, data_lines: list[str], extra: str = "") -> Path:
+    (tmp_path / "model").mkdir(exist_ok=True)
+    (tmp_path / "model" / "config.json").write_text("{}")
+    (tmp_path / "reviews.tsv").write_text("\n".join(["text\tlabel", *data_lines]) + "\n")
+    path = tmp_path / "exp.yaml"
+    path.write_text(
+        f"name: cli-test\noutput_dir: {tmp_path / 'runs'}\n"
+        "model: {name_or_path: ./model, task: sequence-classification}\n"
+        "data:\n  path: reviews.tsv\n  split: {validation: 0.2, test: 0.2}\n" + extra
+    )
+    return path
+
+
+def balanced_rows(n: int) -> list[str]:
+    return [f"review number {i} is {'good' if i % 2 else 'bad'}\t{i % 2}" for i in range(n)]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_has_help(command):
+    result = runner.invoke(app, [command, "--help"])
+    assert result.exit_code == 0, result.output
+    assert "Usage" in result.output
+
+
+def test_console_script_is_installed_and_prints_version():
+    exe = Path(sys.executable).parent / "raytune-ft"
+    proc = subprocess.run([str(exe), "--version"], capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("raytune-ft ")
+
+
+def test_validate_prints_resolved_config(tmp_path):
+    result = runner.invoke(app, ["validate", str(experiment(tmp_path, balanced_rows(4))), "train.lr=3e-5"])
+    assert result.exit_code == 0, result.output
+    assert "lr: 3.0e-05" in result.stdout
+    assert "zero_stage: 2" in result.stdout
+
+
+def test_validate_lists_every_error_and_exits_nonzero(tmp_path):
+    path = experiment(tmp_path, balanced_rows(4), "train: {lr: -1, epochs: 0}\n")
+    result = runner.invoke(app, ["validate", str(path), "data.max_length=0"])
+    assert result.exit_code == 2
+    assert "3 error(s)" in result.stderr
+    assert "train.lr: must be > 0, got -1" in result.stderr
+    assert "train.epochs: must be > 0, got 0" in result.stderr
+    assert "override 'data.max_length=0': data.max_length: must be > 0, got 0" in result.stderr
+
+
+def test_data_command_runs_pipeline_and_reuses_result(tmp_path):
+    rows = balanced_rows(40) + ["review number 1 is good\t0"]  # a conflicting repeat
+    path = experiment(tmp_path, rows)
+    result = runner.invoke(app, ["data", str(path), "--no-tokens"])
+    assert result.exit_code == 0, result.output
+    assert "Data written" in result.stdout
+    assert "1 repeats carry a different label" in result.stdout
+    report = json.loads((tmp_path / "runs" / "cli-test" / "data" / "data_report.json").read_text())
+    assert report["findings"]["exact"]["repeated_rows"] == 1
+    again = runner.invoke(app, ["data", str(path), "--no-tokens", "--json"])
+    assert again.exit_code == 0
+    assert json.loads(again.stdout)["fingerprint"] == report["fingerprint"]
+
+
+def test_data_command_names_bad_row(tmp_path):
+    path = experiment(tmp_path, [*balanced_rows(10), "an odd one\t7"], "  labels: [0, 1]\n")
+    result = runner.invoke(app, ["data", str(path), "--no-tokens"])
+    assert result.exit_code == 1
+    assert "reviews.tsv:12: label '7' is not one of data.labels" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("command", "issue"),
+    [
+        ("train", "Fine-tuning engine"),
+        ("tune", "Hyper-parameter search"),
+        ("submit", "Clusters"),
+        ("run", "One command"),
+    ],
+)
+def test_commands_still_to_come_say_so(tmp_path, command, issue):
+    result = runner.invoke(app, [command, str(experiment(tmp_path, balanced_rows(4)))])
+    assert result.exit_code == 2
+    assert "not available yet" in result.stderr and issue in result.stderr
