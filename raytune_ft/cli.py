@@ -20,8 +20,9 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-out = Console()
-err = Console(stderr=True)
+# Piped output (logs, CI) gets 120 columns instead of rich's 80 so report tables stay one row per split.
+out = Console(width=None if sys.stdout.isatty() else 120)
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 120)
 
 ConfigArg = Annotated[Path, typer.Argument(help="Experiment YAML file.", show_default=False)]
 OverridesArg = Annotated[
@@ -125,7 +126,9 @@ def _print_data_report(report: dict[str, Any]) -> None:
     for col in ("step", "rows in", "rows out", "removed", "notes"):
         steps.add_column(col, justify="right" if col.startswith(("rows", "removed")) else "left")
     for step in report["steps"]:
-        notes = ", ".join(f"{k}={v}" for k, v in step.items() if k not in ("name", "rows_in", "rows_out", "removed"))
+        notes = ", ".join(
+            f"{k}={v}" for k, v in step.items() if k not in ("name", "rows_in", "rows_out", "removed", "mode")
+        )
         steps.add_row(step["name"], str(step["rows_in"]), str(step["rows_out"]), str(step["removed"]), notes)
     out.print(steps)
 
@@ -135,15 +138,14 @@ def _print_data_report(report: dict[str, Any]) -> None:
     )
     for col in ("split", "rows", "class balance", "tokens p50/p95/max", "truncated / blocks"):
         splits.add_column(col, justify="left" if col in ("split", "class balance") else "right")
+    names = dict(zip(report.get("classes") or [], report.get("label_names") or [], strict=False))
     for name, info in report["splits"].items():
-        balance = info["class_balance"]
-        balance_text = (
-            " ".join(f"{c}:{v['rows']} ({v['fraction']:.1%})" for c, v in balance.items()) if balance else "-"
-        )
+        balance = info["class_balance"] or {}
+        balance_text = "\n".join(f"{names.get(c, c)}: {v['rows']} ({v['fraction']:.1%})" for c, v in balance.items())
         tok = tokens.get(name, {})
         lengths = f"{tok['p50']}/{tok['p95']}/{tok['max']}" if "p50" in tok else "-"
         extra = tok.get("truncated_rows", tok.get("blocks", "-"))
-        splits.add_row(name, str(info["rows"]), balance_text, lengths, str(extra))
+        splits.add_row(name, str(info["rows"]), balance_text or "-", lengths, str(extra))
     out.print(splits)
     if report.get("class_weights"):
         out.print(f"class weights (train): {report['class_weights']}", highlight=False, soft_wrap=True)
