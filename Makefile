@@ -27,6 +27,7 @@ run: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check raytune_ft tests
+	$(BIN)/ruff format --check raytune_ft tests
 
 # pytest exits 5 when it collects no tests; that is not a failure of the suite.
 test: lint

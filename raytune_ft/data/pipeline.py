@@ -13,7 +13,15 @@ from raytune_ft.config.schema import ExperimentConfig
 from raytune_ft.data import curation
 from raytune_ft.data.readers import DataError, Records, detect_format, read_records
 from raytune_ft.data.split import SPLITS, check_classes_present, check_disjoint, split_records
-from raytune_ft.data.store import REPORT, file_sha256, is_complete, retire, write_json_atomic, write_prepared
+from raytune_ft.data.store import (
+    REPORT,
+    file_sha256,
+    is_complete,
+    read_manifest,
+    retire,
+    write_json_atomic,
+    write_prepared,
+)
 
 # Fields that change tokenisation only; the splits (and so the test split) do not depend on them.
 TOKENIZATION_FIELDS = ("max_length", "block_size")
@@ -46,7 +54,7 @@ def prepare_data(
     on_stage: Callable[[str], None] = lambda stage: None,
 ) -> PreparedData:
     """Build (or reuse) the experiment's data directory. A directory whose test split came from other settings
-    is an error unless `force`, which moves it aside rather than deleting it."""
+    is an error unless `force`, which always rebuilds and moves the old directory aside rather than deleting it."""
     source = Path(cfg.data.path)
     data_dir = data_dir_for(cfg)
     if not source.is_file():
@@ -54,7 +62,7 @@ def prepare_data(
     on_stage(f"hashing {source.name}")
     fingerprint = split_fingerprint(cfg, file_sha256(source))
     replaced = None
-    if is_complete(data_dir, fingerprint):
+    if not force and is_complete(data_dir, fingerprint):
         report = json.loads((data_dir / REPORT).read_text())
         if with_tokens and report.get("tokens", {}).get("settings") != _token_settings(cfg):
             on_stage("tokenizing")
@@ -62,7 +70,9 @@ def prepare_data(
             write_json_atomic(data_dir / REPORT, report)
         return PreparedData(data_dir, report, reused=True)
     if data_dir.exists():
-        if (data_dir / "test.parquet").exists() and not force:
+        # Same settings rebuild the same deterministic split, so a damaged build of them may be redone.
+        same_split = (read_manifest(data_dir) or {}).get("fingerprint") == fingerprint
+        if (data_dir / "test.parquet").exists() and not force and not same_split:
             raise DataError(
                 data_dir,
                 None,

@@ -5,6 +5,7 @@ Every error names the file and the line (or Parquet row) that is wrong.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import json
@@ -91,10 +92,12 @@ def read_records(path: str | Path, fmt: str, text_column: str, label_column: str
 
 def _decode(path: Path) -> str:
     raw = path.read_bytes()
+    if raw.startswith(codecs.BOM_UTF8):
+        raw = raw[len(codecs.BOM_UTF8) :]  # so error positions count from the first character
     if not raw.strip():
         raise DataError(path, None, "file is empty")
     try:
-        return raw.decode("utf-8-sig")
+        return raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = raw.count(b"\n", 0, exc.start) + 1
         column = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
@@ -135,9 +138,11 @@ def _read_delimited(path: Path, text: str, fmt: str, text_column: str, label_col
     t_idx = header.index(text_column)
     l_idx = header.index(label_column) if label_column is not None else None
     texts, labels, rows = [], [] if l_idx is not None else None, []
+    start = reader.line_num + 1
     try:
         for fields in reader:
-            line = reader.line_num
+            # a quoted CSV record may span lines: name the line where it starts
+            line, start = start, reader.line_num + 1
             if not fields:
                 continue
             if len(fields) != len(header):
@@ -156,13 +161,14 @@ def _read_delimited(path: Path, text: str, fmt: str, text_column: str, label_col
 
 def _read_jsonl(path: Path, text: str, text_column: str, label_column: str | None) -> Records:
     texts, labels, rows = [], [] if label_column is not None else None, []
-    for line_no, line in enumerate(text.splitlines(), 1):
+    # split on \n only: U+2028 and friends are legal unescaped inside JSON strings
+    for line_no, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise DataError(path, line_no, f"invalid JSON: {exc.msg} at column {exc.colno}") from None
+            raise DataError(path, line_no, f"invalid JSON at column {exc.colno}: {exc.msg}") from None
         if not isinstance(obj, dict):
             raise DataError(path, line_no, f"expected a JSON object per line, got {type(obj).__name__}")
         if text_column not in obj:
@@ -206,11 +212,12 @@ def _read_parquet(path: Path, text_column: str, label_column: str | None) -> Rec
     return Records(texts, labels, list(range(1, len(texts) + 1)))
 
 
-_PARAGRAPH_BREAK = re.compile(r"\n[ \t]*\n")
+_PARAGRAPH_BREAK = re.compile(r"\n(?:[ \t]*\n)+")
 
 
 def _read_text(text: str) -> Records:
     """One record per paragraph (blank-line separated), so curation and splits work on documents."""
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
     texts, rows, line = [], [], 1
     pos = 0
     for match in [*_PARAGRAPH_BREAK.finditer(text), None]:

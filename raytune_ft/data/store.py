@@ -40,7 +40,7 @@ def read_manifest(data_dir: Path) -> dict[str, Any] | None:
 def is_complete(data_dir: Path, fingerprint: str) -> bool:
     """True when the directory holds a finished build of this fingerprint with every file intact."""
     manifest = read_manifest(data_dir)
-    if not manifest or manifest.get("fingerprint") != fingerprint:
+    if not manifest or manifest.get("fingerprint") != fingerprint or not (data_dir / REPORT).is_file():
         return False
     return all(
         (data_dir / name).is_file() and file_sha256(data_dir / name) == digest
@@ -78,7 +78,11 @@ def write_prepared(data_dir: Path, tables: dict[str, Any], report: dict[str, Any
 
 def retire(data_dir: Path) -> Path:
     """Move an existing data directory aside (never delete it): its test split may already have been used."""
-    target = data_dir.with_name(f"{data_dir.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    target, n = data_dir.with_name(f"{data_dir.name}.replaced-{stamp}"), 1
+    while target.exists():
+        n += 1
+        target = data_dir.with_name(f"{data_dir.name}.replaced-{stamp}-{n}")
     os.replace(data_dir, target)
     return target
 
