@@ -156,10 +156,49 @@ def _not_yet(command: str, issue: str) -> NoReturn:
 
 
 @app.command()
-def train(config: ConfigArg, overrides: OverridesArg = None) -> None:
-    """Fine-tune with DeepSpeed on Ray Train."""
-    _load(config, overrides)
-    _not_yet("train", "Fine-tuning engine")
+def train(
+    config: Annotated[
+        Path | None, typer.Argument(help="Experiment YAML file (omit with --resume).", show_default=False)
+    ] = None,
+    overrides: OverridesArg = None,
+    resume: Annotated[
+        Path | None, typer.Option("--resume", help="Continue the run in this run directory from its last checkpoint.")
+    ] = None,
+    no_export: Annotated[bool, typer.Option("--no-export", help="Skip exporting the best checkpoint.")] = False,
+) -> None:
+    """Fine-tune with DeepSpeed on Ray Train; export the best checkpoint as a Hugging Face model directory."""
+    from raytune_ft.data import DataError
+    from raytune_ft.model_source import ModelSourceError
+    from raytune_ft.train import CONFIG_FILE, CheckpointError
+    from raytune_ft.train import train as run_train
+
+    if resume is not None:
+        if config is not None and config.suffix not in (".yaml", ".yml"):
+            overrides = [str(config), *(overrides or [])]
+        saved = resume / CONFIG_FILE
+        if not saved.is_file():
+            _fail(f"{resume} is not a run directory: {CONFIG_FILE} not found", EXIT_CONFIG)
+        cfg = _load(saved, overrides)
+    elif config is None:
+        _fail("give an experiment file, or --resume RUN_DIR", EXIT_CONFIG)
+    else:
+        cfg = _load(config, overrides)
+    try:
+        result = run_train(
+            cfg, resume=resume is not None, export=not no_export, log=lambda m: err.print(m, highlight=False)
+        )
+    except (DataError, ModelSourceError, CheckpointError) as exc:
+        _fail(str(exc), EXIT_RUNTIME)
+    table = Table(title="Best checkpoint", title_justify="left")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in sorted(result.metrics.items()):
+        if key.startswith("eval_") and "/" not in key or key in ("step", "epoch", "train_loss"):
+            table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+    out.print(table)
+    out.print(f"checkpoint: {result.best_checkpoint}", highlight=False, soft_wrap=True)
+    if result.export_dir:
+        out.print(f"export: {result.export_dir}", highlight=False, soft_wrap=True)
 
 
 @app.command()

@@ -61,6 +61,13 @@ def consistency_errors(cfg: ExperimentConfig) -> list[tuple[str, str]]:
     if cfg.finetune.gradual_unfreeze is not None and cfg.finetune.method == "lora":
         errors.append(("finetune.gradual_unfreeze", "gradual unfreezing works with method full or partial"))
 
+    if cfg.deepspeed.zero_stage == 3:
+        # Both penalties read every trainable weight outside the forward pass, where ZeRO-3 holds only shards.
+        if cfg.finetune.ewc is not None:
+            errors.append(("finetune.ewc", "elastic weight consolidation needs deepspeed.zero_stage 0, 1 or 2"))
+        if cfg.finetune.l1:
+            errors.append(("finetune.l1", "the L1 penalty needs deepspeed.zero_stage 0, 1 or 2"))
+
     needs_validation = []
     if cfg.train.early_stopping is not None:
         needs_validation.append("train.early_stopping")

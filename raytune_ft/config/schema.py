@@ -217,6 +217,9 @@ class TrainConfig(Section):
     checkpoint_every_steps: PositiveInt | None = None
     keep_checkpoints: PositiveInt = 2
     early_stopping: EarlyStoppingConfig | None = None
+    max_failures: Annotated[int, Field(ge=-1)] = Field(
+        default=3, description="Worker-group restarts from the last checkpoint after a crash (-1: no limit)."
+    )
 
 
 class ScalingConfig(Section):

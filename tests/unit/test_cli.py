@@ -88,7 +88,6 @@ def test_data_command_names_bad_row(tmp_path):
 @pytest.mark.parametrize(
     ("command", "issue"),
     [
-        ("train", "Fine-tuning engine"),
         ("tune", "Hyper-parameter search"),
         ("submit", "Clusters"),
         ("run", "One command"),
@@ -98,3 +97,17 @@ def test_commands_still_to_come_say_so(tmp_path, command, issue):
     result = runner.invoke(app, [command, str(experiment(tmp_path, balanced_rows(4)))])
     assert result.exit_code == 2
     assert "not available yet" in result.stderr and issue in result.stderr
+
+
+def test_train_resume_needs_a_run_directory(tmp_path):
+    result = runner.invoke(app, ["train", "--resume", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "config.yaml not found" in result.stderr
+
+
+def test_train_refuses_a_run_that_already_has_checkpoints(tmp_path):
+    path = experiment(tmp_path, balanced_rows(20))
+    (tmp_path / "runs" / "cli-test" / "train" / "step_000004").mkdir(parents=True)
+    result = runner.invoke(app, ["train", str(path)])
+    assert result.exit_code == 1
+    assert "already holds a training run" in result.stderr and "--resume" in result.stderr

@@ -1,0 +1,93 @@
+"""Deterministic batching: which rows every worker reads at every optimizer step.
+
+A step's global batch is a contiguous slice of a seeded per-epoch permutation, cut into one micro-batch per
+worker and accumulation step. So the same rows make up step s whatever the number of workers (1 worker x 8 rows
+and 2 workers x 4 rows train on the same 8), and a resumed run re-reads exactly the rows it would have read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from raytune_ft.data.tokenize import tokenize_causal_blocks, tokenize_classification
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    n_train: int
+    micro_batch: int
+    world_size: int
+    grad_accum: int
+    epochs: int
+    max_steps: int | None
+    seed: int
+
+    @property
+    def global_batch(self) -> int:
+        return self.micro_batch * self.world_size * self.grad_accum
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.n_train // self.global_batch
+
+    @property
+    def total_steps(self) -> int:
+        steps = self.epochs * self.steps_per_epoch
+        return min(steps, self.max_steps) if self.max_steps else steps
+
+    def check(self) -> None:
+        if self.steps_per_epoch == 0:
+            raise ValueError(
+                f"the training split has {self.n_train} rows, fewer than one global batch of {self.global_batch} "
+                f"(train.batch_size {self.micro_batch} x {self.world_size} workers x train.grad_accum "
+                f"{self.grad_accum}); lower them or add data"
+            )
+
+    def permutation(self, epoch: int) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        return torch.randperm(self.n_train, generator=generator)
+
+    def micro_batches(self, step: int, rank: int, perm: torch.Tensor | None = None) -> list[list[int]]:
+        """Row indices of each micro-batch this rank runs for optimizer step `step` (0-based)."""
+        epoch, offset = divmod(step, self.steps_per_epoch)
+        perm = self.permutation(epoch) if perm is None else perm
+        base = offset * self.global_batch
+        out = []
+        for k in range(self.grad_accum):
+            start = base + (k * self.world_size + rank) * self.micro_batch
+            out.append(perm[start : start + self.micro_batch].tolist())
+        return out
+
+
+def tokenize_splits(
+    tables: dict[str, Any], tokenizer: Any, task: str, max_length: int, block_size: int
+) -> dict[str, dict[str, list]]:
+    """Token ids per split, small enough to ship to every worker through Ray's object store."""
+    out = {}
+    for name, table in tables.items():
+        texts = table.column("text").to_pylist()
+        if task == "causal-lm":
+            enc = tokenize_causal_blocks(texts, tokenizer, block_size)
+            out[name] = {"input_ids": enc["input_ids"]}
+        else:
+            enc = tokenize_classification(texts, table.column("label_id").to_pylist(), tokenizer, max_length)
+            out[name] = {"input_ids": enc["input_ids"], "labels": enc["labels"]}
+    return out
+
+
+def collate(split: dict[str, list], rows: list[int], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """Pad to the longest row of this micro-batch (right padding, masked)."""
+    ids = [split["input_ids"][i] for i in rows]
+    width = max(len(x) for x in ids)
+    input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for j, row in enumerate(ids):
+        input_ids[j, : len(row)] = torch.tensor(row, dtype=torch.long)
+        mask[j, : len(row)] = 1
+    batch = {"input_ids": input_ids.to(device), "attention_mask": mask.to(device)}
+    if "labels" in split:
+        batch["labels"] = torch.tensor([split["labels"][i] for i in rows], dtype=torch.long, device=device)
+    return batch

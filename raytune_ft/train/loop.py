@@ -1,0 +1,435 @@
+"""The per-worker training loop that Ray Train runs: one readable recipe wiring the small components.
+
+Same code on 1 worker, N workers on one node and N nodes: data come through Ray's object store, checkpoints
+through Ray Train's storage, the process group is set up by TorchTrainer (gloo on CPU, NCCL on GPU).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import signal
+import tempfile
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from raytune_ft.config.schema import ExperimentConfig
+from raytune_ft.metrics import classification_metrics, confusion_matrix, pack_counts, perplexity, unpack_counts
+from raytune_ft.train.batches import StepPlan, collate
+from raytune_ft.train.checkpoint import (
+    DS_TAG,
+    STATE,
+    TRAINABLE,
+    CheckpointError,
+    checkpoint_name,
+    config_hash,
+    list_checkpoints,
+    newest_whole_checkpoint,
+    verify_checkpoint,
+    write_manifest,
+)
+from raytune_ft.train.ds_config import deepspeed_config, resolved_precision
+
+PROBE_ROWS = 4
+
+
+def lr_factor(step: int, total: int, warmup: int, kind: str) -> float:
+    if step < warmup:
+        return step / max(1, warmup)
+    if kind == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    if kind == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return max(0.0, 1.0 - progress)
+
+
+def _group_lambda(step: int, *, label: str, gate: Any, total: int, warmup: int, kind: str) -> float:
+    return lr_factor(step, total, warmup, kind) * gate(label, step)
+
+
+class EarlyStopping:
+    def __init__(self, mode: str, patience: int, min_delta: float) -> None:
+        self.mode, self.patience, self.min_delta = mode, patience, min_delta
+        self.best: float | None = None
+        self.bad_evals = 0
+
+    def update(self, value: float) -> bool:
+        """Record one evaluation; True when patience has run out."""
+        better = self.best is None or (
+            value < self.best - self.min_delta if self.mode == "min" else value > self.best + self.min_delta
+        )
+        if better:
+            self.best, self.bad_evals = value, 0
+        else:
+            self.bad_evals += 1
+        return self.bad_evals >= self.patience
+
+    def state(self) -> dict[str, Any]:
+        return {"best": self.best, "bad_evals": self.bad_evals}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.best, self.bad_evals = state.get("best"), state.get("bad_evals", 0)
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    import deepspeed
+    import ray
+    import ray.train
+    import ray.train.torch
+    from safetensors.torch import load_file, save_file
+
+    from raytune_ft.modeling import (
+        EWC,
+        build_model,
+        estimate_fisher,
+        l1_penalty,
+        num_layers,
+        param_groups,
+        unfreeze_gate,
+    )
+
+    cfg = ExperimentConfig.model_validate(config["experiment"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device() if cfg.scaling.use_gpu else torch.device("cpu")
+    classification = cfg.model.task == "sequence-classification"
+    classes: list[str] = config["classes"] or []
+    data = ray.get(config["data"])
+    train, val = data["train"], data["validation"]
+    pad_id: int = config["pad_token_id"]
+
+    torch.manual_seed(cfg.seed)  # identical initial heads on every rank
+    model = build_model(cfg.model, cfg.finetune, len(classes) or None, cfg.data.label_names)
+    plan = StepPlan(
+        n_train=len(train["input_ids"]),
+        micro_batch=cfg.train.batch_size,
+        world_size=world,
+        grad_accum=cfg.train.grad_accum,
+        epochs=cfg.train.epochs,
+        max_steps=cfg.train.max_steps,
+        seed=cfg.seed,
+    )
+    plan.check()
+    total = plan.total_steps
+    eval_every = cfg.train.eval_every_steps or plan.steps_per_epoch
+    ckpt_every = cfg.train.checkpoint_every_steps or eval_every
+    class_weights = (
+        torch.tensor([config["class_weights"][c] for c in classes], dtype=torch.float32, device=device)
+        if classification and config.get("class_weights")
+        else None
+    )
+
+    def loss_of(module: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        out = module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        if classification:
+            return F.cross_entropy(out.logits.float(), batch["labels"], weight=class_weights)
+        return _next_token_loss(out.logits, batch["input_ids"], batch["attention_mask"], "mean")[0]
+
+    ckpt = ray.train.get_checkpoint()
+    resume_dir: Path | None = None
+    state: dict[str, Any] = {}
+    if ckpt is not None:
+        local = Path(ckpt.to_directory()) if not Path(ckpt.path).is_dir() else Path(ckpt.path)
+        try:
+            state = verify_checkpoint(local)
+            resume_dir = local
+        except CheckpointError as exc:
+            _log(rank, f"newest checkpoint is not whole ({exc}); looking for an older one")
+            found = newest_whole_checkpoint(
+                [p for p in list_checkpoints(local.parent) if p.name < local.name], log=lambda m: _log(rank, m)
+            )
+            if found is None:
+                raise CheckpointError(f"no whole checkpoint to resume from in {local.parent}") from exc
+            resume_dir, state = found
+            _log(rank, f"resuming from the previous good checkpoint {resume_dir.name}")
+        if state.get("world_size") != world:
+            raise CheckpointError(
+                f"{resume_dir}: saved with {state.get('world_size')} workers, resumed with {world}; "
+                "ZeRO shards need the same number of workers (set scaling.num_workers)"
+            )
+        if state.get("config_hash") != config_hash(config["experiment"]):
+            _log(rank, "warning: the experiment config changed since this checkpoint was written")
+    elif config.get("require_checkpoint"):
+        raise CheckpointError("resume was asked for but the run has no checkpoint")
+
+    ewc = None
+    if cfg.finetune.ewc is not None:
+        if resume_dir is not None:
+            ewc = EWC.from_tensors(model, load_file(str(resume_dir / "ewc.safetensors")), cfg.finetune.ewc.strength)
+        else:
+            # Fisher of the pre-trained weights, from this rank's slice of a fixed sample, averaged over ranks.
+            sample = plan.permutation(-1)[: cfg.finetune.ewc.fisher_samples].tolist()[rank::world]
+            batches = [collate(train, sample[i : i + 8], pad_id, torch.device("cpu")) for i in range(0, len(sample), 8)]
+            fisher = estimate_fisher(model, batches, loss_of, cfg.finetune.ewc.fisher_samples)
+            if world > 1:
+                for tensor in fisher.values():
+                    torch.distributed.all_reduce(tensor)
+                    tensor /= world
+            ewc = EWC(model, fisher, cfg.finetune.ewc.strength)
+
+    groups = param_groups(model, cfg.train.lr, cfg.train.weight_decay, cfg.finetune.layerwise_lr_decay)
+    gate = unfreeze_gate(cfg.finetune.gradual_unfreeze, num_layers(model))
+    if cfg.deepspeed.offload_optimizer:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        optimizer = DeepSpeedCPUAdam(groups, lr=cfg.train.lr, adamw_mode=True)
+    else:
+        optimizer = torch.optim.AdamW(groups, lr=cfg.train.lr)
+    warmup = round(cfg.train.warmup_ratio * total)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        [
+            partial(_group_lambda, label=g["group"], gate=gate, total=total, warmup=warmup, kind=cfg.train.lr_schedule)
+            for g in groups
+        ],
+    )
+    precision = resolved_precision(cfg, torch.cuda.is_available())
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
+        config=deepspeed_config(cfg, precision),
+        dist_init_required=False,
+    )
+
+    stopper = EarlyStopping(*_stop_settings(cfg))
+    history: list[dict[str, Any]] = []
+    start = 0
+    if resume_dir is not None:
+        load_path, _ = engine.load_checkpoint(str(resume_dir), tag=DS_TAG, load_lr_scheduler_states=True)
+        if load_path is None:  # DeepSpeed returns quietly when it finds nothing
+            raise CheckpointError(f"{resume_dir}: DeepSpeed found no checkpoint under tag '{DS_TAG}'")
+        rng = load_file(str(resume_dir / f"rng.rank{rank}.safetensors"))
+        torch.set_rng_state(rng["cpu"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
+        start = int(state["step"])
+        stopper.restore(state.get("early_stopping", {}))
+        history = list(state.get("history", []))
+        _log(rank, f"resumed at step {start} of {total} from {resume_dir.name}")
+
+    fault = config.get("fault") or {}
+    engine.train()
+    running, micro_count, t_start, samples = 0.0, 0, time.perf_counter(), 0
+    perm_epoch, perm = -1, None
+    for step in range(start, total):
+        epoch = step // plan.steps_per_epoch
+        if epoch != perm_epoch:
+            perm_epoch, perm = epoch, plan.permutation(epoch)
+        if fault.get("raise_at_step") == step:
+            raise RuntimeError(f"fault injected: interrupted at step {step}")
+        if fault.get("kill_at_step") == step and fault.get("rank", 0) == rank:
+            marker = Path(fault["marker"])
+            if not marker.exists():
+                marker.write_text(f"killed rank {rank} at step {step}\n")
+                os.kill(os.getpid(), signal.SIGKILL)
+        for rows in plan.micro_batches(step, rank, perm):
+            batch = collate(train, rows, pad_id, device)
+            loss = loss_of(engine, batch)
+            if cfg.finetune.l1:
+                loss = loss + cfg.finetune.l1 * l1_penalty(engine.module)
+            if ewc is not None:
+                loss = loss + ewc.penalty(engine.module)
+            engine.backward(loss)
+            engine.step()
+            running += loss.item()
+            micro_count += 1
+            samples += len(rows)
+        done = step + 1
+        last = done == total
+        if not (done % eval_every == 0 or done % ckpt_every == 0 or last):
+            continue
+        metrics = _evaluate(engine, val, rank, world, cfg, classes, pad_id, device)
+        metrics.update(
+            step=done,
+            epoch=round(done / plan.steps_per_epoch, 4),
+            train_loss=_mean_over_ranks(running / max(1, micro_count), world, device),
+            lr=scheduler.get_last_lr()[0],
+            samples_per_s=round(samples * world / (time.perf_counter() - t_start), 2),
+        )
+        running, micro_count = 0.0, 0
+        stop_key = cfg.train.early_stopping.metric if cfg.train.early_stopping else None
+        should_stop = False
+        if stop_key is not None:
+            if stop_key not in metrics:
+                raise KeyError(
+                    f"train.early_stopping.metric '{stop_key}' is not reported; choose from {sorted(metrics)}"
+                )
+            should_stop = stopper.update(float(metrics[stop_key]))
+        metrics["early_stopped"] = should_stop
+        history.append({k: v for k, v in metrics.items() if "/" not in k})
+        if done % ckpt_every == 0 or last or should_stop:
+            _save_and_report(
+                engine, metrics, config, cfg, rank, world, done, stopper, ewc, val, pad_id, device, save_file, history
+            )
+        else:
+            ray.train.report(metrics)
+        if should_stop:
+            _log(rank, f"early stopping at step {done}: {stop_key} did not improve for {stopper.patience} evaluations")
+            break
+
+
+def _stop_settings(cfg: ExperimentConfig) -> tuple[str, int, float]:
+    es = cfg.train.early_stopping
+    return (es.mode, es.patience, es.min_delta) if es else ("min", 10**9, 0.0)
+
+
+def _next_token_loss(
+    logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor, reduction: str
+) -> tuple[torch.Tensor, int]:
+    shift_logits = logits[:, :-1].float().reshape(-1, logits.size(-1))
+    targets = input_ids[:, 1:].reshape(-1).masked_fill(mask[:, 1:].reshape(-1) == 0, -100)
+    n_tokens = int((targets != -100).sum())
+    return F.cross_entropy(shift_logits, targets, ignore_index=-100, reduction=reduction), n_tokens
+
+
+def _mean_over_ranks(value: float, world: int, device: torch.device) -> float:
+    if world == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(t)
+    return float(t.item() / world)
+
+
+@torch.no_grad()
+def _evaluate(
+    engine: Any,
+    val: dict[str, list],
+    rank: int,
+    world: int,
+    cfg: ExperimentConfig,
+    classes: list[str],
+    pad_id: int,
+    device: torch.device,
+) -> dict[str, Any]:
+    """Each rank scores its slice; one all-reduce of summed counts gives exact global metrics. Every rank runs
+    the same number of forward passes (ZeRO-3 gathers weights collectively), padding its slice if shorter."""
+    engine.eval()
+    n = len(val["input_ids"])
+    rows = list(range(rank, n, world))
+    per_rank = math.ceil(n / world)
+    batch_size = cfg.train.eval_batch_size or cfg.train.batch_size
+    loss_sum, count = 0.0, 0
+    confusion = torch.zeros((len(classes), len(classes)), dtype=torch.long) if classes else None
+    for start in range(0, per_rank, batch_size):
+        chunk = rows[start : start + batch_size]
+        real = len(chunk)
+        chunk = chunk + [0] * (min(batch_size, per_rank - start) - real)  # dummies keep ranks in lockstep
+        batch = collate(val, chunk, pad_id, device)
+        out = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        if real == 0:
+            continue
+        if classes:
+            logits, labels = out.logits[:real].float(), batch["labels"][:real]
+            loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
+            count += real
+            confusion += confusion_matrix(logits.argmax(-1).cpu(), labels.cpu(), len(classes))
+        else:
+            loss, tokens = _next_token_loss(
+                out.logits[:real], batch["input_ids"][:real], batch["attention_mask"][:real], "sum"
+            )
+            loss_sum += float(loss)
+            count += tokens
+    packed = pack_counts(loss_sum, count, confusion).to(device)
+    if world > 1:
+        torch.distributed.all_reduce(packed)
+    loss_sum, count, confusion = unpack_counts(packed.cpu(), len(classes) if classes else None)
+    engine.train()
+    mean_loss = loss_sum / max(1, count)
+    metrics: dict[str, Any] = {"eval_loss": mean_loss}
+    if confusion is not None:
+        metrics.update({f"eval_{k}": v for k, v in classification_metrics(confusion, _names(cfg, classes)).items()})
+    else:
+        metrics["eval_perplexity"] = perplexity(mean_loss)
+    return metrics
+
+
+def _names(cfg: ExperimentConfig, classes: list[str]) -> list[str]:
+    return list(cfg.data.label_names) if cfg.data.label_names else list(classes)
+
+
+def _save_and_report(
+    engine: Any,
+    metrics: dict[str, Any],
+    config: dict[str, Any],
+    cfg: ExperimentConfig,
+    rank: int,
+    world: int,
+    step: int,
+    stopper: EarlyStopping,
+    ewc: Any,
+    val: dict[str, list],
+    pad_id: int,
+    device: torch.device,
+    save_file: Any,
+    history: list[dict[str, Any]],
+) -> None:
+    import json
+
+    import deepspeed
+    import ray.train
+
+    tmp = Path(tempfile.mkdtemp(prefix=f"raytune-ft-ckpt-r{rank}-"))
+    engine.save_checkpoint(str(tmp), tag=DS_TAG, save_latest=False)
+    trainable = [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
+    if cfg.deepspeed.zero_stage == 3:
+        with deepspeed.zero.GatheredParameters([p for _, p in trainable], modifier_rank=None):
+            tensors = {n: p.detach().float().cpu().clone() for n, p in trainable}
+    else:
+        tensors = {n: p.detach().float().cpu().clone() for n, p in trainable}
+    probe = _probe_logits(engine, val, pad_id, device)
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    save_file(rng, str(tmp / f"rng.rank{rank}.safetensors"))
+    if rank == 0:
+        save_file(tensors, str(tmp / TRAINABLE))
+        save_file({"logits": probe}, str(tmp / "probe_logits.safetensors"))
+        if ewc is not None:
+            save_file(ewc.state_tensors(), str(tmp / "ewc.safetensors"))
+        state = {
+            "step": step,
+            "epoch": metrics["epoch"],
+            "world_size": world,
+            "zero_stage": cfg.deepspeed.zero_stage,
+            "config_hash": config_hash(config["experiment"]),
+            "metrics": metrics,
+            "early_stopping": stopper.state(),
+            "history": history,
+            "saved": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        (tmp / STATE).write_text(json.dumps(state, indent=1, default=float))
+    for extra in ("zero_to_fp32.py", "zero_to_torch.py"):
+        (tmp / extra).unlink(missing_ok=True)  # DeepSpeed's helper scripts: code, not state
+    if config.get("fault", {}).get("kill_in_checkpoint_at_step") == step and rank == config["fault"].get("rank", 0):
+        marker = Path(config["fault"]["marker"])
+        if not marker.exists():
+            marker.write_text(f"killed rank {rank} while writing checkpoint {step}\n")
+            os.kill(os.getpid(), signal.SIGKILL)
+    write_manifest(tmp, rank)
+    ray.train.report(
+        metrics, checkpoint=ray.train.Checkpoint.from_directory(str(tmp)), checkpoint_dir_name=checkpoint_name(step)
+    )
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+@torch.no_grad()
+def _probe_logits(engine: Any, val: dict[str, list], pad_id: int, device: torch.device) -> torch.Tensor:
+    """Logits of the first validation rows, so an export can be checked against the model that wrote it."""
+    engine.eval()
+    rows = list(range(min(PROBE_ROWS, len(val["input_ids"]))))
+    batch = collate(val, rows, pad_id, device)
+    logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float().cpu()
+    engine.train()
+    return logits.contiguous()
+
+
+def _log(rank: int, message: str) -> None:
+    print(f"[raytune-ft rank {rank}] {message}", flush=True)

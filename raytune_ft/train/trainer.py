@@ -1,0 +1,164 @@
+"""Driver side of training: prepare and ship the data, build the TorchTrainer, fit, pick the best checkpoint."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from raytune_ft.config import ExperimentConfig, config_to_yaml
+from raytune_ft.data import load_split, prepare_data
+from raytune_ft.model_source import load_tokenizer
+from raytune_ft.train.batches import tokenize_splits
+from raytune_ft.train.checkpoint import CheckpointError, list_checkpoints, newest_whole_checkpoint, read_state
+from raytune_ft.train.loop import train_loop
+
+CONFIG_FILE = "config.yaml"
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    best_checkpoint: Path
+    metrics: dict[str, Any]
+    export_dir: Path | None
+    history: list[dict[str, Any]]
+
+
+def run_dir_for(cfg: ExperimentConfig) -> Path:
+    return (Path(cfg.output_dir) / cfg.name).resolve()
+
+
+def score_of(cfg: ExperimentConfig) -> tuple[str, str]:
+    """The metric that ranks checkpoints: the early-stopping metric when set, else validation loss."""
+    if cfg.train.early_stopping is not None:
+        return cfg.train.early_stopping.metric, cfg.train.early_stopping.mode
+    return "eval_loss", "min"
+
+
+def ensure_ray(cfg: ExperimentConfig) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    runtime_env: dict[str, Any] = {}
+    if cfg.cluster.runtime_env.env_vars:
+        runtime_env["env_vars"] = dict(cfg.cluster.runtime_env.env_vars)
+    if cfg.cluster.runtime_env.pip:
+        runtime_env["pip"] = list(cfg.cluster.runtime_env.pip)
+    if cfg.cluster.runtime_env.working_dir:
+        runtime_env["working_dir"] = cfg.cluster.runtime_env.working_dir
+    # address None starts an embedded local Ray instance; the dashboard is off to keep start-up short.
+    ray.init(address=cfg.cluster.address, runtime_env=runtime_env or None, include_dashboard=False)
+
+
+def prepare_worker_data(cfg: ExperimentConfig) -> dict[str, Any]:
+    """Tokenised train/validation splits plus what workers need to interpret them (never the test split)."""
+    prepared = prepare_data(cfg, with_tokens=False)
+    tables = {name: load_split(prepared.data_dir, name) for name in ("train", "validation")}
+    tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.revision, cfg.model.trust_remote_code)
+    data = tokenize_splits(tables, tokenizer, cfg.model.task, cfg.data.max_length, cfg.data.block_size)
+    return {
+        "data": data,
+        "classes": prepared.report.get("classes"),
+        "class_weights": prepared.report.get("class_weights"),
+        "pad_token_id": tokenizer.pad_token_id,
+        "data_dir": prepared.data_dir,
+        "data_report": prepared.report,
+    }
+
+
+def train(
+    cfg: ExperimentConfig,
+    *,
+    resume: bool = False,
+    export: bool = True,
+    fault: dict[str, Any] | None = None,
+    log: Callable[[str], None] = print,
+) -> TrainResult:
+    """Fine-tune on Ray Train. A fresh run refuses a run directory that already has checkpoints; `resume`
+    continues one (Ray Train V2 resumes a run by its name and storage path) and refuses one without any."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    run_dir = run_dir_for(cfg)
+    train_dir = run_dir / "train"
+    existing = list_checkpoints(train_dir)
+    if resume:
+        if newest_whole_checkpoint(existing, log=log) is None:
+            raise CheckpointError(f"nothing to resume: {train_dir} has no whole checkpoint")
+    elif existing:
+        raise CheckpointError(
+            f"{run_dir} already holds a training run ({len(existing)} checkpoint(s)); "
+            "continue it with `raytune-ft train --resume {run_dir}` or choose a new experiment name"
+        )
+
+    log("preparing data")
+    worker_data = prepare_worker_data(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        (run_dir / CONFIG_FILE).write_text(config_to_yaml(cfg))
+    ensure_ray(cfg)
+    metric, mode = score_of(cfg)
+    loop_config = {
+        "experiment": cfg.model_dump(mode="json", by_alias=True),
+        "data": ray.put(worker_data["data"]),
+        "classes": worker_data["classes"],
+        "class_weights": worker_data["class_weights"],
+        "pad_token_id": worker_data["pad_token_id"],
+        "require_checkpoint": resume,
+        "fault": fault or {},
+    }
+    resources = {"CPU": cfg.scaling.cpus_per_worker}
+    if cfg.scaling.use_gpu:
+        resources["GPU"] = cfg.scaling.gpus_per_worker or 1.0
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(
+            num_workers=cfg.scaling.num_workers,
+            use_gpu=cfg.scaling.use_gpu,
+            resources_per_worker=resources,
+            placement_strategy=cfg.scaling.placement_strategy,
+        ),
+        torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
+        run_config=RunConfig(
+            name="train",
+            storage_path=str(run_dir),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=cfg.train.keep_checkpoints, checkpoint_score_attribute=metric, checkpoint_score_order=mode
+            ),
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+        ),
+    )
+    log(f"training on {cfg.scaling.num_workers} worker(s), ZeRO stage {cfg.deepspeed.zero_stage}")
+    result = trainer.fit()
+    best = result.get_best_checkpoint(metric, mode) if result.best_checkpoints else result.checkpoint
+    if best is None:
+        raise CheckpointError(f"training finished without a checkpoint in {train_dir}")
+    best_dir = Path(best.path)
+    best_metrics = next((m for c, m in (result.best_checkpoints or []) if c.path == best.path), result.metrics)
+    export_dir = None
+    if export:
+        from raytune_ft.export import export_checkpoint
+
+        export_dir = export_checkpoint(
+            best_dir,
+            cfg,
+            run_dir / "export",
+            classes=worker_data["classes"],
+            data_report=worker_data["data_report"],
+            probe=worker_data["data"]["validation"],
+            pad_token_id=worker_data["pad_token_id"],
+        )
+        log(f"exported {best_dir.name} to {export_dir}")
+    latest = read_state(Path(result.checkpoint.path)) if result.checkpoint else {}
+    return TrainResult(
+        run_dir=run_dir,
+        best_checkpoint=best_dir,
+        metrics=dict(best_metrics or {}),
+        export_dir=export_dir,
+        history=latest.get("history", []),
+    )
