@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import resource
 import shutil
 import signal
 import tempfile
@@ -170,8 +171,9 @@ def train_loop(config: dict[str, Any]) -> None:
             fisher = estimate_fisher(model, batches, loss_of, cfg.finetune.ewc.fisher_samples)
             if world > 1:
                 for tensor in fisher.values():
-                    torch.distributed.all_reduce(tensor)
-                    tensor /= world
+                    on_device = tensor.to(device)  # NCCL reduces CUDA tensors only
+                    torch.distributed.all_reduce(on_device)
+                    tensor.copy_(on_device.cpu() / world)
             ewc = EWC(model, fisher, cfg.finetune.ewc.strength)
 
     groups = param_groups(model, cfg.train.lr, cfg.train.weight_decay, cfg.finetune.layerwise_lr_decay)
@@ -217,9 +219,13 @@ def train_loop(config: dict[str, Any]) -> None:
 
     fault = config.get("fault") or {}
     engine.train()
-    running, micro_count, t_start, samples = 0.0, 0, time.perf_counter(), 0
+    running, micro_count = 0.0, 0
+    # Throughput counts steady-state steps only: the first step in a process pays for lazy initialisation.
+    steady_seconds, steady_samples, steady_tokens, first_step_at = 0.0, 0, 0, None
     perm_epoch, perm = -1, None
     for step in range(start, total):
+        step_began = time.perf_counter()
+        step_samples = step_tokens = 0
         epoch = step // plan.steps_per_epoch
         if epoch != perm_epoch:
             perm_epoch, perm = epoch, plan.permutation(epoch)
@@ -241,7 +247,14 @@ def train_loop(config: dict[str, Any]) -> None:
             engine.step()
             running += loss.item()
             micro_count += 1
-            samples += len(rows)
+            step_samples += len(rows)
+            step_tokens += int(batch["attention_mask"].sum())
+        if first_step_at is None:
+            first_step_at = time.time()
+        else:
+            steady_seconds += time.perf_counter() - step_began
+            steady_samples += step_samples
+            steady_tokens += step_tokens
         done = step + 1
         last = done == total
         if not (done % eval_every == 0 or done % ckpt_every == 0 or last):
@@ -250,9 +263,14 @@ def train_loop(config: dict[str, Any]) -> None:
         metrics.update(
             step=done,
             epoch=round(done / plan.steps_per_epoch, 4),
-            train_loss=_mean_over_ranks(running / max(1, micro_count), world, device),
+            train_loss=_over_ranks(running / max(1, micro_count), world, device),
             lr=scheduler.get_last_lr()[0],
-            samples_per_s=round(samples * world / (time.perf_counter() - t_start), 2),
+            samples_per_s=round(steady_samples * world / steady_seconds, 3) if steady_seconds else None,
+            tokens_per_s=(
+                round(_over_ranks(steady_tokens, world, device) * world / steady_seconds, 1) if steady_seconds else None
+            ),
+            first_step_at=first_step_at,
+            peak_rss_mb=_over_ranks(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, world, device, "max"),
         )
         running, micro_count = 0.0, 0
         stop_key = cfg.train.early_stopping.metric if cfg.train.early_stopping else None
@@ -290,12 +308,15 @@ def _next_token_loss(
     return F.cross_entropy(shift_logits, targets, ignore_index=-100, reduction=reduction), n_tokens
 
 
-def _mean_over_ranks(value: float, world: int, device: torch.device) -> float:
+def _over_ranks(value: float, world: int, device: torch.device, op: str = "mean") -> float:
+    """Mean or max of one number across workers."""
     if world == 1:
         return value
     t = torch.tensor([value], dtype=torch.float64, device=device)
-    torch.distributed.all_reduce(t)
-    return float(t.item() / world)
+    torch.distributed.all_reduce(
+        t, op=torch.distributed.ReduceOp.MAX if op == "max" else torch.distributed.ReduceOp.SUM
+    )
+    return float(t.item()) if op == "max" else float(t.item() / world)
 
 
 @torch.no_grad()
