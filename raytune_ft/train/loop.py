@@ -119,6 +119,7 @@ def train_loop(config: dict[str, Any]) -> None:
     )
     plan.check()
     total = plan.total_steps
+    config["total_steps"] = total
     eval_every = cfg.train.eval_every_steps or plan.steps_per_epoch
     ckpt_every = cfg.train.checkpoint_every_steps or eval_every
     class_weights = (
@@ -424,6 +425,8 @@ def _save_and_report(
             "metrics": metrics,
             "early_stopping": stopper.state(),
             "history": history,
+            "total_steps": config["total_steps"],
+            "finished": step >= config["total_steps"] or bool(metrics.get("early_stopped")),
             "saved": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         (tmp / STATE).write_text(json.dumps(state, indent=1, default=float))

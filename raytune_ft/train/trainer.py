@@ -69,6 +69,25 @@ def prepare_worker_data(cfg: ExperimentConfig) -> dict[str, Any]:
     }
 
 
+def _finished_run(run_dir: Path, existing: list[Path], log: Callable[[str], None]) -> TrainResult | None:
+    """A run that trained to the end and exported is reused as it is, so rerunning a pipeline is cheap."""
+    import json
+
+    newest = newest_whole_checkpoint(existing, log=log)
+    meta_path = run_dir / "export" / "raytune_ft.json"
+    if newest is None or not newest[1].get("finished") or not meta_path.is_file():
+        return None
+    meta = json.loads(meta_path.read_text())
+    log(f"{run_dir} already finished training (step {newest[1]['step']}); reusing it")
+    return TrainResult(
+        run_dir=run_dir,
+        best_checkpoint=Path(meta["checkpoint"]["path"]),
+        metrics=meta["metrics"],
+        export_dir=meta_path.parent,
+        history=newest[1].get("history", []),
+    )
+
+
 def train(
     cfg: ExperimentConfig,
     *,
@@ -90,6 +109,9 @@ def train(
         if newest_whole_checkpoint(existing, log=log) is None:
             raise CheckpointError(f"nothing to resume: {train_dir} has no whole checkpoint")
     elif existing:
+        done = _finished_run(run_dir, existing, log)
+        if done is not None:
+            return done
         raise CheckpointError(
             f"{run_dir} already holds a training run ({len(existing)} checkpoint(s)); "
             "continue it with `raytune-ft train --resume {run_dir}` or choose a new experiment name"

@@ -155,6 +155,13 @@ def test_interrupted_run_resumes_to_the_same_end(baseline, tiny_bert, reviews):
     assert curve(resumed) == pytest.approx(curve(result), abs=1e-5)
 
 
+def test_rerunning_a_finished_run_reuses_it(baseline, tiny_bert, reviews):
+    result, root = baseline
+    again = train(make_cfg(root, "baseline", tiny_bert, reviews))
+    assert again.export_dir == result.export_dir
+    assert curve(again) == curve(result)
+
+
 def test_resume_skips_a_corrupted_newest_checkpoint(baseline, tiny_bert, reviews):
     result, root = baseline
     shutil.copytree(root / "baseline", root / "corrupt")
