@@ -46,6 +46,7 @@ class ModelConfig(Section):
 class ColumnsConfig(Section):
     text: str = "text"
     label: str | None = "label"
+    slice: str | None = Field(default=None, description="Column whose values get their own validation metrics.")
 
 
 class NormalizeConfig(Section):

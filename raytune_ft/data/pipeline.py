@@ -101,7 +101,7 @@ def curate_and_split(
     label_column = data.columns.label if cfg.model.task == "sequence-classification" else None
 
     on_stage(f"reading {source.name}")
-    records = read_records(source, fmt, data.columns.text, label_column)
+    records = read_records(source, fmt, data.columns.text, label_column, data.columns.slice)
     rows_read = len(records)
     if data.max_rows is not None and data.max_rows < len(records):
         records = records.take(list(range(data.max_rows)))
@@ -233,5 +233,7 @@ def _table(records: Records, classes: list[str] | None) -> Any:
         index = {c: i for i, c in enumerate(classes)}
         columns["label"] = pa.array(records.labels, pa.string())
         columns["label_id"] = pa.array([index[label] for label in records.labels], pa.int64())
+    if records.slices is not None:
+        columns["slice"] = pa.array(records.slices, pa.string())
     columns["source_line"] = pa.array(records.rows, pa.int64())
     return pa.table(columns)

@@ -41,6 +41,7 @@ class Records:
     texts: list[str]
     labels: list[str] | None
     rows: list[int]
+    slices: list[str] | None = None  # value of data.columns.slice per row, for per-slice metrics
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -50,6 +51,7 @@ class Records:
             texts=[self.texts[i] for i in indices],
             labels=[self.labels[i] for i in indices] if self.labels is not None else None,
             rows=[self.rows[i] for i in indices],
+            slices=[self.slices[i] for i in indices] if self.slices is not None else None,
         )
 
 
@@ -63,7 +65,9 @@ def detect_format(path: Path, declared: str) -> str:
     return fmt
 
 
-def read_records(path: str | Path, fmt: str, text_column: str, label_column: str | None) -> Records:
+def read_records(
+    path: str | Path, fmt: str, text_column: str, label_column: str | None, slice_column: str | None = None
+) -> Records:
     """Read every record; `label_column=None` reads texts only (causal LM)."""
     path = Path(path)
     if not path.exists():
@@ -72,13 +76,13 @@ def read_records(path: str | Path, fmt: str, text_column: str, label_column: str
         raise DataError(path, None, "is not a file")
     fmt = detect_format(path, fmt)
     if fmt == "parquet":
-        records = _read_parquet(path, text_column, label_column)
+        records = _read_parquet(path, text_column, label_column, slice_column)
     else:
         text = _decode(path)
         if fmt in ("tsv", "csv"):
-            records = _read_delimited(path, text, fmt, text_column, label_column)
+            records = _read_delimited(path, text, fmt, text_column, label_column, slice_column)
         elif fmt == "jsonl":
-            records = _read_jsonl(path, text, text_column, label_column)
+            records = _read_jsonl(path, text, text_column, label_column, slice_column)
         else:
             if label_column is not None:
                 raise DataError(
@@ -121,7 +125,9 @@ def _missing_column(path: Path, line: int | None, column: str, available: list[s
     )
 
 
-def _read_delimited(path: Path, text: str, fmt: str, text_column: str, label_column: str | None) -> Records:
+def _read_delimited(
+    path: Path, text: str, fmt: str, text_column: str, label_column: str | None, slice_column: str | None
+) -> Records:
     # SST-2 style TSV files carry quotes inside sentences, so TSV is read without quote handling.
     if fmt == "tsv":
         reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t", quoting=csv.QUOTE_NONE)
@@ -132,12 +138,14 @@ def _read_delimited(path: Path, text: str, fmt: str, text_column: str, label_col
     except StopIteration:
         raise DataError(path, None, "file is empty") from None
     header = [h.strip() for h in header]
-    for column, role in ((text_column, "text"), (label_column, "label")):
+    for column, role in ((text_column, "text"), (label_column, "label"), (slice_column, "slice")):
         if column is not None and column not in header:
             raise _missing_column(path, 1, column, header, role)
     t_idx = header.index(text_column)
     l_idx = header.index(label_column) if label_column is not None else None
+    s_idx = header.index(slice_column) if slice_column is not None else None
     texts, labels, rows = [], [] if l_idx is not None else None, []
+    slices: list[str] | None = [] if s_idx is not None else None
     start = reader.line_num + 1
     try:
         for fields in reader:
@@ -154,13 +162,16 @@ def _read_delimited(path: Path, text: str, fmt: str, text_column: str, label_col
                 if not value:
                     raise DataError(path, line, f"empty label in column '{label_column}'")
                 labels.append(value)
+            if slices is not None:
+                slices.append(fields[s_idx].strip())
     except csv.Error as exc:
         raise DataError(path, reader.line_num, f"malformed {fmt.upper()}: {exc}") from None
-    return Records(texts, labels, rows)
+    return Records(texts, labels, rows, slices)
 
 
-def _read_jsonl(path: Path, text: str, text_column: str, label_column: str | None) -> Records:
+def _read_jsonl(path: Path, text: str, text_column: str, label_column: str | None, slice_column: str | None) -> Records:
     texts, labels, rows = [], [] if label_column is not None else None, []
+    slices: list[str] | None = [] if slice_column is not None else None
     # split on \n only: U+2028 and friends are legal unescaped inside JSON strings
     for line_no, line in enumerate(text.split("\n"), 1):
         if not line.strip():
@@ -183,20 +194,25 @@ def _read_jsonl(path: Path, text: str, text_column: str, label_column: str | Non
             if obj[label_column] is None or isinstance(obj[label_column], (dict, list)):
                 raise DataError(path, line_no, f"'{label_column}' must be a single value, got {obj[label_column]!r}")
             labels.append(label_text(obj[label_column]))
-    return Records(texts, labels, rows)
+        if slices is not None:
+            if slice_column not in obj:
+                raise _missing_column(path, line_no, slice_column, list(obj), "slice")
+            value = obj[slice_column]
+            slices.append("" if value is None else label_text(value))
+    return Records(texts, labels, rows, slices)
 
 
-def _read_parquet(path: Path, text_column: str, label_column: str | None) -> Records:
+def _read_parquet(path: Path, text_column: str, label_column: str | None, slice_column: str | None) -> Records:
     import pyarrow.parquet as pq
 
     try:
         schema = pq.read_schema(path)
     except Exception as exc:  # pyarrow raises ArrowInvalid and OSError variants for corrupt files
         raise DataError(path, None, f"not a readable Parquet file: {exc}") from None
-    for column, role in ((text_column, "text"), (label_column, "label")):
+    for column, role in ((text_column, "text"), (label_column, "label"), (slice_column, "slice")):
         if column is not None and column not in schema.names:
             raise _missing_column(path, None, column, schema.names, role)
-    wanted = [text_column] + ([label_column] if label_column else [])
+    wanted = [text_column] + [c for c in (label_column, slice_column) if c]
     table = pq.read_table(path, columns=wanted)
     texts = table.column(text_column).to_pylist()
     for i, value in enumerate(texts):
@@ -209,7 +225,10 @@ def _read_parquet(path: Path, text_column: str, label_column: str | None) -> Rec
             if value is None:
                 raise DataError(path, i + 1, f"row {i + 1}: '{label_column}' is null")
         labels = [label_text(v) for v in raw]
-    return Records(texts, labels, list(range(1, len(texts) + 1)))
+    slices = None
+    if slice_column:
+        slices = ["" if v is None else label_text(v) for v in table.column(slice_column).to_pylist()]
+    return Records(texts, labels, list(range(1, len(texts) + 1)), slices)
 
 
 _PARAGRAPH_BREAK = re.compile(r"\n(?:[ \t]*\n)+")

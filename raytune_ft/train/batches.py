@@ -75,6 +75,8 @@ def tokenize_splits(
         else:
             enc = tokenize_classification(texts, table.column("label_id").to_pylist(), tokenizer, max_length)
             out[name] = {"input_ids": enc["input_ids"], "labels": enc["labels"]}
+            if "slice" in table.column_names:
+                out[name]["slices"] = table.column("slice").to_pylist()
     return out
 
 

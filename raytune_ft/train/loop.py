@@ -21,7 +21,14 @@ import torch
 import torch.nn.functional as F
 
 from raytune_ft.config.schema import ExperimentConfig
-from raytune_ft.metrics import classification_metrics, confusion_matrix, pack_counts, perplexity, unpack_counts
+from raytune_ft.metrics import (
+    classification_metrics,
+    confusion_matrix,
+    pack_counts,
+    perplexity,
+    slice_metrics,
+    unpack_counts,
+)
 from raytune_ft.train.batches import StepPlan, collate
 from raytune_ft.train.checkpoint import (
     DS_TAG,
@@ -340,6 +347,9 @@ def _evaluate(
     batch_size = cfg.train.eval_batch_size or cfg.train.batch_size
     loss_sum, count = 0.0, 0
     confusion = torch.zeros((len(classes), len(classes)), dtype=torch.long) if classes else None
+    sliced = bool(classes) and "slices" in val
+    # predictions by row (+1, so 0 means "another rank's row"); summed over ranks for per-slice metrics
+    preds_by_row = torch.zeros(n, dtype=torch.long) if sliced else None
     for start in range(0, per_rank, batch_size):
         chunk = rows[start : start + batch_size]
         real = len(chunk)
@@ -352,7 +362,10 @@ def _evaluate(
             logits, labels = out.logits[:real].float(), batch["labels"][:real]
             loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
             count += real
-            confusion += confusion_matrix(logits.argmax(-1).cpu(), labels.cpu(), len(classes))
+            preds = logits.argmax(-1).cpu()
+            confusion += confusion_matrix(preds, labels.cpu(), len(classes))
+            if preds_by_row is not None:
+                preds_by_row[torch.tensor(chunk[:real])] = preds + 1
         else:
             loss, tokens = _next_token_loss(
                 out.logits[:real], batch["input_ids"][:real], batch["attention_mask"][:real], "sum"
@@ -363,11 +376,22 @@ def _evaluate(
     if world > 1:
         torch.distributed.all_reduce(packed)
     loss_sum, count, confusion = unpack_counts(packed.cpu(), len(classes) if classes else None)
+    if preds_by_row is not None and world > 1:
+        on_device = preds_by_row.to(device)
+        torch.distributed.all_reduce(on_device)
+        preds_by_row = on_device.cpu()
     engine.train()
     mean_loss = loss_sum / max(1, count)
     metrics: dict[str, Any] = {"eval_loss": mean_loss}
     if confusion is not None:
         metrics.update({f"eval_{k}": v for k, v in classification_metrics(confusion, _names(cfg, classes)).items()})
+        if preds_by_row is not None:
+            found = slice_metrics((preds_by_row - 1).tolist(), val["labels"], val["slices"], _names(cfg, classes))
+            for value, m in found["slices"].items():
+                metrics[f"eval_slice/{value}/accuracy"] = m["accuracy"]
+                metrics[f"eval_slice/{value}/f1_macro"] = m["f1_macro"]
+            metrics["eval_slice_f1_gap"] = found["f1_macro_gap"]
+            metrics["eval_worst_slice_f1"] = found["slices"][found["worst_slice"]]["f1_macro"]
     else:
         metrics["eval_perplexity"] = perplexity(mean_loss)
     return metrics

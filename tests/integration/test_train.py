@@ -29,12 +29,12 @@ WORDS_POS = ["good", "great", "film", "movie", "is", "the", "a"]
 def reviews(tmp_path_factory) -> Path:
     """A learnable toy task: label 1 iff the review says 'good'."""
     rng = random.Random(0)
-    lines = ["text\tlabel"]
+    lines = ["text\tlabel\tsource"]
     for i in range(160):
         label = i % 2
         words = [rng.choice(["the", "a", "film", "movie", "is", "review", "number"]) for _ in range(rng.randint(3, 7))]
         words.insert(rng.randint(0, len(words)), "good" if label else "bad")
-        lines.append(f"{' '.join(words)} {i}\t{label}")
+        lines.append(f"{' '.join(words)} {i}\t{label}\t{'web' if i % 3 else 'print'}")
     path = tmp_path_factory.mktemp("data") / "reviews.tsv"
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -46,7 +46,12 @@ def make_cfg(root: Path, name: str, model: Path, data: Path, **sections):
         "seed": 7,
         "output_dir": str(root),
         "model": {"name_or_path": str(model), "task": "sequence-classification"},
-        "data": {"path": str(data), "max_length": 16, "split": {"validation": 0.2, "test": 0.1}},
+        "data": {
+            "path": str(data),
+            "max_length": 16,
+            "columns": {"slice": "source"},
+            "split": {"validation": 0.2, "test": 0.1},
+        },
         "deepspeed": {"zero_stage": 2},
         "train": {
             "lr": 1e-2,
@@ -83,6 +88,11 @@ def test_baseline_learns_checkpoints_and_exports(baseline, tiny_bert):
     assert result.history[-1]["eval_accuracy"] > 0.6  # the toy task is learnable in 24 steps
     for key in ("eval_accuracy", "eval_f1_macro", "eval_loss", "eval_precision/0", "eval_recall/1"):
         assert key in result.metrics
+    # per-slice metrics, computed from all workers' predictions
+    assert {"eval_slice/web/accuracy", "eval_slice/print/f1_macro", "eval_slice_f1_gap"} <= set(result.metrics)
+    slice_f1 = [result.metrics["eval_slice/web/f1_macro"], result.metrics["eval_slice/print/f1_macro"]]
+    assert result.metrics["eval_worst_slice_f1"] == min(slice_f1)
+    assert result.metrics["eval_slice_f1_gap"] == pytest.approx(max(slice_f1) - min(slice_f1))
     checkpoints = list_checkpoints(result.run_dir / "train")
     assert [c.name for c in checkpoints] == ["step_000006", "step_000012", "step_000018", "step_000024"]
     state = verify_checkpoint(checkpoints[-1])
@@ -217,3 +227,23 @@ def test_lora_changes_only_adapters_and_partial_keeps_frozen_layers(baseline, ti
     frozen = [k for k in base if "embeddings" in k or ".layer.0." in k]
     assert frozen and all(torch.equal(base[k], exported[k]) for k in frozen)
     assert any(not torch.equal(base[k], exported[k]) for k in base if ".layer.1." in k)
+
+
+def test_causal_lm_with_zero3_trains_and_exports(tiny_llama, tmp_path, local_ray):
+    text = "\n\n".join(f"the film number {i} is good. the movie is not bad. a review is a review." for i in range(80))
+    (tmp_path / "corpus.txt").write_text(text + "\n")
+    raw = {
+        "name": "lm",
+        "seed": 1,
+        "output_dir": str(tmp_path),
+        "model": {"name_or_path": str(tiny_llama), "task": "causal-lm"},
+        "data": {"path": "corpus.txt", "block_size": 16, "split": {"validation": 0.1, "test": 0.1}},
+        "deepspeed": {"zero_stage": 3},
+        "train": {"lr": 5e-3, "batch_size": 4, "max_steps": 6, "eval_every_steps": 3},
+        "scaling": {"num_workers": 2},
+    }
+    result = train(validate_raw(raw, None, "t.yaml", [], base_dir=tmp_path))
+    first, last = result.history[0], result.history[-1]
+    assert 1 < last["eval_perplexity"] < first["eval_perplexity"]
+    meta = json.loads((result.export_dir / "raytune_ft.json").read_text())
+    assert meta["task"] == "causal-lm" and meta["reload_check"]["max_abs_logit_diff"] < 1e-4

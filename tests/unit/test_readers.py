@@ -467,3 +467,33 @@ def test_csv_multiline_record_keeps_its_first_line(tmp_path):
     path = write(tmp_path / "d.csv", 'text,label\n"two\nlines",1\nnext,0\n')
     records = read_records(path, "auto", "text", "label")
     assert records.rows == [2, 4]
+
+
+@pytest.mark.parametrize(
+    ("name", "content"),
+    [
+        ("d.tsv", b"text\tlabel\tsource\ngood film\t1\tweb\nbad film\t0\tprint\n"),
+        ("d.csv", b'text,label,source\n"good film",1,web\n"bad film",0,print\n'),
+        (
+            "d.jsonl",
+            b'{"text": "good film", "label": 1, "source": "web"}\n'
+            b'{"text": "bad film", "label": 0, "source": "print"}\n',
+        ),
+    ],
+)
+def test_slice_column_is_read_beside_text_and_label(tmp_path, name, content):
+    path = write(tmp_path / name, content)
+    records = read_records(path, "auto", "text", "label", "source")
+    assert records.slices == ["web", "print"]
+    assert records.take([1]).slices == ["print"]
+    with pytest.raises(DataError, match="no slice column 'group'"):
+        read_records(path, "auto", "text", "label", "group")
+
+
+def test_slice_column_from_parquet(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "d.parquet"
+    pq.write_table(pa.table({"text": ["a", "b"], "label": [1, 0], "source": ["web", None]}), path)
+    assert read_records(path, "auto", "text", "label", "source").slices == ["web", ""]

@@ -1,0 +1,146 @@
+"""Training-engine parts that need no Ray: DeepSpeed JSON, batch plan, LR schedule, early stopping, manifests."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from raytune_ft.config.loader import validate_raw
+from raytune_ft.train.batches import StepPlan, collate
+from raytune_ft.train.checkpoint import (
+    CheckpointError,
+    newest_whole_checkpoint,
+    verify_checkpoint,
+    write_manifest,
+)
+from raytune_ft.train.ds_config import deepspeed_config, resolved_precision
+from raytune_ft.train.loop import EarlyStopping, lr_factor
+
+
+def cfg_with(tmp_path, **sections):
+    (tmp_path / "m").mkdir(exist_ok=True)
+    (tmp_path / "m" / "config.json").write_text("{}")
+    raw = {"name": "x", "model": {"name_or_path": str(tmp_path / "m"), "task": "causal-lm"}, "data": {"path": "d.txt"}}
+    raw.update(sections)
+    return validate_raw(raw, None, "t.yaml", [], base_dir=tmp_path)
+
+
+def test_deepspeed_json_follows_the_config(tmp_path):
+    cfg = cfg_with(
+        tmp_path,
+        deepspeed={
+            "zero_stage": 3,
+            "offload_optimizer": True,
+            "offload_params": True,
+            "overrides": {"zero_optimization": {"reduce_bucket_size": 1000}, "communication_data_type": "fp32"},
+        },
+        train={"batch_size": 8, "grad_accum": 4, "grad_clip": 0.5},
+    )
+    ds = deepspeed_config(cfg, "fp32")
+    assert ds["train_micro_batch_size_per_gpu"] == 8
+    assert ds["gradient_accumulation_steps"] == 4
+    assert ds["gradient_clipping"] == 0.5
+    assert ds["zero_optimization"]["stage"] == 3
+    assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert ds["zero_optimization"]["offload_param"]["device"] == "cpu"
+    assert ds["zero_optimization"]["reduce_bucket_size"] == 1000  # overrides merge into nested sections
+    assert ds["communication_data_type"] == "fp32"
+    assert not ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
+    assert deepspeed_config(cfg, "bf16")["bf16"]["enabled"]
+
+
+def test_precision_is_fp32_on_cpu_and_explicit_values_win(tmp_path):
+    assert resolved_precision(cfg_with(tmp_path), cuda_available=False) == "fp32"
+    gpu = cfg_with(tmp_path, scaling={"use_gpu": True}, deepspeed={"precision": "fp16"})
+    assert resolved_precision(gpu, cuda_available=True) == "fp16"
+
+
+def test_same_rows_per_step_whatever_the_worker_count():
+    one = StepPlan(n_train=40, micro_batch=8, world_size=1, grad_accum=1, epochs=2, max_steps=None, seed=3)
+    two = StepPlan(n_train=40, micro_batch=4, world_size=2, grad_accum=1, epochs=2, max_steps=None, seed=3)
+    acc = StepPlan(n_train=40, micro_batch=2, world_size=2, grad_accum=2, epochs=2, max_steps=None, seed=3)
+    assert one.total_steps == two.total_steps == acc.total_steps == 10
+    for step in range(one.total_steps):
+        rows = sorted(one.micro_batches(step, 0)[0])
+        assert sorted(two.micro_batches(step, 0)[0] + two.micro_batches(step, 1)[0]) == rows
+        assert sorted(sum(acc.micro_batches(step, 0) + acc.micro_batches(step, 1), [])) == rows
+    epoch0 = sum((one.micro_batches(s, 0)[0] for s in range(5)), [])
+    assert sorted(epoch0) == list(range(40))  # each epoch reads every row once
+    assert one.micro_batches(5, 0) != one.micro_batches(0, 0)  # and a new permutation per epoch
+
+
+def test_plan_limits_and_too_small_data():
+    assert StepPlan(100, 10, 1, 1, 3, 7, 0).total_steps == 7
+    with pytest.raises(ValueError, match="fewer than one global batch of 32"):
+        StepPlan(20, 8, 2, 2, 1, None, 0).check()
+
+
+def test_collate_pads_and_masks():
+    split = {"input_ids": [[5, 6, 7], [8]], "labels": [1, 0]}
+    batch = collate(split, [0, 1], pad_id=0, device=torch.device("cpu"))
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert batch["labels"].tolist() == [1, 0]
+
+
+@pytest.mark.parametrize(
+    ("step", "kind", "expected"),
+    [
+        (0, "linear", 0.0),
+        (5, "linear", 0.5),
+        (10, "linear", 1.0),
+        (55, "linear", 0.5),
+        (100, "linear", 0.0),
+        (55, "cosine", 0.5),
+        (10, "cosine", 1.0),
+        (100, "cosine", 0.0),
+        (70, "constant", 1.0),
+    ],
+)
+def test_lr_schedule(step, kind, expected):
+    assert lr_factor(step, total=100, warmup=10, kind=kind) == pytest.approx(expected)
+
+
+def test_early_stopping_patience_and_min_delta():
+    stop = EarlyStopping("max", patience=2, min_delta=0.01)
+    assert [stop.update(v) for v in (0.5, 0.505, 0.6, 0.6, 0.595)] == [False, False, False, False, True]
+    assert stop.best == 0.6
+    again = EarlyStopping("max", 2, 0.01)
+    again.restore(stop.state())
+    assert again.update(0.6) is True
+
+
+def make_checkpoint(path, step, world=2):
+    path.mkdir()
+    (path / "ds").mkdir()
+    for rank in range(world):
+        (path / "ds" / f"shard{rank}.pt").write_bytes(bytes([rank]) * 100)
+    (path / "state.json").write_text(json.dumps({"step": step, "world_size": world}))
+    # the two ranks' files were written into separate directories and merged by Ray; simulate per-rank manifests
+    for rank in range(world):
+        rank_dir = path.parent / f".r{rank}-{step}"
+        (rank_dir / "ds").mkdir(parents=True)
+        (rank_dir / "ds" / f"shard{rank}.pt").write_bytes(bytes([rank]) * 100)
+        if rank == 0:
+            (rank_dir / "state.json").write_text((path / "state.json").read_text())
+        write_manifest(rank_dir, rank)
+        (path / f"manifest.rank{rank}.json").write_text((rank_dir / f"manifest.rank{rank}.json").read_text())
+    return path
+
+
+def test_verify_checkpoint_and_fallback(tmp_path):
+    old = make_checkpoint(tmp_path / "step_000002", 2)
+    new = make_checkpoint(tmp_path / "step_000004", 4)
+    assert verify_checkpoint(new)["step"] == 4
+    (new / "ds" / "shard1.pt").write_bytes(b"\x01" * 50)  # truncated
+    with pytest.raises(CheckpointError, match="checksum mismatch"):
+        verify_checkpoint(new)
+    logged = []
+    found = newest_whole_checkpoint([old, new], log=logged.append)
+    assert found is not None and found[0] == old
+    assert "skipping checkpoint step_000004" in logged[0]
+    (old / "manifest.rank1.json").unlink()
+    with pytest.raises(CheckpointError, match="write did not finish"):
+        verify_checkpoint(old)
