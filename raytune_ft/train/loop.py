@@ -127,6 +127,7 @@ def train_loop(config: dict[str, Any]) -> None:
     plan.check()
     total = plan.total_steps
     config["total_steps"] = total
+    config["steps_per_epoch"] = plan.steps_per_epoch
     eval_every = cfg.train.eval_every_steps or plan.steps_per_epoch
     ckpt_every = cfg.train.checkpoint_every_steps or eval_every
     class_weights = (
@@ -449,6 +450,11 @@ def _save_and_report(
             "metrics": metrics,
             "early_stopping": stopper.state(),
             "history": history,
+            # where the data stream stands: the next step reads rows from this epoch's permutation at this offset
+            "data_position": {
+                "epoch": step // config["steps_per_epoch"],
+                "step_in_epoch": step % config["steps_per_epoch"],
+            },
             "total_steps": config["total_steps"],
             "finished": step >= config["total_steps"] or bool(metrics.get("early_stopped")),
             "saved": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -32,19 +32,12 @@ VOCAB = [
 @pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory) -> Path:
     """A 2-layer BERT with hidden size 32, saved like any checkpoint users load with from_pretrained."""
-    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+    from tiny_models import bert_config
+    from transformers import BertForSequenceClassification, BertTokenizerFast
 
     folder = tmp_path_factory.mktemp("tiny-bert")
     BertTokenizerFast(vocab={token: i for i, token in enumerate(VOCAB)}).save_pretrained(folder)
-    config = BertConfig(
-        vocab_size=len(VOCAB),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=128,
-        num_labels=2,
-    )
+    config = bert_config(len(VOCAB), max_position_embeddings=128, num_labels=2)
     BertForSequenceClassification(config).save_pretrained(folder)
     return folder
 
@@ -69,21 +62,11 @@ def local_ray():
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> Path:
     """A 2-layer Llama (hidden 32) for causal LM, with the tiny word-piece tokenizer."""
-    from transformers import BertTokenizerFast, LlamaConfig, LlamaForCausalLM
+    from tiny_models import llama_config
+    from transformers import BertTokenizerFast, LlamaForCausalLM
 
     folder = tmp_path_factory.mktemp("tiny-llama")
     BertTokenizerFast(vocab={token: i for i, token in enumerate(VOCAB)}).save_pretrained(folder)
-    config = LlamaConfig(
-        vocab_size=len(VOCAB),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        pad_token_id=0,
-        bos_token_id=2,
-        eos_token_id=3,
-    )
+    config = llama_config(len(VOCAB), pad_token_id=0, bos_token_id=2, eos_token_id=3)
     LlamaForCausalLM(config).save_pretrained(folder)
     return folder

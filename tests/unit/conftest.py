@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -11,6 +10,7 @@ import pytest
 
 from raytune_ft.config.loader import validate_raw
 from raytune_ft.config.schema import ExperimentConfig
+from raytune_ft.train.ds_config import deep_merge
 
 # Ten distinct (after normalisation) texts per class; every word is in TINY_VOCAB so token counts are known.
 NUMBERS = ["one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
@@ -46,16 +46,6 @@ TINY_VOCAB = [
     *NUMBERS,
     *".,!?",
 ]
-
-
-def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    out = copy.deepcopy(base)
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = deep_merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
 
 
 def write_tsv(path: Path, rows: list[tuple[str, str]], header: tuple[str, str] = ("text", "label")) -> Path:

@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from tiny_models import bert_config, llama_config
 from torch import nn
-from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import BertModel, GPT2Config, GPT2LMHeadModel, LlamaForCausalLM
 
 from raytune_ft.config.schema import FinetuneConfig, ModelConfig
 
@@ -16,33 +17,13 @@ VOCAB = 100
 def save_tiny_bert(folder: Path) -> Path:
     """A 2-layer BERT base (no task head), like a pre-trained encoder checkpoint."""
     torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-    )
-    BertModel(config).save_pretrained(folder)
+    BertModel(bert_config(VOCAB)).save_pretrained(folder)
     return folder
 
 
 def save_tiny_llama(folder: Path) -> Path:
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=None,
-    )
-    LlamaForCausalLM(config).save_pretrained(folder)
+    LlamaForCausalLM(llama_config(VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=None)).save_pretrained(folder)
     return folder
 
 

@@ -1,0 +1,1 @@
+"""Makes tests/ importable (tiny_models) from unit and integration tests alike."""
