@@ -22,12 +22,9 @@ from raytune_ft.train.checkpoint import TRAINABLE, list_checkpoints
 
 pytestmark = pytest.mark.integration
 
-WORDS_POS = ["good", "great", "film", "movie", "is", "the", "a"]
 
-
-@pytest.fixture(scope="module")
-def reviews(tmp_path_factory) -> Path:
-    """A learnable toy task: label 1 iff the review says 'good'."""
+def write_reviews(path: Path) -> Path:
+    """A learnable toy task: label 1 iff the review says 'good'; a source column gives two slices."""
     rng = random.Random(0)
     lines = ["text\tlabel\tsource"]
     for i in range(160):
@@ -35,9 +32,13 @@ def reviews(tmp_path_factory) -> Path:
         words = [rng.choice(["the", "a", "film", "movie", "is", "review", "number"]) for _ in range(rng.randint(3, 7))]
         words.insert(rng.randint(0, len(words)), "good" if label else "bad")
         lines.append(f"{' '.join(words)} {i}\t{label}\t{'web' if i % 3 else 'print'}")
-    path = tmp_path_factory.mktemp("data") / "reviews.tsv"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+@pytest.fixture(scope="module")
+def reviews(tmp_path_factory) -> Path:
+    return write_reviews(tmp_path_factory.mktemp("data") / "reviews.tsv")
 
 
 def make_cfg(root: Path, name: str, model: Path, data: Path, **sections):
