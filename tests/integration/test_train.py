@@ -248,3 +248,21 @@ def test_causal_lm_with_zero3_trains_and_exports(tiny_llama, tmp_path, local_ray
     assert 1 < last["eval_perplexity"] < first["eval_perplexity"]
     meta = json.loads((result.export_dir / "raytune_ft.json").read_text())
     assert meta["task"] == "causal-lm" and meta["reload_check"]["max_abs_logit_diff"] < 1e-4
+
+
+def test_zero3_with_optimizer_and_parameter_offload(tiny_bert, reviews, tmp_path, local_ray):
+    # DeepSpeedCPUAdam is compiled on first use (about a minute once per machine).
+    cfg = make_cfg(
+        tmp_path,
+        "offload",
+        tiny_bert,
+        reviews,
+        deepspeed={"zero_stage": 3, "offload_optimizer": True, "offload_params": True},
+        train={"max_steps": 6, "eval_every_steps": 3, "checkpoint_every_steps": 3},
+        scaling={"num_workers": 1},
+    )
+    result = train(cfg)
+    assert [h["step"] for h in result.history] == [3, 6]
+    assert result.history[-1]["eval_loss"] < result.history[0]["eval_loss"]
+    meta = json.loads((result.export_dir / "raytune_ft.json").read_text())
+    assert meta["reload_check"]["max_abs_logit_diff"] < 1e-4
