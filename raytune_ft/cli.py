@@ -214,10 +214,105 @@ def serve(target: Annotated[str, typer.Argument(help="Run directory or export to
     _not_yet("serve", "Serving and latency benchmark")
 
 
-@app.command()
-def bench(args: Annotated[list[str] | None, typer.Argument(help="What to benchmark.")] = None) -> None:
-    """Benchmark serving latency and training throughput."""
-    _not_yet("bench", "Serving and latency benchmark")
+bench_app = typer.Typer(help="Benchmarks: training throughput, start-up and ZeRO memory.", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("train")
+def bench_train(
+    config: ConfigArg,
+    overrides: OverridesArg = None,
+    steps: Annotated[int, typer.Option("--steps", min=2, help="Optimizer steps per loop (first one untimed).")] = 20,
+    zero_stages: Annotated[
+        str | None, typer.Option("--zero-stages", help="Also measure memory per worker of ZeRO stages, e.g. 0,2,3.")
+    ] = None,
+    memory_model: Annotated[
+        str, typer.Option("--memory-model", help="Llama shape for the memory runs: 130m, 350m or tiny.")
+    ] = "130m",
+    skip_throughput: Annotated[
+        bool, typer.Option("--memory-only", help="Only the ZeRO memory runs (needs --zero-stages).")
+    ] = False,
+    peak_tflops: Annotated[
+        float | None, typer.Option("--peak-tflops", help="Accelerator peak for MFU when its name is not known.")
+    ] = None,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Also write the figures to this JSON file.")] = None,
+) -> None:
+    """Bare PyTorch loop vs the Ray Train + DeepSpeed loop on the same model, data and global batch."""
+    from raytune_ft.bench import MEMORY_MODELS, bench_memory, bench_throughput
+    from raytune_ft.data import DataError
+    from raytune_ft.model_source import ModelSourceError
+
+    cfg = _load(config, overrides)
+    try:
+        stages = [int(s) for s in zero_stages.split(",")] if zero_stages else []
+    except ValueError:
+        _fail(f"--zero-stages: expected numbers such as 0,2,3, got '{zero_stages}'", EXIT_CONFIG)
+    if any(s not in (0, 1, 2, 3) for s in stages):
+        _fail(f"--zero-stages: ZeRO stages are 0, 1, 2 and 3, got '{zero_stages}'", EXIT_CONFIG)
+    if memory_model not in MEMORY_MODELS:
+        _fail(f"--memory-model: expected one of {', '.join(MEMORY_MODELS)}, got '{memory_model}'", EXIT_CONFIG)
+    if skip_throughput and not stages:
+        _fail("--memory-only needs --zero-stages", EXIT_CONFIG)
+    log = lambda m: err.print(m, highlight=False)  # noqa: E731
+    result: dict[str, Any] = {}
+    try:
+        if not skip_throughput:
+            result = bench_throughput(cfg, steps, log=log, peak_tflops=peak_tflops)
+            _print_throughput(result)
+        if stages:
+            result["memory"] = bench_memory(cfg, stages, memory_model, log=log)
+            _print_memory(result["memory"])
+    except (DataError, ModelSourceError, ValueError) as exc:
+        _fail(str(exc), EXIT_RUNTIME)
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(result, indent=2) + "\n")
+        err.print(f"wrote {json_path}", highlight=False)
+
+
+def _num(value: Any, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:,.{digits}f}"
+
+
+def _print_throughput(r: dict[str, Any]) -> None:
+    table = Table(
+        title=f"{r['experiment']}: {r['steps']} steps x {r['global_batch']} samples, {r['workers']} worker(s), "
+        f"ZeRO-{r['zero_stage']}, {r['finetune']}, {r['device']} {r['precision']}",
+        title_justify="left",
+    )
+    for col in ("", "bare PyTorch", "Ray Train + DeepSpeed", "ratio"):
+        table.add_column(col, justify="left" if not col else "right")
+    for key in ("samples_per_s", "tokens_per_s", "time_to_first_step_s", "peak_rss_mb"):
+        table.add_row(key, _num(r["bare"][key]), _num(r["ray"][key]), _num(r["ratios"][key], 3))
+    out.print(table)
+    out.print(
+        f"no-op TorchTrainer time to first step: {r['noop_time_to_first_step_s']:.1f} s; "
+        f"this loop's is {_num(r['startup_vs_noop'], 2)}x that "
+        f"({', '.join(f'{k} {v:.1f} s' for k, v in r['ray']['startup_s'].items())})",
+        highlight=False,
+        soft_wrap=True,
+    )
+    if r["ray"].get("mfu") is not None:
+        out.print(f"model FLOPs utilisation: {r['ray']['mfu']:.1%}", highlight=False)
+
+
+def _print_memory(m: dict[str, Any]) -> None:
+    table = Table(
+        title=f"ZeRO memory per worker: {m['model']} ({m['params'] / 1e6:.1f}M params), {m['workers']} worker(s), "
+        f"block {m['block_size']}",
+        title_justify="left",
+    )
+    for col in ("ZeRO stage", "peak RSS MB", "growth over start MB", "DeepSpeed estimator MB"):
+        table.add_column(col, justify="right")
+    for stage, s in m["stages"].items():
+        table.add_row(stage, _num(s["peak_rss_mb"], 0), _num(s["rss_growth_mb"], 0), _num(s["estimator_mb"], 0))
+    out.print(table)
+    if "zero3_vs_zero0" in m:
+        out.print(
+            f"ZeRO-3 / ZeRO-0 per worker: measured {m['zero3_vs_zero0']:.2f}, "
+            f"DeepSpeed estimator {m['estimator_zero3_vs_zero0']:.2f}",
+            highlight=False,
+        )
 
 
 @app.command()

@@ -11,8 +11,10 @@ import os
 import resource
 import shutil
 import signal
+import sys
 import tempfile
 import time
+import types
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -43,6 +45,7 @@ from raytune_ft.train.checkpoint import (
     write_manifest,
 )
 from raytune_ft.train.ds_config import deepspeed_config, resolved_precision
+from raytune_ft.train.figures import report_figures
 
 PROBE_ROWS = 4
 
@@ -86,7 +89,51 @@ class EarlyStopping:
         self.best, self.bad_evals = state.get("best"), state.get("bad_evals", 0)
 
 
+def task_loss(
+    module: torch.nn.Module, batch: dict[str, torch.Tensor], classification: bool, class_weights: torch.Tensor | None
+) -> torch.Tensor:
+    out = module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    if classification:
+        return F.cross_entropy(out.logits.float(), batch["labels"], weight=class_weights)
+    return _next_token_loss(out.logits, batch["input_ids"], batch["attention_mask"], "mean")[0]
+
+
+def rss_mb() -> float:
+    """Resident memory of this process now (Linux /proc; elsewhere the peak is the best figure there is)."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+        return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        return peak_rss_mb()
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def stand_in_for_deepspeed_muon() -> None:
+    """DeepSpeed's ZeRO code imports its Muon optimizer modules on every run, to ask `isinstance(optimizer,
+    MuonWithAuxAdam)` and to fetch `muon_update` that only Muon parameter groups call. Importing them runs
+    torch.compile decorators that load torch._inductor: about 2 s of every worker's start-up on CPU. This loop
+    builds AdamW or DeepSpeedCPUAdam itself, never Muon, so stand-ins answer those checks the same way (nothing
+    is a MuonWithAuxAdam) and fail loudly if Muon code were ever reached."""
+    package = "deepspeed.runtime.zero.muon"
+    if f"{package}.muon_optimizer" in sys.modules or f"{package}.original_muon" in sys.modules:
+        return
+
+    def muon_update(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("raytune_ft never uses DeepSpeed's Muon optimizer; muon_update should not run")
+
+    optimizer_module = types.ModuleType(f"{package}.muon_optimizer", "raytune_ft stand-in (no Muon)")
+    optimizer_module.MuonWithAuxAdam = type("MuonWithAuxAdam", (), {})  # type: ignore[attr-defined]
+    update_module = types.ModuleType(f"{package}.original_muon", "raytune_ft stand-in (no Muon)")
+    update_module.muon_update = muon_update  # type: ignore[attr-defined]
+    sys.modules[optimizer_module.__name__] = optimizer_module
+    sys.modules[update_module.__name__] = update_module
+
+
 def train_loop(config: dict[str, Any]) -> None:
+    loop_started_at = time.time()
     import deepspeed
     import ray
     import ray.train
@@ -103,6 +150,7 @@ def train_loop(config: dict[str, Any]) -> None:
         unfreeze_gate,
     )
 
+    rss_at_start = rss_mb()
     cfg = ExperimentConfig.model_validate(config["experiment"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -136,11 +184,7 @@ def train_loop(config: dict[str, Any]) -> None:
         else None
     )
 
-    def loss_of(module: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        out = module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        if classification:
-            return F.cross_entropy(out.logits.float(), batch["labels"], weight=class_weights)
-        return _next_token_loss(out.logits, batch["input_ids"], batch["attention_mask"], "mean")[0]
+    loss_of = partial(task_loss, classification=classification, class_weights=class_weights)
 
     ckpt = ray.train.get_checkpoint()
     resume_dir: Path | None = None
@@ -202,6 +246,9 @@ def train_loop(config: dict[str, Any]) -> None:
         ],
     )
     precision = resolved_precision(cfg, torch.cuda.is_available())
+    stand_in_for_deepspeed_muon()
+    n_params = sum(p.numel() for p in model.parameters())
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         optimizer=optimizer,
@@ -210,6 +257,7 @@ def train_loop(config: dict[str, Any]) -> None:
         dist_init_required=False,
     )
 
+    engine_ready_at = time.time()
     stopper = EarlyStopping(*_stop_settings(cfg))
     history: list[dict[str, Any]] = []
     start = 0
@@ -266,6 +314,27 @@ def train_loop(config: dict[str, Any]) -> None:
             steady_tokens += step_tokens
         done = step + 1
         last = done == total
+        if config.get("bench") and last:
+            # Benchmark runs measure the loop itself: no evaluation, no model checkpoint.
+            report_figures(
+                {
+                    "step": done,
+                    "samples_per_s": _per_second(steady_samples, steady_seconds, world, device),
+                    "tokens_per_s": _per_second(steady_tokens, steady_seconds, world, device),
+                    "loop_started_at": loop_started_at,
+                    "engine_ready_at": engine_ready_at,
+                    "first_step_at": first_step_at,
+                    "peak_rss_mb": _over_ranks(peak_rss_mb(), world, device, "max"),
+                    "rss_growth_mb": _over_ranks(peak_rss_mb() - rss_at_start, world, device, "max"),
+                    "n_params": n_params,
+                    "n_trainable": n_trainable,
+                    "precision": precision,
+                    "device": str(device),
+                    "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                },
+                rank,
+            )
+            break
         if not (done % eval_every == 0 or done % ckpt_every == 0 or last):
             continue
         metrics = _evaluate(engine, val, rank, world, cfg, classes, pad_id, device)
@@ -274,12 +343,10 @@ def train_loop(config: dict[str, Any]) -> None:
             epoch=round(done / plan.steps_per_epoch, 4),
             train_loss=_over_ranks(running / max(1, micro_count), world, device),
             lr=scheduler.get_last_lr()[0],
-            samples_per_s=round(steady_samples * world / steady_seconds, 3) if steady_seconds else None,
-            tokens_per_s=(
-                round(_over_ranks(steady_tokens, world, device) * world / steady_seconds, 1) if steady_seconds else None
-            ),
+            samples_per_s=_per_second(steady_samples, steady_seconds, world, device),
+            tokens_per_s=_per_second(steady_tokens, steady_seconds, world, device),
             first_step_at=first_step_at,
-            peak_rss_mb=_over_ranks(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, world, device, "max"),
+            peak_rss_mb=_over_ranks(peak_rss_mb(), world, device, "max"),
         )
         running, micro_count = 0.0, 0
         stop_key = cfg.train.early_stopping.metric if cfg.train.early_stopping else None
@@ -301,6 +368,11 @@ def train_loop(config: dict[str, Any]) -> None:
         if should_stop:
             _log(rank, f"early stopping at step {done}: {stop_key} did not improve for {stopper.patience} evaluations")
             break
+
+
+def _per_second(count: int, seconds: float, world: int, device: torch.device) -> float | None:
+    """Summed over workers: each rank's count over its own steady-state seconds."""
+    return _over_ranks(count / seconds, world, device) * world if seconds else None
 
 
 def _stop_settings(cfg: ExperimentConfig) -> tuple[str, int, float]:

@@ -53,6 +53,28 @@ def ensure_ray(cfg: ExperimentConfig) -> None:
     ray.init(address=cfg.cluster.address, runtime_env=runtime_env or None, include_dashboard=False)
 
 
+def torch_trainer(cfg: ExperimentConfig, loop: Callable, loop_config: dict[str, Any], run_config: Any) -> Any:
+    """A TorchTrainer on the experiment's workers: gloo on CPU, NCCL on GPU."""
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    resources = {"CPU": cfg.scaling.cpus_per_worker}
+    if cfg.scaling.use_gpu:
+        resources["GPU"] = cfg.scaling.gpus_per_worker or 1.0
+    return TorchTrainer(
+        loop,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(
+            num_workers=cfg.scaling.num_workers,
+            use_gpu=cfg.scaling.use_gpu,
+            resources_per_worker=resources,
+            placement_strategy=cfg.scaling.placement_strategy,
+        ),
+        torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
+        run_config=run_config,
+    )
+
+
 def prepare_worker_data(cfg: ExperimentConfig) -> dict[str, Any]:
     """Tokenised train/validation splits plus what workers need to interpret them (never the test split)."""
     prepared = prepare_data(cfg, with_tokens=False)
@@ -99,8 +121,7 @@ def train(
     """Fine-tune on Ray Train. A fresh run refuses a run directory that already has checkpoints; `resume`
     continues one (Ray Train V2 resumes a run by its name and storage path) and refuses one without any."""
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
 
     run_dir = run_dir_for(cfg)
     train_dir = run_dir / "train"
@@ -114,7 +135,7 @@ def train(
             return done
         raise CheckpointError(
             f"{run_dir} already holds a training run ({len(existing)} checkpoint(s)); "
-            "continue it with `raytune-ft train --resume {run_dir}` or choose a new experiment name"
+            f"continue it with `raytune-ft train --resume {run_dir}` or choose a new experiment name"
         )
 
     log("preparing data")
@@ -133,20 +154,11 @@ def train(
         "require_checkpoint": resume,
         "fault": fault or {},
     }
-    resources = {"CPU": cfg.scaling.cpus_per_worker}
-    if cfg.scaling.use_gpu:
-        resources["GPU"] = cfg.scaling.gpus_per_worker or 1.0
-    trainer = TorchTrainer(
+    trainer = torch_trainer(
+        cfg,
         train_loop,
-        train_loop_config=loop_config,
-        scaling_config=ScalingConfig(
-            num_workers=cfg.scaling.num_workers,
-            use_gpu=cfg.scaling.use_gpu,
-            resources_per_worker=resources,
-            placement_strategy=cfg.scaling.placement_strategy,
-        ),
-        torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
-        run_config=RunConfig(
+        loop_config,
+        RunConfig(
             name="train",
             storage_path=str(run_dir),
             checkpoint_config=CheckpointConfig(

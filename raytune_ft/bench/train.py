@@ -1,0 +1,266 @@
+"""`raytune-ft bench train`: the same model, data and global batch through a bare single-process PyTorch loop and
+through the Ray Train + DeepSpeed loop, plus a no-op TorchTrainer to judge start-up against Ray Train's own."""
+
+from __future__ import annotations
+
+import math
+import multiprocessing
+import queue as queue_module
+import tempfile
+import time
+from collections.abc import Callable
+from typing import Any
+
+from raytune_ft.bench.flops import mfu
+from raytune_ft.config import ExperimentConfig
+
+KEYS = ("samples_per_s", "tokens_per_s", "time_to_first_step_s", "peak_rss_mb")
+VALIDATION_ROWS = 8
+
+
+def bench_config(cfg: ExperimentConfig, steps: int, **sections: dict[str, Any]) -> ExperimentConfig:
+    """The experiment as benchmarked: `steps` optimizer steps with nothing else in between; `sections` replace
+    keys section by section (e.g. deepspeed={"zero_stage": 3})."""
+    data = cfg.model_dump(mode="json", by_alias=True)
+    data["train"].update(max_steps=steps, eval_every_steps=steps, checkpoint_every_steps=steps, early_stopping=None)
+    for name, values in sections.items():
+        data[name].update(values)
+    return ExperimentConfig.model_validate(data)
+
+
+def global_batch(cfg: ExperimentConfig) -> int:
+    return cfg.train.batch_size * cfg.train.grad_accum * cfg.scaling.num_workers
+
+
+def bench_data(data: dict[str, dict[str, list]], cfg: ExperimentConfig, steps: int) -> tuple[dict, int]:
+    """The training rows `steps` steps read (all of the split when it is smaller), a few validation rows, and the
+    number of epochs that covers `steps`."""
+    need = steps * global_batch(cfg)
+    train = {k: v[:need] for k, v in data["train"].items()}
+    n = len(train["input_ids"])
+    epochs = math.ceil(steps / max(1, n // global_batch(cfg)))
+    val = {k: v[:VALIDATION_ROWS] for k, v in data["validation"].items()}
+    return {"train": train, "validation": val}, epochs
+
+
+def _noop_loop(config: dict[str, Any]) -> None:
+    import ray.train
+
+    from raytune_ft.train.figures import report_figures
+
+    report_figures({"first_step_at": time.time()}, ray.train.get_context().get_world_rank())
+
+
+def run_on_ray(
+    cfg: ExperimentConfig, loop: Callable, loop_config: dict[str, Any], storage: str, name: str
+) -> tuple[dict[str, Any], float]:
+    """Fit once; the worker-0 metrics and the wall time at which fit() was called."""
+    from ray.train import RunConfig
+
+    from raytune_ft.train.trainer import torch_trainer
+
+    trainer = torch_trainer(cfg, loop, loop_config, RunConfig(name=name, storage_path=storage))
+    started = time.time()
+    result = trainer.fit()
+    return dict(result.metrics), started
+
+
+def bare_loop(payload: dict[str, Any], queue: Any) -> None:
+    """One process, no Ray, no DeepSpeed: the same model, rows, global batch, optimizer and regularisers."""
+    import resource
+
+    import torch
+
+    from raytune_ft.modeling import EWC, build_model, estimate_fisher, l1_penalty, param_groups
+    from raytune_ft.train.batches import StepPlan, collate
+    from raytune_ft.train.ds_config import resolved_precision
+    from raytune_ft.train.loop import task_loss
+
+    torch.set_num_threads(payload["threads"])
+    cfg = ExperimentConfig.model_validate(payload["experiment"])
+    classes, train = payload["classes"] or [], payload["data"]["train"]
+    use_cuda = cfg.scaling.use_gpu and torch.cuda.is_available()
+    device = torch.device("cuda" if use_cuda else "cpu")
+    precision = resolved_precision(cfg, use_cuda)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model, cfg.finetune, len(classes) or None, cfg.data.label_names).to(device)
+    model.train()
+    weights = payload["class_weights"]
+    class_weights = torch.tensor([weights[c] for c in classes], device=device) if classes and weights else None
+    classification = cfg.model.task == "sequence-classification"
+
+    def loss_of(module: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return task_loss(module, batch, classification, class_weights)
+
+    plan = StepPlan(
+        n_train=len(train["input_ids"]),
+        micro_batch=cfg.train.batch_size,
+        world_size=1,
+        grad_accum=cfg.train.grad_accum * cfg.scaling.num_workers,  # the same global batch in one process
+        epochs=cfg.train.epochs,
+        max_steps=cfg.train.max_steps,
+        seed=cfg.seed,
+    )
+    pad_id = payload["pad_token_id"]
+    ewc = None
+    if cfg.finetune.ewc is not None:
+        sample = plan.permutation(-1)[: cfg.finetune.ewc.fisher_samples].tolist()
+        batches = [collate(train, sample[i : i + 8], pad_id, device) for i in range(0, len(sample), 8)]
+        ewc = EWC(model, estimate_fisher(model, batches, loss_of, len(sample)), cfg.finetune.ewc.strength)
+    groups = param_groups(model, cfg.train.lr, cfg.train.weight_decay, cfg.finetune.layerwise_lr_decay)
+    optimizer = torch.optim.AdamW(groups, lr=cfg.train.lr)
+    params = [p for p in model.parameters() if p.requires_grad]
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+    steady_seconds, steady_samples, steady_tokens, first_step_at = 0.0, 0, 0, None
+    perm_epoch, perm = -1, None
+    for step in range(plan.total_steps):
+        began = time.perf_counter()
+        samples = tokens = 0
+        epoch = step // plan.steps_per_epoch
+        if epoch != perm_epoch:
+            perm_epoch, perm = epoch, plan.permutation(epoch)
+        micro = plan.micro_batches(step, 0, perm)
+        for rows in micro:
+            batch = collate(train, rows, pad_id, device)
+            with autocast if precision in ("bf16", "fp16") and use_cuda else _null():
+                loss = loss_of(model, batch)
+            if cfg.finetune.l1:
+                loss = loss + cfg.finetune.l1 * l1_penalty(model)
+            if ewc is not None:
+                loss = loss + ewc.penalty(model)
+            (loss / len(micro)).backward()
+            samples += len(rows)
+            tokens += int(batch["attention_mask"].sum())
+        if cfg.train.grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if use_cuda:
+            torch.cuda.synchronize()
+        if first_step_at is None:
+            first_step_at = time.time()
+        else:
+            steady_seconds += time.perf_counter() - began
+            steady_samples += samples
+            steady_tokens += tokens
+    queue.put(
+        {
+            "samples_per_s": steady_samples / steady_seconds if steady_seconds else None,
+            "tokens_per_s": steady_tokens / steady_seconds if steady_seconds else None,
+            "first_step_at": first_step_at,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "threads": torch.get_num_threads(),
+            "device": str(device),
+        }
+    )
+
+
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def run_bare(payload: dict[str, Any], timeout_s: float = 3600) -> dict[str, Any]:
+    """The bare loop in a fresh process, so its start-up and peak memory are its own, not this driver's."""
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    started = time.time()
+    proc = ctx.Process(target=bare_loop, args=(payload, queue), daemon=True)
+    proc.start()
+    found = None
+    while found is None and time.time() - started < timeout_s:
+        try:
+            found = queue.get(timeout=1)
+        except queue_module.Empty:
+            if not proc.is_alive():
+                raise RuntimeError(
+                    f"the bare PyTorch loop died (exit code {proc.exitcode}); see its error above"
+                ) from None
+    proc.join(30)
+    if found is None:
+        proc.kill()
+        raise RuntimeError(f"the bare PyTorch loop did not finish in {timeout_s:.0f} s")
+    found["time_to_first_step_s"] = found.pop("first_step_at") - started
+    return found
+
+
+def bench_throughput(
+    cfg: ExperimentConfig, steps: int, log: Callable[[str], None] = print, peak_tflops: float | None = None
+) -> dict[str, Any]:
+    """Samples/s, tokens/s, time to first step and peak memory: bare loop (a) vs Ray Train + DeepSpeed (b)."""
+    import ray
+
+    from raytune_ft.train.loop import train_loop
+    from raytune_ft.train.trainer import prepare_worker_data
+
+    if steps < 2:
+        raise ValueError("--steps must be at least 2: the first step is start-up, the rest are timed")
+    log("preparing data")
+    worker_data = prepare_worker_data(cfg)
+    data, epochs = bench_data(worker_data["data"], cfg, steps)
+    bcfg = bench_config(cfg, steps, train={"epochs": epochs})
+    shared = {
+        "experiment": bcfg.model_dump(mode="json", by_alias=True),
+        "classes": worker_data["classes"],
+        "class_weights": worker_data["class_weights"],
+        "pad_token_id": worker_data["pad_token_id"],
+    }
+    with tempfile.TemporaryDirectory(prefix="raytune-ft-bench-") as storage:
+        log(f"no-op TorchTrainer on {cfg.scaling.num_workers} worker(s)")
+        _fresh_ray(cfg)
+        noop, noop_started = run_on_ray(bcfg, _noop_loop, {}, storage, "noop")
+        log(f"Ray Train + DeepSpeed loop: {steps} steps of {global_batch(cfg)} samples")
+        _fresh_ray(cfg)
+        ray_metrics, ray_started = run_on_ray(
+            bcfg, train_loop, {**shared, "data": ray.put(data), "bench": True}, storage, "ray"
+        )
+    threads = max(1, min(multiprocessing.cpu_count(), round(cfg.scaling.cpus_per_worker * cfg.scaling.num_workers)))
+    log(f"bare PyTorch loop in one process ({threads} thread(s)): the same steps")
+    bare = run_bare({**shared, "data": data, "threads": threads})
+    ray_side = {k: ray_metrics.get(k) for k in ("samples_per_s", "tokens_per_s", "peak_rss_mb")}
+    ray_side["time_to_first_step_s"] = ray_metrics["first_step_at"] - ray_started
+    ray_side["startup_s"] = {
+        "ray_train_until_loop": ray_metrics["loop_started_at"] - ray_started,
+        "loop_until_engine": ray_metrics["engine_ready_at"] - ray_metrics["loop_started_at"],
+        "engine_until_first_step": ray_metrics["first_step_at"] - ray_metrics["engine_ready_at"],
+    }
+    ray_side["mfu"] = mfu(ray_metrics, cfg.scaling.num_workers, peak_tflops)
+    noop_ttfs = noop["first_step_at"] - noop_started
+    return {
+        "experiment": cfg.name,
+        "model": cfg.model.name_or_path,
+        "finetune": cfg.finetune.method,
+        "zero_stage": cfg.deepspeed.zero_stage,
+        "workers": cfg.scaling.num_workers,
+        "steps": steps,
+        "global_batch": global_batch(cfg),
+        "params": ray_metrics.get("n_params"),
+        "trainable_params": ray_metrics.get("n_trainable"),
+        "device": ray_metrics.get("device"),
+        "precision": ray_metrics.get("precision"),
+        "bare": {**{k: bare[k] for k in KEYS}, "threads": bare["threads"]},
+        "ray": ray_side,
+        "ratio": _ratio(ray_side["samples_per_s"], bare["samples_per_s"]),
+        "ratios": {k: _ratio(ray_side[k], bare[k]) for k in KEYS},
+        "noop_time_to_first_step_s": noop_ttfs,
+        "startup_vs_noop": _ratio(ray_side["time_to_first_step_s"], noop_ttfs),
+    }
+
+
+def _fresh_ray(cfg: ExperimentConfig) -> None:
+    """On an embedded local Ray, each measured trainer gets a new Ray instance, so that both pay the same cold
+    start a user's `raytune-ft train` pays; a remote cluster is joined once and stays as it is."""
+    import ray
+
+    from raytune_ft.train.trainer import ensure_ray
+
+    if cfg.cluster.address is None and ray.is_initialized():
+        ray.shutdown()
+    ensure_ray(cfg)
+
+
+def _ratio(b: float | None, a: float | None) -> float | None:
+    return b / a if a and b is not None else None
