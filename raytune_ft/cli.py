@@ -302,15 +302,21 @@ def _print_memory(m: dict[str, Any]) -> None:
         f"block {m['block_size']}",
         title_justify="left",
     )
-    for col in ("ZeRO stage", "peak RSS MB", "growth over start MB", "DeepSpeed estimator MB"):
+    for col in ("ZeRO stage", "model states MB", "DeepSpeed estimator MB", "peak RSS MB", "peak device MB"):
         table.add_column(col, justify="right")
     for stage, s in m["stages"].items():
-        table.add_row(stage, _num(s["peak_rss_mb"], 0), _num(s["rss_growth_mb"], 0), _num(s["estimator_mb"], 0))
+        table.add_row(
+            stage,
+            _num(s["model_state_mb"], 0),
+            _num(s["estimator_mb"], 0),
+            _num(s["peak_rss_mb"], 0),
+            _num(s["peak_device_mb"], 0),
+        )
     out.print(table)
     if "zero3_vs_zero0" in m:
         out.print(
-            f"ZeRO-3 / ZeRO-0 per worker: measured {m['zero3_vs_zero0']:.2f}, "
-            f"DeepSpeed estimator {m['estimator_zero3_vs_zero0']:.2f}",
+            f"ZeRO-3 / ZeRO-0 model states per worker: measured {m['zero3_vs_zero0']:.2f}, "
+            f"DeepSpeed estimator {m['estimator_zero3_vs_zero0']:.2f} (peak RSS {m['zero3_vs_zero0_peak_rss']:.2f})",
             highlight=False,
         )
 

@@ -117,10 +117,13 @@ def bench_memory(
             out["stages"][str(stage)] = {
                 "peak_rss_mb": metrics["peak_rss_mb"],
                 "rss_growth_mb": metrics["rss_growth_mb"],
+                "model_state_mb": metrics["model_state_mb"],
+                "peak_device_mb": metrics.get("peak_device_mb"),
                 "estimator_mb": estimator_mb(stage, params, largest, workers),
             }
     found = out["stages"]
     if "0" in found and "3" in found:
-        out["zero3_vs_zero0"] = found["3"]["rss_growth_mb"] / found["0"]["rss_growth_mb"]
+        out["zero3_vs_zero0"] = found["3"]["model_state_mb"] / found["0"]["model_state_mb"]
+        out["zero3_vs_zero0_peak_rss"] = found["3"]["peak_rss_mb"] / found["0"]["peak_rss_mb"]
         out["estimator_zero3_vs_zero0"] = found["3"]["estimator_mb"] / found["0"]["estimator_mb"]
     return out

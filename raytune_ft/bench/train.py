@@ -74,7 +74,7 @@ def bare_loop(payload: dict[str, Any], queue: Any) -> None:
     from raytune_ft.modeling import EWC, build_model, estimate_fisher, l1_penalty, param_groups
     from raytune_ft.train.batches import StepPlan, collate
     from raytune_ft.train.ds_config import resolved_precision
-    from raytune_ft.train.loop import task_loss
+    from raytune_ft.train.evaluate import task_loss
 
     torch.set_num_threads(payload["threads"])
     cfg = ExperimentConfig.model_validate(payload["experiment"])

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import sys
+import types
 from typing import Any
 
 from raytune_ft.config.schema import ExperimentConfig
@@ -18,11 +20,21 @@ def resolved_precision(cfg: ExperimentConfig, cuda_available: bool) -> str:
     return "fp32"
 
 
-def deepspeed_config(cfg: ExperimentConfig, precision: str) -> dict[str, Any]:
+def deepspeed_config(cfg: ExperimentConfig, precision: str, hidden_size: int | None = None) -> dict[str, Any]:
     """Optimizer and LR schedule stay outside this JSON: the training loop builds them, so layer-wise learning
-    rates and gradual unfreezing survive (DeepSpeed's own schedulers set one LR for every group)."""
+    rates and gradual unfreezing survive (DeepSpeed's own schedulers set one LR for every group).
+
+    With the model's `hidden_size`, communication buckets are sized to the model as Hugging Face's DeepSpeed
+    integration does: DeepSpeed's defaults (5e8 elements, 2 GB in fp32) exceed a small model's own gradients
+    and would erase what ZeRO saves. `deepspeed.overrides` still wins."""
     ds, train = cfg.deepspeed, cfg.train
     zero: dict[str, Any] = {"stage": ds.zero_stage}
+    if hidden_size and ds.zero_stage > 0:
+        zero["reduce_bucket_size"] = hidden_size * hidden_size
+        zero["allgather_bucket_size"] = hidden_size * hidden_size
+        if ds.zero_stage == 3:
+            zero["stage3_prefetch_bucket_size"] = int(0.9 * hidden_size * hidden_size)
+            zero["stage3_param_persistence_threshold"] = 10 * hidden_size
     if ds.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": cfg.scaling.use_gpu}
     if ds.offload_params:
@@ -52,3 +64,24 @@ def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
         else:
             out[key] = copy.deepcopy(value)
     return out
+
+
+def stand_in_for_deepspeed_muon() -> None:
+    """DeepSpeed's ZeRO code imports its Muon optimizer modules on every run, to ask `isinstance(optimizer,
+    MuonWithAuxAdam)` and to fetch `muon_update` that only Muon parameter groups call. Importing them runs
+    torch.compile decorators that load torch._inductor: about 2 s of every worker's start-up on CPU. This loop
+    builds AdamW or DeepSpeedCPUAdam itself, never Muon, so stand-ins answer those checks the same way (nothing
+    is a MuonWithAuxAdam) and fail loudly if Muon code were ever reached."""
+    package = "deepspeed.runtime.zero.muon"
+    if f"{package}.muon_optimizer" in sys.modules or f"{package}.original_muon" in sys.modules:
+        return
+
+    def muon_update(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("raytune_ft never uses DeepSpeed's Muon optimizer; muon_update should not run")
+
+    optimizer_module = types.ModuleType(f"{package}.muon_optimizer", "raytune_ft stand-in (no Muon)")
+    optimizer_module.MuonWithAuxAdam = type("MuonWithAuxAdam", (), {})  # type: ignore[attr-defined]
+    update_module = types.ModuleType(f"{package}.original_muon", "raytune_ft stand-in (no Muon)")
+    update_module.muon_update = muon_update  # type: ignore[attr-defined]
+    sys.modules[optimizer_module.__name__] = optimizer_module
+    sys.modules[update_module.__name__] = update_module

@@ -8,29 +8,17 @@ from __future__ import annotations
 
 import math
 import os
-import resource
 import shutil
 import signal
-import sys
 import tempfile
 import time
-import types
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from raytune_ft.config.schema import ExperimentConfig
-from raytune_ft.metrics import (
-    classification_metrics,
-    confusion_matrix,
-    pack_counts,
-    perplexity,
-    slice_metrics,
-    unpack_counts,
-)
 from raytune_ft.train.batches import StepPlan, collate
 from raytune_ft.train.checkpoint import (
     DS_TAG,
@@ -44,10 +32,10 @@ from raytune_ft.train.checkpoint import (
     verify_checkpoint,
     write_manifest,
 )
-from raytune_ft.train.ds_config import deepspeed_config, resolved_precision
+from raytune_ft.train.ds_config import deepspeed_config, resolved_precision, stand_in_for_deepspeed_muon
+from raytune_ft.train.evaluate import evaluate, over_ranks, probe_logits, task_loss
 from raytune_ft.train.figures import report_figures
-
-PROBE_ROWS = 4
+from raytune_ft.train.measure import model_state_mb, peak_device_mb, peak_rss_mb, rss_mb
 
 
 def lr_factor(step: int, total: int, warmup: int, kind: str) -> float:
@@ -89,49 +77,6 @@ class EarlyStopping:
         self.best, self.bad_evals = state.get("best"), state.get("bad_evals", 0)
 
 
-def task_loss(
-    module: torch.nn.Module, batch: dict[str, torch.Tensor], classification: bool, class_weights: torch.Tensor | None
-) -> torch.Tensor:
-    out = module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    if classification:
-        return F.cross_entropy(out.logits.float(), batch["labels"], weight=class_weights)
-    return _next_token_loss(out.logits, batch["input_ids"], batch["attention_mask"], "mean")[0]
-
-
-def rss_mb() -> float:
-    """Resident memory of this process now (Linux /proc; elsewhere the peak is the best figure there is)."""
-    try:
-        pages = int(Path("/proc/self/statm").read_text().split()[1])
-        return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
-    except (OSError, ValueError, IndexError):
-        return peak_rss_mb()
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def stand_in_for_deepspeed_muon() -> None:
-    """DeepSpeed's ZeRO code imports its Muon optimizer modules on every run, to ask `isinstance(optimizer,
-    MuonWithAuxAdam)` and to fetch `muon_update` that only Muon parameter groups call. Importing them runs
-    torch.compile decorators that load torch._inductor: about 2 s of every worker's start-up on CPU. This loop
-    builds AdamW or DeepSpeedCPUAdam itself, never Muon, so stand-ins answer those checks the same way (nothing
-    is a MuonWithAuxAdam) and fail loudly if Muon code were ever reached."""
-    package = "deepspeed.runtime.zero.muon"
-    if f"{package}.muon_optimizer" in sys.modules or f"{package}.original_muon" in sys.modules:
-        return
-
-    def muon_update(*args: Any, **kwargs: Any) -> None:
-        raise RuntimeError("raytune_ft never uses DeepSpeed's Muon optimizer; muon_update should not run")
-
-    optimizer_module = types.ModuleType(f"{package}.muon_optimizer", "raytune_ft stand-in (no Muon)")
-    optimizer_module.MuonWithAuxAdam = type("MuonWithAuxAdam", (), {})  # type: ignore[attr-defined]
-    update_module = types.ModuleType(f"{package}.original_muon", "raytune_ft stand-in (no Muon)")
-    update_module.muon_update = muon_update  # type: ignore[attr-defined]
-    sys.modules[optimizer_module.__name__] = optimizer_module
-    sys.modules[update_module.__name__] = update_module
-
-
 def train_loop(config: dict[str, Any]) -> None:
     loop_started_at = time.time()
     import deepspeed
@@ -161,6 +106,15 @@ def train_loop(config: dict[str, Any]) -> None:
     train, val = data["train"], data["validation"]
     pad_id: int = config["pad_token_id"]
 
+    precision = resolved_precision(cfg, torch.cuda.is_available())
+    ds_config = deepspeed_config(cfg, precision, _hidden_size(cfg))
+    if cfg.deepspeed.zero_stage == 3:
+        from transformers.integrations import HfDeepSpeedConfig
+
+        # While this object lives, from_pretrained builds the model already partitioned (deepspeed.zero.Init):
+        # no worker ever holds the whole model, so ZeRO-3 fits models larger than one worker's memory.
+        # (held in a local: transformers keeps only a weak reference)
+        _zero3_init = HfDeepSpeedConfig(ds_config)
     torch.manual_seed(cfg.seed)  # identical initial heads on every rank
     model = build_model(cfg.model, cfg.finetune, len(classes) or None, cfg.data.label_names)
     plan = StepPlan(
@@ -245,15 +199,14 @@ def train_loop(config: dict[str, Any]) -> None:
             for g in groups
         ],
     )
-    precision = resolved_precision(cfg, torch.cuda.is_available())
     stand_in_for_deepspeed_muon()
-    n_params = sum(p.numel() for p in model.parameters())
-    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+    n_trainable = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         optimizer=optimizer,
         lr_scheduler=scheduler,
-        config=deepspeed_config(cfg, precision),
+        config=ds_config,
         dist_init_required=False,
     )
 
@@ -280,6 +233,7 @@ def train_loop(config: dict[str, Any]) -> None:
     # Throughput counts steady-state steps only: the first step in a process pays for lazy initialisation.
     steady_seconds, steady_samples, steady_tokens, first_step_at = 0.0, 0, 0, None
     perm_epoch, perm = -1, None
+    state_mb = None
     for step in range(start, total):
         step_began = time.perf_counter()
         step_samples = step_tokens = 0
@@ -301,6 +255,9 @@ def train_loop(config: dict[str, Any]) -> None:
             if ewc is not None:
                 loss = loss + ewc.penalty(engine.module)
             engine.backward(loss)
+            if config.get("bench") and step == total - 1 and state_mb is None:
+                # gradients, parameters and optimizer states all exist now: the model-state peak of a step
+                state_mb = over_ranks(model_state_mb(engine), world, device, "max")
             engine.step()
             running += loss.item()
             micro_count += 1
@@ -324,8 +281,10 @@ def train_loop(config: dict[str, Any]) -> None:
                     "loop_started_at": loop_started_at,
                     "engine_ready_at": engine_ready_at,
                     "first_step_at": first_step_at,
-                    "peak_rss_mb": _over_ranks(peak_rss_mb(), world, device, "max"),
-                    "rss_growth_mb": _over_ranks(peak_rss_mb() - rss_at_start, world, device, "max"),
+                    "peak_rss_mb": over_ranks(peak_rss_mb(), world, device, "max"),
+                    "rss_growth_mb": over_ranks(peak_rss_mb() - rss_at_start, world, device, "max"),
+                    "model_state_mb": state_mb,
+                    "peak_device_mb": peak_device_mb(device),
                     "n_params": n_params,
                     "n_trainable": n_trainable,
                     "precision": precision,
@@ -337,16 +296,16 @@ def train_loop(config: dict[str, Any]) -> None:
             break
         if not (done % eval_every == 0 or done % ckpt_every == 0 or last):
             continue
-        metrics = _evaluate(engine, val, rank, world, cfg, classes, pad_id, device)
+        metrics = evaluate(engine, val, rank, world, cfg, classes, pad_id, device)
         metrics.update(
             step=done,
             epoch=round(done / plan.steps_per_epoch, 4),
-            train_loss=_over_ranks(running / max(1, micro_count), world, device),
+            train_loss=over_ranks(running / max(1, micro_count), world, device),
             lr=scheduler.get_last_lr()[0],
             samples_per_s=_per_second(steady_samples, steady_seconds, world, device),
             tokens_per_s=_per_second(steady_tokens, steady_seconds, world, device),
             first_step_at=first_step_at,
-            peak_rss_mb=_over_ranks(peak_rss_mb(), world, device, "max"),
+            peak_rss_mb=over_ranks(peak_rss_mb(), world, device, "max"),
         )
         running, micro_count = 0.0, 0
         stop_key = cfg.train.early_stopping.metric if cfg.train.early_stopping else None
@@ -372,106 +331,27 @@ def train_loop(config: dict[str, Any]) -> None:
 
 def _per_second(count: int, seconds: float, world: int, device: torch.device) -> float | None:
     """Summed over workers: each rank's count over its own steady-state seconds."""
-    return _over_ranks(count / seconds, world, device) * world if seconds else None
+    return over_ranks(count / seconds, world, device) * world if seconds else None
+
+
+def _hidden_size(cfg: ExperimentConfig) -> int | None:
+    from transformers import AutoConfig
+
+    from raytune_ft.model_source import resolve_model_source
+
+    config = AutoConfig.from_pretrained(
+        resolve_model_source(cfg.model.name_or_path),
+        revision=cfg.model.revision,
+        trust_remote_code=cfg.model.trust_remote_code,
+    )
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    size = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None) or getattr(config, "d_model", None)
+    return int(size) if size else None
 
 
 def _stop_settings(cfg: ExperimentConfig) -> tuple[str, int, float]:
     es = cfg.train.early_stopping
     return (es.mode, es.patience, es.min_delta) if es else ("min", 10**9, 0.0)
-
-
-def _next_token_loss(
-    logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor, reduction: str
-) -> tuple[torch.Tensor, int]:
-    shift_logits = logits[:, :-1].float().reshape(-1, logits.size(-1))
-    targets = input_ids[:, 1:].reshape(-1).masked_fill(mask[:, 1:].reshape(-1) == 0, -100)
-    n_tokens = int((targets != -100).sum())
-    return F.cross_entropy(shift_logits, targets, ignore_index=-100, reduction=reduction), n_tokens
-
-
-def _over_ranks(value: float, world: int, device: torch.device, op: str = "mean") -> float:
-    """Mean or max of one number across workers."""
-    if world == 1:
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=device)
-    torch.distributed.all_reduce(
-        t, op=torch.distributed.ReduceOp.MAX if op == "max" else torch.distributed.ReduceOp.SUM
-    )
-    return float(t.item()) if op == "max" else float(t.item() / world)
-
-
-@torch.no_grad()
-def _evaluate(
-    engine: Any,
-    val: dict[str, list],
-    rank: int,
-    world: int,
-    cfg: ExperimentConfig,
-    classes: list[str],
-    pad_id: int,
-    device: torch.device,
-) -> dict[str, Any]:
-    """Each rank scores its slice; one all-reduce of summed counts gives exact global metrics. Every rank runs
-    the same number of forward passes (ZeRO-3 gathers weights collectively), padding its slice if shorter."""
-    engine.eval()
-    n = len(val["input_ids"])
-    rows = list(range(rank, n, world))
-    per_rank = math.ceil(n / world)
-    batch_size = cfg.train.eval_batch_size or cfg.train.batch_size
-    loss_sum, count = 0.0, 0
-    confusion = torch.zeros((len(classes), len(classes)), dtype=torch.long) if classes else None
-    sliced = bool(classes) and "slices" in val
-    # predictions by row (+1, so 0 means "another rank's row"); summed over ranks for per-slice metrics
-    preds_by_row = torch.zeros(n, dtype=torch.long) if sliced else None
-    for start in range(0, per_rank, batch_size):
-        chunk = rows[start : start + batch_size]
-        real = len(chunk)
-        chunk = chunk + [0] * (min(batch_size, per_rank - start) - real)  # dummies keep ranks in lockstep
-        batch = collate(val, chunk, pad_id, device)
-        out = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        if real == 0:
-            continue
-        if classes:
-            logits, labels = out.logits[:real].float(), batch["labels"][:real]
-            loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
-            count += real
-            preds = logits.argmax(-1).cpu()
-            confusion += confusion_matrix(preds, labels.cpu(), len(classes))
-            if preds_by_row is not None:
-                preds_by_row[torch.tensor(chunk[:real])] = preds + 1
-        else:
-            loss, tokens = _next_token_loss(
-                out.logits[:real], batch["input_ids"][:real], batch["attention_mask"][:real], "sum"
-            )
-            loss_sum += float(loss)
-            count += tokens
-    packed = pack_counts(loss_sum, count, confusion).to(device)
-    if world > 1:
-        torch.distributed.all_reduce(packed)
-    loss_sum, count, confusion = unpack_counts(packed.cpu(), len(classes) if classes else None)
-    if preds_by_row is not None and world > 1:
-        on_device = preds_by_row.to(device)
-        torch.distributed.all_reduce(on_device)
-        preds_by_row = on_device.cpu()
-    engine.train()
-    mean_loss = loss_sum / max(1, count)
-    metrics: dict[str, Any] = {"eval_loss": mean_loss}
-    if confusion is not None:
-        metrics.update({f"eval_{k}": v for k, v in classification_metrics(confusion, _names(cfg, classes)).items()})
-        if preds_by_row is not None:
-            found = slice_metrics((preds_by_row - 1).tolist(), val["labels"], val["slices"], _names(cfg, classes))
-            for value, m in found["slices"].items():
-                metrics[f"eval_slice/{value}/accuracy"] = m["accuracy"]
-                metrics[f"eval_slice/{value}/f1_macro"] = m["f1_macro"]
-            metrics["eval_slice_f1_gap"] = found["f1_macro_gap"]
-            metrics["eval_worst_slice_f1"] = found["slices"][found["worst_slice"]]["f1_macro"]
-    else:
-        metrics["eval_perplexity"] = perplexity(mean_loss)
-    return metrics
-
-
-def _names(cfg: ExperimentConfig, classes: list[str]) -> list[str]:
-    return list(cfg.data.label_names) if cfg.data.label_names else list(classes)
 
 
 def _save_and_report(
@@ -503,7 +383,7 @@ def _save_and_report(
             tensors = {n: p.detach().float().cpu().clone() for n, p in trainable}
     else:
         tensors = {n: p.detach().float().cpu().clone() for n, p in trainable}
-    probe = _probe_logits(engine, val, pad_id, device)
+    probe = probe_logits(engine, val, pad_id, device)
     rng = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
@@ -544,17 +424,6 @@ def _save_and_report(
         metrics, checkpoint=ray.train.Checkpoint.from_directory(str(tmp)), checkpoint_dir_name=checkpoint_name(step)
     )
     shutil.rmtree(tmp, ignore_errors=True)
-
-
-@torch.no_grad()
-def _probe_logits(engine: Any, val: dict[str, list], pad_id: int, device: torch.device) -> torch.Tensor:
-    """Logits of the first validation rows, so an export can be checked against the model that wrote it."""
-    engine.eval()
-    rows = list(range(min(PROBE_ROWS, len(val["input_ids"]))))
-    batch = collate(val, rows, pad_id, device)
-    logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float().cpu()
-    engine.train()
-    return logits.contiguous()
 
 
 def _log(rank: int, message: str) -> None:

@@ -1,0 +1,136 @@
+"""Losses and evaluation on the validation split, summed exactly across workers."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from raytune_ft.config.schema import ExperimentConfig
+from raytune_ft.metrics import (
+    classification_metrics,
+    confusion_matrix,
+    pack_counts,
+    perplexity,
+    slice_metrics,
+    unpack_counts,
+)
+from raytune_ft.train.batches import collate
+
+PROBE_ROWS = 4
+
+
+def task_loss(
+    module: torch.nn.Module, batch: dict[str, torch.Tensor], classification: bool, class_weights: torch.Tensor | None
+) -> torch.Tensor:
+    out = module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    if classification:
+        return F.cross_entropy(out.logits.float(), batch["labels"], weight=class_weights)
+    return next_token_loss(out.logits, batch["input_ids"], batch["attention_mask"], "mean")[0]
+
+
+def next_token_loss(
+    logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor, reduction: str
+) -> tuple[torch.Tensor, int]:
+    shift_logits = logits[:, :-1].float().reshape(-1, logits.size(-1))
+    targets = input_ids[:, 1:].reshape(-1).masked_fill(mask[:, 1:].reshape(-1) == 0, -100)
+    n_tokens = int((targets != -100).sum())
+    return F.cross_entropy(shift_logits, targets, ignore_index=-100, reduction=reduction), n_tokens
+
+
+def over_ranks(value: float, world: int, device: torch.device, op: str = "mean") -> float:
+    """Mean or max of one number across workers."""
+    if world == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(
+        t, op=torch.distributed.ReduceOp.MAX if op == "max" else torch.distributed.ReduceOp.SUM
+    )
+    return float(t.item()) if op == "max" else float(t.item() / world)
+
+
+@torch.no_grad()
+def evaluate(
+    engine: Any,
+    val: dict[str, list],
+    rank: int,
+    world: int,
+    cfg: ExperimentConfig,
+    classes: list[str],
+    pad_id: int,
+    device: torch.device,
+) -> dict[str, Any]:
+    """Each rank scores its slice; one all-reduce of summed counts gives exact global metrics. Every rank runs
+    the same number of forward passes (ZeRO-3 gathers weights collectively), padding its slice if shorter."""
+    engine.eval()
+    n = len(val["input_ids"])
+    rows = list(range(rank, n, world))
+    per_rank = math.ceil(n / world)
+    batch_size = cfg.train.eval_batch_size or cfg.train.batch_size
+    loss_sum, count = 0.0, 0
+    confusion = torch.zeros((len(classes), len(classes)), dtype=torch.long) if classes else None
+    sliced = bool(classes) and "slices" in val
+    # predictions by row (+1, so 0 means "another rank's row"); summed over ranks for per-slice metrics
+    preds_by_row = torch.zeros(n, dtype=torch.long) if sliced else None
+    for start in range(0, per_rank, batch_size):
+        chunk = rows[start : start + batch_size]
+        real = len(chunk)
+        chunk = chunk + [0] * (min(batch_size, per_rank - start) - real)  # dummies keep ranks in lockstep
+        batch = collate(val, chunk, pad_id, device)
+        out = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        if real == 0:
+            continue
+        if classes:
+            logits, labels = out.logits[:real].float(), batch["labels"][:real]
+            loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
+            count += real
+            preds = logits.argmax(-1).cpu()
+            confusion += confusion_matrix(preds, labels.cpu(), len(classes))
+            if preds_by_row is not None:
+                preds_by_row[torch.tensor(chunk[:real])] = preds + 1
+        else:
+            loss, tokens = next_token_loss(
+                out.logits[:real], batch["input_ids"][:real], batch["attention_mask"][:real], "sum"
+            )
+            loss_sum += float(loss)
+            count += tokens
+    packed = pack_counts(loss_sum, count, confusion).to(device)
+    if world > 1:
+        torch.distributed.all_reduce(packed)
+    loss_sum, count, confusion = unpack_counts(packed.cpu(), len(classes) if classes else None)
+    if preds_by_row is not None and world > 1:
+        on_device = preds_by_row.to(device)
+        torch.distributed.all_reduce(on_device)
+        preds_by_row = on_device.cpu()
+    engine.train()
+    mean_loss = loss_sum / max(1, count)
+    metrics: dict[str, Any] = {"eval_loss": mean_loss}
+    if confusion is not None:
+        metrics.update({f"eval_{k}": v for k, v in classification_metrics(confusion, _names(cfg, classes)).items()})
+        if preds_by_row is not None:
+            found = slice_metrics((preds_by_row - 1).tolist(), val["labels"], val["slices"], _names(cfg, classes))
+            for value, m in found["slices"].items():
+                metrics[f"eval_slice/{value}/accuracy"] = m["accuracy"]
+                metrics[f"eval_slice/{value}/f1_macro"] = m["f1_macro"]
+            metrics["eval_slice_f1_gap"] = found["f1_macro_gap"]
+            metrics["eval_worst_slice_f1"] = found["slices"][found["worst_slice"]]["f1_macro"]
+    else:
+        metrics["eval_perplexity"] = perplexity(mean_loss)
+    return metrics
+
+
+def _names(cfg: ExperimentConfig, classes: list[str]) -> list[str]:
+    return list(cfg.data.label_names) if cfg.data.label_names else list(classes)
+
+
+@torch.no_grad()
+def probe_logits(engine: Any, val: dict[str, list], pad_id: int, device: torch.device) -> torch.Tensor:
+    """Logits of the first validation rows, so an export can be checked against the model that wrote it."""
+    engine.eval()
+    rows = list(range(min(PROBE_ROWS, len(val["input_ids"]))))
+    batch = collate(val, rows, pad_id, device)
+    logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float().cpu()
+    engine.train()
+    return logits.contiguous()

@@ -1,0 +1,50 @@
+"""Memory figures of a training worker, for the training metrics and `raytune-ft bench train`."""
+
+from __future__ import annotations
+
+import os
+import resource
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def rss_mb() -> float:
+    """Resident memory of this process now (Linux /proc; elsewhere the peak is the best figure there is)."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+        return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        return peak_rss_mb()
+
+
+def model_state_mb(engine: Any) -> float:
+    """Bytes held by live tensors in this process: parameters (ZeRO-3 partitions included), gradients and
+    optimizer states, each storage counted once. RSS cannot say this: it also holds the interpreter, libraries,
+    memory-mapped weight files and freed-but-kept heap."""
+    import gc
+
+    storages: dict[int, int] = {}
+
+    def add(tensor: Any) -> None:
+        if isinstance(tensor, torch.Tensor):
+            storage = tensor.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+
+    for obj in gc.get_objects():
+        add(obj)
+    for param in engine.module.parameters():
+        add(param)
+        add(param.grad)
+        add(getattr(param, "ds_tensor", None))
+    storages.pop(0, None)  # empty storages (parameters whose data ZeRO-3 moved into partitions)
+    return sum(storages.values()) / 2**20
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def peak_device_mb(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
