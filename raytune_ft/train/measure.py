@@ -28,7 +28,7 @@ def model_state_mb(engine: Any) -> float:
     storages: dict[int, int] = {}
 
     def add(tensor: Any) -> None:
-        if isinstance(tensor, torch.Tensor):
+        if issubclass(type(tensor), torch.Tensor):  # type(), not isinstance: no __class__ lookups on odd objects
             storage = tensor.untyped_storage()
             storages[storage.data_ptr()] = storage.nbytes()
 

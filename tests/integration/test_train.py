@@ -23,11 +23,11 @@ from raytune_ft.train.checkpoint import TRAINABLE, list_checkpoints
 pytestmark = pytest.mark.integration
 
 
-def write_reviews(path: Path) -> Path:
+def write_reviews(path: Path, rows: int = 160) -> Path:
     """A learnable toy task: label 1 iff the review says 'good'; a source column gives two slices."""
     rng = random.Random(0)
     lines = ["text\tlabel\tsource"]
-    for i in range(160):
+    for i in range(rows):
         label = i % 2
         words = [rng.choice(["the", "a", "film", "movie", "is", "review", "number"]) for _ in range(rng.randint(3, 7))]
         words.insert(rng.randint(0, len(words)), "good" if label else "bad")

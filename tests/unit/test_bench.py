@@ -1,0 +1,129 @@
+"""Benchmark parts that need no Ray: FLOPs and MFU, the benchmarked config and rows, DeepSpeed's estimator,
+model-state counting, the Muon stand-in, and the `bench train` argument checks."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+from test_cli import balanced_rows, experiment, runner
+from test_train_parts import cfg_with
+
+from raytune_ft.bench.flops import mfu, peak_tflops_of, train_flops_per_token
+from raytune_ft.bench.memory import estimator_mb
+from raytune_ft.bench.train import bench_config, bench_data, global_batch
+from raytune_ft.cli import app
+from raytune_ft.train.ds_config import deepspeed_config, stand_in_for_deepspeed_muon
+from raytune_ft.train.measure import model_state_mb
+
+
+def test_flops_per_token_counts_backward_weight_gradients_only_for_trainable_weights():
+    assert train_flops_per_token(1000, 1000) == 6000  # full fine-tuning: 6N
+    assert train_flops_per_token(1000, 10) == 4020  # LoRA: forward 2N + activation gradients 2N + 2 per adapter
+
+
+def test_mfu_uses_the_device_peak_and_is_none_on_cpu():
+    assert peak_tflops_of("NVIDIA H100 80GB HBM3") == 989.0
+    assert peak_tflops_of("NVIDIA H100 PCIe") == 756.0
+    assert peak_tflops_of("NVIDIA A100-SXM4-80GB") == 312.0
+    assert peak_tflops_of("Some New Accelerator") is None
+    gpu = {"device": "cuda:0", "device_name": "NVIDIA A100-SXM4-80GB", "tokens_per_s": 1000.0}
+    gpu.update(n_params=10**9, n_trainable=10**9)
+    assert mfu(gpu, devices=1) == pytest.approx(6e12 / 312e12)
+    assert mfu(gpu, devices=2) == pytest.approx(6e12 / 624e12)
+    assert mfu({**gpu, "device_name": "Unknown"}, devices=1) is None
+    assert mfu({**gpu, "device_name": "Unknown"}, devices=1, peak_tflops=100.0) == pytest.approx(0.06)
+    assert mfu({**gpu, "device": "cpu"}, devices=1) is None
+
+
+def test_bench_config_runs_exactly_the_steps_and_nothing_between(tmp_path):
+    cfg = cfg_with(tmp_path, train={"eval_every_steps": 5, "early_stopping": {"metric": "eval_loss"}})
+    bench = bench_config(cfg, 7, deepspeed={"zero_stage": 3}, train={"epochs": 4})
+    assert (bench.train.max_steps, bench.train.eval_every_steps, bench.train.checkpoint_every_steps) == (7, 7, 7)
+    assert bench.train.early_stopping is None and bench.train.epochs == 4
+    assert bench.deepspeed.zero_stage == 3 and cfg.deepspeed.zero_stage == 2  # the original is untouched
+
+
+def test_bench_data_takes_the_rows_the_steps_read(tmp_path):
+    cfg = cfg_with(tmp_path, train={"batch_size": 2, "grad_accum": 3}, scaling={"num_workers": 2})
+    assert global_batch(cfg) == 12
+    rows = {"input_ids": [[i] for i in range(100)], "labels": list(range(100))}
+    data, epochs = bench_data({"train": rows, "validation": rows}, cfg, steps=5)
+    assert data["train"]["labels"] == list(range(60)) and epochs == 1
+    assert len(data["validation"]["input_ids"]) == 8
+    data, epochs = bench_data({"train": rows, "validation": rows}, cfg, steps=20)
+    assert len(data["train"]["labels"]) == 100 and epochs == 3  # 8 steps per epoch cover 20 steps in 3 epochs
+
+
+def test_deepspeed_estimator_partitions_states_over_workers():
+    params, largest = 100 * 2**20, 10 * 2**20
+    assert estimator_mb(0, params, largest, workers=2) == pytest.approx(20 * 100)  # 2 + 18 bytes a parameter
+    assert estimator_mb(2, params, largest, workers=2) == pytest.approx(2 * 100 + 9 * 100)
+    assert estimator_mb(3, params, largest, workers=2) == pytest.approx(4 * 10 + 9 * 100)
+
+
+def test_buckets_are_sized_to_the_model_and_overrides_still_win(tmp_path):
+    zero3 = deepspeed_config(cfg_with(tmp_path, deepspeed={"zero_stage": 3}), "fp32", hidden_size=64)
+    assert zero3["zero_optimization"]["reduce_bucket_size"] == 64 * 64
+    assert zero3["zero_optimization"]["stage3_prefetch_bucket_size"] == int(0.9 * 64 * 64)
+    assert zero3["zero_optimization"]["stage3_param_persistence_threshold"] == 640
+    zero2 = deepspeed_config(cfg_with(tmp_path, deepspeed={"zero_stage": 2}), "fp32", hidden_size=64)
+    assert zero2["zero_optimization"]["allgather_bucket_size"] == 4096
+    assert "stage3_prefetch_bucket_size" not in zero2["zero_optimization"]
+    assert "reduce_bucket_size" not in deepspeed_config(cfg_with(tmp_path), "fp32")["zero_optimization"]
+    overridden = cfg_with(
+        tmp_path, deepspeed={"zero_stage": 2, "overrides": {"zero_optimization": {"reduce_bucket_size": 5}}}
+    )
+    assert deepspeed_config(overridden, "fp32", hidden_size=64)["zero_optimization"]["reduce_bucket_size"] == 5
+
+
+class _Engine:
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.module = module
+
+
+def test_model_state_counts_parameters_gradients_and_adam_states():
+    model = torch.nn.Linear(256, 256)
+    param_mb = sum(p.numel() for p in model.parameters()) * 4 / 2**20
+    before = model_state_mb(_Engine(model))
+    model(torch.randn(2, 256)).sum().backward()
+    with_grads = model_state_mb(_Engine(model))
+    optimizer = torch.optim.AdamW(model.parameters())
+    optimizer.step()
+    with_states = model_state_mb(_Engine(model))
+    assert with_grads - before == pytest.approx(param_mb, rel=0.05)
+    assert with_states - with_grads == pytest.approx(2 * param_mb, rel=0.05)  # exp_avg and exp_avg_sq
+
+
+def test_muon_stand_in_answers_isinstance_and_refuses_to_run():
+    names = ["deepspeed.runtime.zero.muon.muon_optimizer", "deepspeed.runtime.zero.muon.original_muon"]
+    saved = {name: sys.modules.pop(name) for name in names if name in sys.modules}
+    try:
+        stand_in_for_deepspeed_muon()
+        from deepspeed.runtime.zero.muon.muon_optimizer import MuonWithAuxAdam
+        from deepspeed.runtime.zero.muon.original_muon import muon_update
+
+        assert not isinstance(torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))]), MuonWithAuxAdam)
+        with pytest.raises(RuntimeError, match="never uses DeepSpeed's Muon"):
+            muon_update(torch.zeros(1))
+    finally:
+        for name in names:
+            sys.modules.pop(name, None)
+        sys.modules.update(saved)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--zero-stages", "0,x"], "expected numbers such as 0,2,3"),
+        (["--zero-stages", "0,4"], "ZeRO stages are 0, 1, 2 and 3"),
+        (["--memory-model", "huge", "--zero-stages", "3"], "expected one of 130m, 350m, tiny"),
+        (["--memory-only"], "--memory-only needs --zero-stages"),
+        (["--steps", "1"], "greater than or equal to 2"),
+    ],
+)
+def test_bench_train_refuses_bad_arguments(tmp_path, args, message):
+    result = runner.invoke(app, ["bench", "train", str(experiment(tmp_path, balanced_rows(4))), *args])
+    assert result.exit_code == 2
+    assert message in result.stderr.replace("\n", " ")
