@@ -3,6 +3,7 @@ through the Ray Train + DeepSpeed loop, plus a no-op TorchTrainer to judge start
 
 from __future__ import annotations
 
+import contextlib
 import math
 import multiprocessing
 import queue as queue_module
@@ -110,7 +111,8 @@ def bare_loop(payload: dict[str, Any], queue: Any) -> None:
     groups = param_groups(model, cfg.train.lr, cfg.train.weight_decay, cfg.finetune.layerwise_lr_decay)
     optimizer = torch.optim.AdamW(groups, lr=cfg.train.lr)
     params = [p for p in model.parameters() if p.requires_grad]
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+    mixed = use_cuda and precision in ("bf16", "fp16")
+    half = torch.bfloat16 if precision == "bf16" else torch.float16
     steady_seconds, steady_samples, steady_tokens, first_step_at = 0.0, 0, 0, None
     perm_epoch, perm = -1, None
     for step in range(plan.total_steps):
@@ -122,7 +124,7 @@ def bare_loop(payload: dict[str, Any], queue: Any) -> None:
         micro = plan.micro_batches(step, 0, perm)
         for rows in micro:
             batch = collate(train, rows, pad_id, device)
-            with autocast if precision in ("bf16", "fp16") and use_cuda else _null():
+            with torch.autocast("cuda", dtype=half) if mixed else contextlib.nullcontext():
                 loss = loss_of(model, batch)
             if cfg.finetune.l1:
                 loss = loss + cfg.finetune.l1 * l1_penalty(model)
@@ -153,14 +155,6 @@ def bare_loop(payload: dict[str, Any], queue: Any) -> None:
             "device": str(device),
         }
     )
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def run_bare(payload: dict[str, Any], timeout_s: float = 3600) -> dict[str, Any]:

@@ -49,8 +49,9 @@ def ensure_ray(cfg: ExperimentConfig) -> None:
         runtime_env["pip"] = list(cfg.cluster.runtime_env.pip)
     if cfg.cluster.runtime_env.working_dir:
         runtime_env["working_dir"] = cfg.cluster.runtime_env.working_dir
-    # address None starts an embedded local Ray instance; the dashboard is off to keep start-up short.
-    ray.init(address=cfg.cluster.address, runtime_env=runtime_env or None, include_dashboard=False)
+    # address None starts an embedded local Ray instance. Its dashboard stays on (bound to 127.0.0.1): Ray Train
+    # V2 cleans up a dead run's placement group through the state API the dashboard serves.
+    ray.init(address=cfg.cluster.address, runtime_env=runtime_env or None)
 
 
 def torch_trainer(cfg: ExperimentConfig, loop: Callable, loop_config: dict[str, Any], run_config: Any) -> Any:
