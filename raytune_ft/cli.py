@@ -202,10 +202,61 @@ def train(
 
 
 @app.command()
-def tune(config: ConfigArg, overrides: OverridesArg = None) -> None:
-    """Search hyper-parameters with Ray Tune."""
-    _load(config, overrides)
-    _not_yet("tune", "Hyper-parameter search")
+def tune(
+    config: Annotated[
+        Path | None, typer.Argument(help="Experiment YAML file (omit with --resume).", show_default=False)
+    ] = None,
+    overrides: OverridesArg = None,
+    run_dir: Annotated[
+        Path | None, typer.Option("--run-dir", help="Where the search goes (default: OUTPUT_DIR/NAME/tune).")
+    ] = None,
+    resume: Annotated[
+        Path | None, typer.Option("--resume", help="Continue the interrupted search in this run directory.")
+    ] = None,
+) -> None:
+    """Search hyper-parameters with Ray Tune; export the winner and evaluate it once on the test split."""
+    from raytune_ft.data import DataError
+    from raytune_ft.model_source import ModelSourceError
+    from raytune_ft.train import CheckpointError
+    from raytune_ft.tune import MissingExtraError, tune_experiment
+
+    if resume is not None:
+        if config is not None and config.suffix not in (".yaml", ".yml"):
+            overrides = [str(config), *(overrides or [])]
+        if not (resume / "config.yaml").is_file():
+            _fail(f"{resume} is not a tune run directory: config.yaml not found", EXIT_CONFIG)
+        cfg = _load(resume / "config.yaml", overrides)
+        run_dir = resume
+    elif config is None:
+        _fail("give an experiment file, or --resume RUN_DIR", EXIT_CONFIG)
+    else:
+        cfg = _load(config, overrides)
+    if cfg.tune is None:
+        _fail(f"{config}: the experiment has no 'tune' section to search", EXIT_CONFIG)
+    try:
+        found = tune_experiment(cfg, run_dir, resume=resume is not None, log=lambda m: err.print(m, highlight=False))
+    except MissingExtraError as exc:
+        _fail(str(exc), EXIT_CONFIG)
+    except (DataError, ModelSourceError, CheckpointError, FileExistsError, RuntimeError) as exc:
+        _fail(str(exc), EXIT_RUNTIME)
+    metric = f"best_{cfg.tune.metric}"
+    table = Table(title=f"Trials ({cfg.tune.algorithm}, {metric})", title_justify="left")
+    keys = list(cfg.tune.search_space)
+    for col in ("trial", "status", *keys, metric, "last_step"):
+        table.add_column(col, justify="left" if col in ("trial", "status") else "right")
+    for row in found.trials:
+        values = [row["config"].get(k) for k in keys]
+        cells = [row["trial"], row["status"], *[_short(v) for v in values], _short(row[metric]), str(row["last_step"])]
+        table.add_row(*cells)
+    out.print(table)
+    out.print(f"winner: {found.best_trial} {found.best_config}", highlight=False, soft_wrap=True)
+    tested = {k: v for k, v in found.test_metrics.items() if k.startswith("test_") and "/" not in k}
+    out.print(f"test (read once): {json.dumps(tested)}", highlight=False, soft_wrap=True)
+    out.print(f"export: {found.winner_dir}", highlight=False, soft_wrap=True)
+
+
+def _short(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 @app.command()

@@ -15,6 +15,22 @@ from raytune_ft.config.schema import (
 
 # Sections whose leaves a search may vary; model identity, data location and serving stay fixed in a search.
 SEARCHABLE_SECTIONS = ("train", "finetune", "deepspeed", "data", "scaling")
+# What PBT/PB2 may change in a running trial: an exploiting trial loads the donor's DeepSpeed checkpoint, so only
+# keys that leave parameter shapes, shards and data intact can differ from the donor's.
+PERTURBABLE_KEYS = (
+    "train.lr",
+    "train.weight_decay",
+    "train.warmup_ratio",
+    "train.grad_clip",
+    "train.batch_size",
+    "train.grad_accum",
+    "finetune.lora.alpha",
+    "finetune.lora.dropout",
+    "finetune.dropout",
+    "finetune.layerwise_lr_decay",
+    "finetune.l1",
+    "finetune.ewc.lambda",
+)
 
 
 def schema_leaf(path: str) -> str | None:
@@ -97,11 +113,22 @@ def _tune_errors(cfg: ExperimentConfig) -> list[tuple[str, str]]:
             errors.append((where, f"algorithm 'grid' needs type 'grid', got '{dim.type}'"))
         if tune.algorithm == "pb2" and not isinstance(dim, (UniformDim, LogUniformDim, IntDim)):
             errors.append((where, f"pb2 models continuous ranges; type '{dim.type}' is not supported"))
+        if tune.algorithm in ("pbt", "pb2") and key not in PERTURBABLE_KEYS:
+            errors.append(
+                (
+                    where,
+                    f"{tune.algorithm} changes hyper-parameters of running trials that restore each other's "
+                    f"checkpoints, and '{key}' would not fit the donor's checkpoint; perturbable keys: "
+                    f"{', '.join(PERTURBABLE_KEYS)} (search '{key}' with random, grid, optuna, hyperopt or bohb)",
+                )
+            )
     if tune.algorithm in ("pbt", "pb2"):
         if tune.perturbation_interval is None:
             errors.append(("tune.perturbation_interval", f"{tune.algorithm} needs a perturbation interval"))
         if not tune.search_space:
             errors.append(("tune.search_space", f"{tune.algorithm} needs at least one key to perturb"))
+    if tune.algorithm in ("pbt", "pb2") and tune.scheduler != "none":
+        errors.append(("tune.scheduler", f"{tune.algorithm} is itself the scheduler: set scheduler: none"))
     if tune.algorithm == "bohb" and tune.scheduler != "hyperband":
         errors.append(("tune.scheduler", "bohb runs with its own HyperBand scheduler: set scheduler: hyperband"))
     return errors

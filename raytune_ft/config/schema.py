@@ -282,14 +282,26 @@ SearchDim = Annotated[UniformDim | LogUniformDim | IntDim | ChoiceDim | GridDim,
 
 class TuneConfig(Section):
     algorithm: Literal["random", "grid", "optuna", "hyperopt", "bohb", "pbt", "pb2"] = "random"
-    scheduler: Literal["none", "asha", "hyperband"] = "none"
+    scheduler: Literal["none", "asha", "hyperband", "median"] = "none"
     metric: str = "eval_loss"
     mode: Literal["min", "max"] = "min"
     num_samples: PositiveInt = 4
-    max_concurrent_trials: PositiveInt | None = None
+    max_concurrent_trials: PositiveInt | None = Field(
+        default=None, description="Trials running at once; default: what the cluster's CPUs/GPUs fit."
+    )
     time_budget_s: PositiveFloat | None = None
+    max_failures: Annotated[int, Field(ge=0)] = 1
+    keep_checkpoints: PositiveInt = 2
+    grace_period: PositiveInt = Field(default=1, description="ASHA/HyperBand/median: evaluations before stopping.")
+    reduction_factor: Annotated[float, Field(gt=1)] = 3.0
     perturbation_interval: PositiveInt | None = Field(
         default=None, description="PBT/PB2: training steps between exploit/explore decisions."
+    )
+    quantile_fraction: Annotated[float, Field(gt=0, le=0.5)] = 0.25
+    resample_probability: Fraction = 0.25
+    synch: bool = Field(
+        default=False,
+        description="PBT: trials wait for each other at every perturbation point (each wait restarts the trial).",
     )
     search_space: dict[str, SearchDim] = Field(default_factory=dict)
 

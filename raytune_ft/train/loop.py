@@ -141,6 +141,10 @@ def train_loop(config: dict[str, Any]) -> None:
     loss_of = partial(task_loss, classification=classification, class_weights=class_weights)
 
     ckpt = ray.train.get_checkpoint()
+    if ckpt is None and config.get("restore_from"):
+        # a checkpoint from outside this run (a Tune trial restarting, or exploiting a PBT donor); the run's
+        # own checkpoints, written after it, win when Ray Train restarts the workers
+        ckpt = ray.train.Checkpoint(config["restore_from"])
     resume_dir: Path | None = None
     state: dict[str, Any] = {}
     if ckpt is not None:
@@ -163,7 +167,7 @@ def train_loop(config: dict[str, Any]) -> None:
                 "ZeRO shards need the same number of workers (set scaling.num_workers)"
             )
         if state.get("config_hash") != config_hash(config["experiment"]):
-            _log(rank, "warning: the experiment config changed since this checkpoint was written")
+            _log(rank, "the config differs from the checkpoint's (e.g. a PBT exploit): its hyper-parameters apply")
     elif config.get("require_checkpoint"):
         raise CheckpointError("resume was asked for but the run has no checkpoint")
 
@@ -191,6 +195,7 @@ def train_loop(config: dict[str, Any]) -> None:
         optimizer = DeepSpeedCPUAdam(groups, lr=cfg.train.lr, adamw_mode=True)
     else:
         optimizer = torch.optim.AdamW(groups, lr=cfg.train.lr)
+    configured = [(g["lr"], g["weight_decay"]) for g in groups]  # before the scheduler scales lr
     warmup = round(cfg.train.warmup_ratio * total)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
@@ -214,10 +219,16 @@ def train_loop(config: dict[str, Any]) -> None:
     stopper = EarlyStopping(*_stop_settings(cfg))
     history: list[dict[str, Any]] = []
     start = 0
+    resumed: dict[str, Any] = {}
     if resume_dir is not None:
-        load_path, _ = engine.load_checkpoint(str(resume_dir), tag=DS_TAG, load_lr_scheduler_states=True)
+        load_began = time.perf_counter()
+        frozen = any(not p.requires_grad for p in engine.module.parameters())
+        load_path, _ = engine.load_checkpoint(
+            str(resume_dir), tag=DS_TAG, load_lr_scheduler_states=True, load_module_strict=not frozen
+        )
         if load_path is None:  # DeepSpeed returns quietly when it finds nothing
             raise CheckpointError(f"{resume_dir}: DeepSpeed found no checkpoint under tag '{DS_TAG}'")
+        apply_configured_hyperparameters(scheduler, configured)
         rng = load_file(str(resume_dir / f"rng.rank{rank}.safetensors"))
         torch.set_rng_state(rng["cpu"])
         if "cuda" in rng and torch.cuda.is_available():
@@ -225,6 +236,7 @@ def train_loop(config: dict[str, Any]) -> None:
         start = int(state["step"])
         stopper.restore(state.get("early_stopping", {}))
         history = list(state.get("history", []))
+        resumed = {"resumed_step": start, "load_checkpoint_s": time.perf_counter() - load_began}
         _log(rank, f"resumed at step {start} of {total} from {resume_dir.name}")
 
     fault = config.get("fault") or {}
@@ -307,6 +319,8 @@ def train_loop(config: dict[str, Any]) -> None:
             first_step_at=first_step_at,
             peak_rss_mb=over_ranks(peak_rss_mb(), world, device, "max"),
         )
+        metrics.update(resumed)  # the first report after a resume says where it resumed and what loading cost
+        resumed = {}
         running, micro_count = 0.0, 0
         stop_key = cfg.train.early_stopping.metric if cfg.train.early_stopping else None
         should_stop = False
@@ -327,6 +341,18 @@ def train_loop(config: dict[str, Any]) -> None:
         if should_stop:
             _log(rank, f"early stopping at step {done}: {stop_key} did not improve for {stopper.patience} evaluations")
             break
+
+
+def apply_configured_hyperparameters(scheduler: Any, configured: list[tuple[float, float]]) -> None:
+    """After loading a checkpoint, this run's learning rates and weight decay win over the saved ones: PBT
+    explores by restoring a donor's checkpoint under changed hyper-parameters. Unchanged values are a no-op."""
+    groups = scheduler.optimizer.param_groups
+    for group, (lr, weight_decay) in zip(groups, configured, strict=True):
+        group["initial_lr"], group["weight_decay"] = lr, weight_decay
+    scheduler.base_lrs = [lr for lr, _ in configured]
+    for group, base, factor in zip(groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True):
+        group["lr"] = base * factor(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in groups]
 
 
 def _per_second(count: int, seconds: float, world: int, device: torch.device) -> float | None:
@@ -376,7 +402,8 @@ def _save_and_report(
     import ray.train
 
     tmp = Path(tempfile.mkdtemp(prefix=f"raytune-ft-ckpt-r{rank}-"))
-    engine.save_checkpoint(str(tmp), tag=DS_TAG, save_latest=False)
+    # Frozen weights are the pre-trained ones every process loads anyway: a LoRA checkpoint holds megabytes.
+    engine.save_checkpoint(str(tmp), tag=DS_TAG, save_latest=False, exclude_frozen_parameters=True)
     trainable = [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
     if cfg.deepspeed.zero_stage == 3:
         with deepspeed.zero.GatheredParameters([p for _, p in trainable], modifier_rank=None):
@@ -408,6 +435,9 @@ def _save_and_report(
                 "step_in_epoch": step % config["steps_per_epoch"],
             },
             "total_steps": config["total_steps"],
+            # under Tune: which trial wrote this and with which sampled values (PBT's exploit record reads them)
+            "trial_id": config.get("trial", {}).get("id"),
+            "trial_config": config.get("trial", {}).get("config"),
             "finished": step >= config["total_steps"] or bool(metrics.get("early_stopped")),
             "saved": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }

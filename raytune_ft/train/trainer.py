@@ -54,7 +54,9 @@ def ensure_ray(cfg: ExperimentConfig) -> None:
     ray.init(address=cfg.cluster.address, runtime_env=runtime_env or None)
 
 
-def torch_trainer(cfg: ExperimentConfig, loop: Callable, loop_config: dict[str, Any], run_config: Any) -> Any:
+def torch_trainer(
+    cfg: ExperimentConfig, loop: Callable, loop_config: dict[str, Any], run_config: Any, **trainer_args: Any
+) -> Any:
     """A TorchTrainer on the experiment's workers: gloo on CPU, NCCL on GPU."""
     from ray.train import ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -73,6 +75,7 @@ def torch_trainer(cfg: ExperimentConfig, loop: Callable, loop_config: dict[str, 
         ),
         torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
         run_config=run_config,
+        **trainer_args,
     )
 
 

@@ -49,9 +49,10 @@ def local_ray():
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     # Workers import test modules (loop functions live there) the way pytest does: by file name.
     here = str(Path(__file__).parent)
+    # The dashboard stays on, as in `raytune-ft`: Ray Train V2 removes a dead run's placement group through the
+    # state API it serves, and a stopped Tune trial's run would otherwise keep its CPUs.
     ray.init(
         num_cpus=2,
-        include_dashboard=False,
         log_to_driver=False,
         runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))}},
     )

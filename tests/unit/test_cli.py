@@ -88,7 +88,6 @@ def test_data_command_names_bad_row(tmp_path):
 @pytest.mark.parametrize(
     ("command", "issue"),
     [
-        ("tune", "Hyper-parameter search"),
         ("submit", "Clusters"),
         ("run", "One command"),
     ],
@@ -111,3 +110,15 @@ def test_train_refuses_a_run_that_already_has_checkpoints(tmp_path):
     result = runner.invoke(app, ["train", str(path)])
     assert result.exit_code == 1
     assert "already holds a training run" in result.stderr and "--resume" in result.stderr
+
+
+def test_tune_needs_a_tune_section(tmp_path):
+    result = runner.invoke(app, ["tune", str(experiment(tmp_path, balanced_rows(4)))])
+    assert result.exit_code == 2
+    assert "no 'tune' section" in result.stderr
+
+
+def test_tune_resume_needs_a_tune_run_directory(tmp_path):
+    result = runner.invoke(app, ["tune", "--resume", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "not a tune run directory" in result.stderr

@@ -1,0 +1,102 @@
+"""Search algorithm and trial scheduler for `tune.algorithm` / `tune.scheduler`; each search library is an
+optional extra, named in the error when it is missing."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from raytune_ft.config.schema import GridDim, TuneConfig
+from raytune_ft.tune.space import pb2_bounds, tune_domain
+
+# Training progress is counted in optimizer steps (every report carries `step`), not in reports.
+TIME_ATTR = "step"
+EXTRAS = {
+    "optuna": ("optuna", ["optuna"]),
+    "hyperopt": ("hyperopt", ["hyperopt"]),
+    "bohb": ("bohb", ["hpbandster", "ConfigSpace"]),
+    "pb2": ("pb2", ["sklearn"]),
+}
+
+
+class MissingExtraError(RuntimeError):
+    pass
+
+
+def require_extra(algorithm: str) -> None:
+    if algorithm not in EXTRAS:
+        return
+    extra, modules = EXTRAS[algorithm]
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise MissingExtraError(
+            f"tune.algorithm '{algorithm}' needs {', '.join(missing)}: pip install 'raytune_ft[{extra}]'"
+        )
+
+
+def mutation(dim: Any) -> Any:
+    """PBT resamples from a distribution: grid values (Tune's {"grid_search": [...]}) become a choice."""
+    from ray import tune
+
+    return tune.choice(dim.values) if isinstance(dim, GridDim) else tune_domain(dim)
+
+
+def search_algorithm(tune: TuneConfig, seed: int) -> Any:
+    """None for random and grid (Tune's own variant generator samples param_space), and for PBT/PB2."""
+    require_extra(tune.algorithm)
+    if tune.algorithm == "optuna":
+        import optuna
+        from ray.tune.search.optuna import OptunaSearch
+
+        return OptunaSearch(sampler=optuna.samplers.TPESampler(seed=seed))
+    if tune.algorithm == "hyperopt":
+        from ray.tune.search.hyperopt import HyperOptSearch
+
+        return HyperOptSearch(random_state_seed=seed, n_initial_points=max(2, tune.num_samples // 4))
+    if tune.algorithm == "bohb":
+        from ray.tune.search.bohb import TuneBOHB
+
+        return TuneBOHB(seed=seed)
+    return None
+
+
+def scheduler(tune: TuneConfig, max_reports: int) -> Any:
+    """metric and mode are given to the Tuner, not here (Tune refuses them in both places)."""
+    from ray.tune.schedulers import (
+        ASHAScheduler,
+        FIFOScheduler,
+        HyperBandForBOHB,
+        HyperBandScheduler,
+        MedianStoppingRule,
+        PopulationBasedTraining,
+    )
+
+    if tune.algorithm == "pbt":
+        return PopulationBasedTraining(
+            time_attr=TIME_ATTR,
+            perturbation_interval=tune.perturbation_interval,
+            hyperparam_mutations={key: mutation(dim) for key, dim in tune.search_space.items()},
+            quantile_fraction=tune.quantile_fraction,
+            resample_probability=tune.resample_probability,
+            synch=tune.synch,
+        )
+    if tune.algorithm == "pb2":
+        from ray.tune.schedulers.pb2 import PB2
+
+        return PB2(
+            time_attr=TIME_ATTR,
+            perturbation_interval=tune.perturbation_interval,
+            hyperparam_bounds=pb2_bounds(tune.search_space),
+            quantile_fraction=tune.quantile_fraction,
+            synch=tune.synch,
+        )
+    if tune.scheduler == "asha":
+        return ASHAScheduler(
+            time_attr="training_iteration", grace_period=tune.grace_period, reduction_factor=tune.reduction_factor
+        )
+    if tune.scheduler == "hyperband":
+        cls = HyperBandForBOHB if tune.algorithm == "bohb" else HyperBandScheduler
+        return cls(time_attr="training_iteration", max_t=max(1, max_reports), reduction_factor=tune.reduction_factor)
+    if tune.scheduler == "median":
+        return MedianStoppingRule(time_attr="training_iteration", grace_period=tune.grace_period)
+    return FIFOScheduler()

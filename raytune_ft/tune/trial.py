@@ -1,0 +1,128 @@
+"""One Tune trial: a Ray Train run of the training loop, its reports (with checkpoints) handed to Tune.
+
+Ray Train V2's own TuneReportCallback gives Tune only worker 0's metrics and the checkpoint as a string, so
+PBT would have nothing to exploit. Here a Train callback (running in the Train controller) passes each report
+and its checkpoint path through a Ray queue to this trial's function, which reports them to Tune with the
+checkpoint attached. An exploiting trial then starts with the donor's checkpoint from `tune.get_checkpoint()`
+and the training loop loads it whole: model (LoRA: the adapters), optimizer, scheduler, step and data position.
+
+Each (re)start of a trial is a new Ray Train run with its own worker group. PBT restarts the population member
+that exploits, so a perturbation costs one worker-group start (measured: see README, Hyper-parameter search).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from ray.train.v2.api.callback import UserCallback
+
+from raytune_ft.train.checkpoint import STATE
+
+EXPLOIT_KEY = "raytune_ft_exploit"
+
+
+class ReportToTrial(UserCallback):
+    def __init__(self, queue: Any) -> None:
+        self.queue = queue
+
+    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+        self.queue.put((dict(metrics[0]), checkpoint.path if checkpoint else None))
+
+
+def directory_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def restore_record(checkpoint: Any, trial_id: str) -> dict[str, Any]:
+    """Where a (re)started trial's checkpoint comes from: another trial's (a PBT exploit) or its own."""
+    import json
+
+    with checkpoint.as_directory() as local:  # the same directory on local storage, a download otherwise
+        state = json.loads((Path(local) / STATE).read_text())
+        moved = directory_bytes(Path(local))
+    donor = state.get("trial_id")
+    return {
+        "trial": trial_id,
+        "donor": donor,
+        "donor_step": state["step"],
+        "donor_checkpoint": checkpoint.path,
+        "bytes_moved": moved,
+        "old_config": state.get("trial_config"),
+        "exploit": donor is not None and donor != trial_id,
+    }
+
+
+def run_trial(config: dict[str, Any], shared: dict[str, Any]) -> None:
+    """The Tune function trainable. `config` holds the sampled search values (dotted keys)."""
+    import ray
+    from ray import tune
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+    from ray.util.queue import Queue
+
+    from raytune_ft.train.loop import train_loop
+    from raytune_ft.train.trainer import torch_trainer
+    from raytune_ft.tune.space import trial_experiment
+
+    started = time.time()
+    ctx = tune.get_context()
+    trial_id = ctx.get_trial_id()
+    values = dict(config)
+    cfg = trial_experiment(shared["experiment"], values, f"{shared['experiment']['name']}-{trial_id}")
+    restore = tune.get_checkpoint()
+    record = restore_record(restore, trial_id) if restore is not None else None
+    if record is not None:
+        record["new_config"] = values
+
+    queue = Queue(actor_options={"num_cpus": 0})
+    storage = Path(shared["train_storage"]) / trial_id
+    attempt = len(list(storage.glob("run-*"))) if storage.exists() else 0
+    loop_config = {
+        **shared["loop_config"],
+        "experiment": cfg.model_dump(mode="json", by_alias=True),
+        "trial": {"id": trial_id, "config": values},
+        "restore_from": restore.path if restore is not None else None,
+    }
+    trainer = torch_trainer(
+        cfg,
+        train_loop,
+        loop_config,
+        RunConfig(
+            name=f"run-{attempt}",
+            storage_path=str(storage),
+            callbacks=[ReportToTrial(queue)],
+            # Tune keeps the checkpoints it is handed; the run itself keeps two for its own worker restarts.
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+        ),
+    )
+    outcome: dict[str, BaseException] = {}
+
+    def fit() -> None:
+        try:
+            trainer.fit()
+        except BaseException as exc:  # re-raised in the trial's thread so that Tune sees the failure
+            outcome["error"] = exc
+        finally:
+            queue.put(None)
+
+    thread = threading.Thread(target=fit, name="raytune-ft-train-run", daemon=True)
+    thread.start()
+    while (item := queue.get()) is not None:
+        metrics, checkpoint_path = item
+        if record is not None:
+            record.update(
+                restored_step=metrics.get("resumed_step"),
+                load_checkpoint_s=metrics.get("load_checkpoint_s"),
+                seconds=float(metrics.get("first_step_at") or time.time()) - started,
+            )
+            metrics[EXPLOIT_KEY] = record
+            record = None
+        checkpoint = tune.Checkpoint.from_directory(checkpoint_path) if checkpoint_path else None
+        tune.report({k: v for k, v in metrics.items() if v is not None}, checkpoint=checkpoint)
+    thread.join()
+    ray.kill(queue.actor)
+    if "error" in outcome:
+        raise outcome["error"]

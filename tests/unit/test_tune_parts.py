@@ -1,0 +1,116 @@
+"""Search parts that need no running Ray: domains, trial configs, algorithm checks, packing, retention."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from test_train_parts import cfg_with
+
+from raytune_ft.config import ConfigError
+from raytune_ft.tune.runner import ExperimentLog, concurrent_trials
+from raytune_ft.tune.search import MissingExtraError, require_extra, scheduler, search_algorithm
+from raytune_ft.tune.space import param_space, trial_experiment
+
+SPACE = {
+    "train.lr": {"type": "loguniform", "low": 1e-5, "high": 1e-3},
+    "finetune.lora.r": {"type": "int", "low": 4, "high": 16},
+    "train.weight_decay": {"type": "uniform", "low": 0.0, "high": 0.1},
+    "train.batch_size": {"type": "choice", "values": [8, 16]},
+}
+
+
+def test_search_space_becomes_tune_domains_with_both_int_ends_included(tmp_path):
+    from ray.tune.search.sample import Categorical, Float, Integer
+
+    cfg = cfg_with(tmp_path, tune={"search_space": SPACE})
+    space = param_space(cfg.tune.search_space)
+    assert isinstance(space["train.lr"], Float) and space["train.lr"].lower == 1e-5
+    assert isinstance(space["finetune.lora.r"], Integer) and space["finetune.lora.r"].upper == 17
+    assert isinstance(space["train.batch_size"], Categorical)
+    grid = cfg_with(tmp_path, tune={"algorithm": "grid", "search_space": {"train.lr": {"type": "grid", "values": [1]}}})
+    assert param_space(grid.tune.search_space)["train.lr"] == {"grid_search": [1]}
+
+
+def test_trial_experiment_sets_sampled_values_and_validates(tmp_path):
+    import numpy as np
+
+    base = cfg_with(tmp_path, finetune={"method": "lora"}).model_dump(mode="json", by_alias=True)
+    cfg = trial_experiment(base, {"train.lr": np.float64(3e-4), "finetune.lora.r": np.int64(4)}, "x-1")
+    assert cfg.train.lr == 3e-4 and cfg.finetune.lora.r == 4 and cfg.name == "x-1"
+    ewc = trial_experiment(base, {"finetune.ewc.lambda": 2.5}, "x-2")  # a section absent from the base
+    assert ewc.finetune.ewc.strength == 2.5
+    with pytest.raises(Exception, match="lr"):
+        trial_experiment(base, {"train.lr": -1.0}, "x-3")
+
+
+def test_pbt_refuses_keys_that_change_the_checkpoint_shape(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        cfg_with(
+            tmp_path,
+            finetune={"method": "lora"},
+            tune={"algorithm": "pbt", "perturbation_interval": 10, "search_space": SPACE, "scheduler": "asha"},
+        )
+    text = str(err.value)
+    assert "tune.search_space.finetune.lora.r" in text and "would not fit the donor's checkpoint" in text
+    assert "tune.search_space.train.lr" not in text  # learning rate is perturbable
+    assert "pbt is itself the scheduler" in text
+
+
+def test_algorithms_and_schedulers(tmp_path):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, MedianStoppingRule, PopulationBasedTraining
+
+    def settings(**tune):
+        return cfg_with(tmp_path, tune={"search_space": {"train.lr": SPACE["train.lr"]}, **tune}).tune
+
+    assert search_algorithm(settings(), 0) is None
+    assert isinstance(scheduler(settings(), 5), FIFOScheduler)
+    assert isinstance(scheduler(settings(scheduler="asha"), 5), ASHAScheduler)
+    assert isinstance(scheduler(settings(scheduler="median"), 5), MedianStoppingRule)
+    pbt = scheduler(settings(algorithm="pbt", perturbation_interval=20), 5)
+    assert isinstance(pbt, PopulationBasedTraining) and pbt._perturbation_interval == 20
+    assert pbt._time_attr == "step"  # perturbation interval counts optimizer steps
+    from ray.tune.search.optuna import OptunaSearch
+
+    assert isinstance(search_algorithm(settings(algorithm="optuna"), 0), OptunaSearch)
+
+
+def test_missing_search_library_names_the_extra(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "hpbandster" else real(name))
+    with pytest.raises(MissingExtraError, match=r"pip install 'raytune_ft\[bohb\]'"):
+        require_extra("bohb")
+    require_extra("random")
+
+
+def test_trials_pack_by_the_cpus_and_gpus_a_trial_holds(tmp_path):
+    cfg = cfg_with(tmp_path, scaling={"num_workers": 2, "cpus_per_worker": 1})
+    assert concurrent_trials(cfg, {"CPU": 8}) == 4
+    assert concurrent_trials(cfg, {"CPU": 1}) == 1  # always at least one
+    gpu = cfg_with(tmp_path, scaling={"num_workers": 2, "use_gpu": True, "gpus_per_worker": 1, "cpus_per_worker": 2})
+    assert concurrent_trials(gpu, {"CPU": 64, "GPU": 4}) == 2
+
+
+def _trial(path: Path, status: str = "RUNNING", checkpoint: str | None = None):
+    return SimpleNamespace(
+        path=str(path), status=status, checkpoint=SimpleNamespace(path=checkpoint) if checkpoint else None
+    )
+
+
+def test_retention_keeps_newest_best_and_every_checkpoint_an_exploit_may_need(tmp_path):
+    a, b = tmp_path / "trial_a", tmp_path / "trial_b"
+    for trial in (a, b):
+        for i in range(5):
+            (trial / f"checkpoint_00000{i}").mkdir(parents=True)
+    pbt = SimpleNamespace(
+        _trial_state={"b": SimpleNamespace(last_checkpoint=SimpleNamespace(path=str(b / "checkpoint_000001")))}
+    )
+    log = ExperimentLog(tmp_path, keep=1, metric="eval_loss", mode="min", pbt=pbt)
+    log.scores = {str(a / "checkpoint_000002"): 0.1, str(a / "checkpoint_000004"): 0.5}
+    paused = _trial(a, "PAUSED", checkpoint=str(a / "checkpoint_000000"))  # waits to restore this one
+    log.prune([paused, _trial(b)])
+    assert sorted(p.name for p in a.iterdir()) == ["checkpoint_000000", "checkpoint_000002", "checkpoint_000004"]
+    assert sorted(p.name for p in b.iterdir()) == ["checkpoint_000001", "checkpoint_000004"]  # donor pinned
