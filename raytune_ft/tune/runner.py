@@ -79,9 +79,10 @@ class ExperimentLog:
                 fh.write(json.dumps(line, default=str) + "\n")
         # the config this result was trained with: PBT may already have replaced trial.config for the next run
         self.last_config[trial.trial_id] = dict(result.get("config") or trial.config)
-        checkpoint = trial.checkpoint
-        if checkpoint is not None and self.metric in result:
-            self.scores[checkpoint.path] = float(result[self.metric])
+        # the folder this result's checkpoint went to, as Tune names it in the result itself
+        folder = result.get("checkpoint_dir_name")
+        if folder and trial.path and self.metric in result:
+            self.scores[str(Path(trial.path) / folder)] = float(result[self.metric])
         self.prune(trials)
 
     def pinned(self, trials: list[Any]) -> set[str]:

@@ -65,3 +65,28 @@ def test_pbt_exploit_restores_the_donor_checkpoint_and_the_winner_is_tested_once
     trials = list((tmp_path / "search" / "trials").glob("run_trial_*"))
     kept = sum(len(list(t.glob("checkpoint_*"))) for t in trials)
     assert kept < sum(int(r["iterations"]) for r in rows)
+
+
+def test_optuna_with_asha_proposes_points_and_stops_trials_early(tiny_bert, tmp_path, local_ray):
+    data = write_reviews(tmp_path / "reviews.tsv", rows=200)
+    tune = {
+        "algorithm": "optuna",
+        "scheduler": "asha",
+        "grace_period": 1,
+        "reduction_factor": 2,
+        "metric": "eval_loss",
+        "mode": "min",
+        "num_samples": 4,
+        "max_concurrent_trials": 2,
+        "search_space": {"train.lr": {"type": "loguniform", "low": 1e-6, "high": 1e-1}},
+    }
+    cfg = tune_cfg(tmp_path / "runs", "optuna", tiny_bert, data, tune, train={"max_steps": 12})
+    found = tune_experiment(cfg, tmp_path / "search")
+
+    rows = list(csv.DictReader(open(tmp_path / "search" / "trials.csv")))
+    assert len(rows) == 4 and all(r["status"] == "TERMINATED" for r in rows)
+    assert len({r["train.lr"] for r in rows}) == 4  # Optuna proposed four different points
+    iterations = [int(r["iterations"]) for r in rows]
+    assert min(iterations) < max(iterations) == 3  # ASHA stopped at least one trial before its last evaluation
+    best = min(float(r["best_eval_loss"]) for r in rows)
+    assert found.best_metrics["eval_loss"] == pytest.approx(best)
