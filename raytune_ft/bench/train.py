@@ -76,6 +76,7 @@ def bare_loop(payload: dict[str, Any], queue: Any) -> None:
     from raytune_ft.train.batches import StepPlan, collate
     from raytune_ft.train.ds_config import resolved_precision
     from raytune_ft.train.evaluate import task_loss
+    from raytune_ft.train.measure import SteadyClock
 
     torch.set_num_threads(payload["threads"])
     cfg = ExperimentConfig.model_validate(payload["experiment"])
@@ -113,7 +114,7 @@ def bare_loop(payload: dict[str, Any], queue: Any) -> None:
     params = [p for p in model.parameters() if p.requires_grad]
     mixed = use_cuda and precision in ("bf16", "fp16")
     half = torch.bfloat16 if precision == "bf16" else torch.float16
-    steady_seconds, steady_samples, steady_tokens, first_step_at = 0.0, 0, 0, None
+    clock = SteadyClock()
     perm_epoch, perm = -1, None
     for step in range(plan.total_steps):
         began = time.perf_counter()
@@ -139,17 +140,12 @@ def bare_loop(payload: dict[str, Any], queue: Any) -> None:
         optimizer.zero_grad(set_to_none=True)
         if use_cuda:
             torch.cuda.synchronize()
-        if first_step_at is None:
-            first_step_at = time.time()
-        else:
-            steady_seconds += time.perf_counter() - began
-            steady_samples += samples
-            steady_tokens += tokens
+        clock.step_done(began, samples, tokens)
     queue.put(
         {
-            "samples_per_s": steady_samples / steady_seconds if steady_seconds else None,
-            "tokens_per_s": steady_tokens / steady_seconds if steady_seconds else None,
-            "first_step_at": first_step_at,
+            "samples_per_s": clock.samples / clock.seconds if clock.seconds else None,
+            "tokens_per_s": clock.tokens / clock.seconds if clock.seconds else None,
+            "first_step_at": clock.first_step_at,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "threads": torch.get_num_threads(),
             "device": str(device),

@@ -35,7 +35,7 @@ from raytune_ft.train.checkpoint import (
 from raytune_ft.train.ds_config import deepspeed_config, resolved_precision, stand_in_for_deepspeed_muon
 from raytune_ft.train.evaluate import evaluate, over_ranks, probe_logits, task_loss
 from raytune_ft.train.figures import report_figures
-from raytune_ft.train.measure import model_state_mb, peak_device_mb, peak_rss_mb, rss_mb
+from raytune_ft.train.measure import SteadyClock, model_state_mb, peak_device_mb, peak_rss_mb, rss_mb
 
 
 def lr_factor(step: int, total: int, warmup: int, kind: str) -> float:
@@ -242,8 +242,7 @@ def train_loop(config: dict[str, Any]) -> None:
     fault = config.get("fault") or {}
     engine.train()
     running, micro_count = 0.0, 0
-    # Throughput counts steady-state steps only: the first step in a process pays for lazy initialisation.
-    steady_seconds, steady_samples, steady_tokens, first_step_at = 0.0, 0, 0, None
+    clock = SteadyClock()
     perm_epoch, perm = -1, None
     state_mb = None
     for step in range(start, total):
@@ -275,12 +274,7 @@ def train_loop(config: dict[str, Any]) -> None:
             micro_count += 1
             step_samples += len(rows)
             step_tokens += int(batch["attention_mask"].sum())
-        if first_step_at is None:
-            first_step_at = time.time()
-        else:
-            steady_seconds += time.perf_counter() - step_began
-            steady_samples += step_samples
-            steady_tokens += step_tokens
+        clock.step_done(step_began, step_samples, step_tokens)
         done = step + 1
         last = done == total
         if config.get("bench") and last:
@@ -288,11 +282,11 @@ def train_loop(config: dict[str, Any]) -> None:
             report_figures(
                 {
                     "step": done,
-                    "samples_per_s": _per_second(steady_samples, steady_seconds, world, device),
-                    "tokens_per_s": _per_second(steady_tokens, steady_seconds, world, device),
+                    "samples_per_s": _per_second(clock.samples, clock.seconds, world, device),
+                    "tokens_per_s": _per_second(clock.tokens, clock.seconds, world, device),
                     "loop_started_at": loop_started_at,
                     "engine_ready_at": engine_ready_at,
-                    "first_step_at": first_step_at,
+                    "first_step_at": clock.first_step_at,
                     "peak_rss_mb": over_ranks(peak_rss_mb(), world, device, "max"),
                     "rss_growth_mb": over_ranks(peak_rss_mb() - rss_at_start, world, device, "max"),
                     "model_state_mb": state_mb,
@@ -314,9 +308,9 @@ def train_loop(config: dict[str, Any]) -> None:
             epoch=round(done / plan.steps_per_epoch, 4),
             train_loss=over_ranks(running / max(1, micro_count), world, device),
             lr=scheduler.get_last_lr()[0],
-            samples_per_s=_per_second(steady_samples, steady_seconds, world, device),
-            tokens_per_s=_per_second(steady_tokens, steady_seconds, world, device),
-            first_step_at=first_step_at,
+            samples_per_s=_per_second(clock.samples, clock.seconds, world, device),
+            tokens_per_s=_per_second(clock.tokens, clock.seconds, world, device),
+            first_step_at=clock.first_step_at,
             peak_rss_mb=over_ranks(peak_rss_mb(), world, device, "max"),
         )
         metrics.update(resumed)  # the first report after a resume says where it resumed and what loading cost

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import resource
+import time
 from pathlib import Path
 from typing import Any
 
@@ -48,3 +49,21 @@ def peak_rss_mb() -> float:
 
 def peak_device_mb(device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+
+
+class SteadyClock:
+    """Samples, tokens and seconds of steady-state steps: the first step in a process pays for lazy
+    initialisation and only marks `first_step_at`."""
+
+    def __init__(self) -> None:
+        self.first_step_at: float | None = None
+        self.seconds, self.samples, self.tokens = 0.0, 0, 0
+
+    def step_done(self, began: float, samples: int, tokens: int) -> None:
+        """`began` is the step's time.perf_counter() at its start."""
+        if self.first_step_at is None:
+            self.first_step_at = time.time()
+        else:
+            self.seconds += time.perf_counter() - began
+            self.samples += samples
+            self.tokens += tokens

@@ -95,6 +95,21 @@ def prepare_worker_data(cfg: ExperimentConfig) -> dict[str, Any]:
     }
 
 
+def export_prepared(checkpoint_dir: Path, cfg: ExperimentConfig, out_dir: Path, worker_data: dict[str, Any]) -> Path:
+    """Export a checkpoint with what prepare_worker_data gathered (classes, data report, validation probe)."""
+    from raytune_ft.export import export_checkpoint
+
+    return export_checkpoint(
+        checkpoint_dir,
+        cfg,
+        out_dir,
+        classes=worker_data["classes"],
+        data_report=worker_data["data_report"],
+        probe=worker_data["data"]["validation"],
+        pad_token_id=worker_data["pad_token_id"],
+    )
+
+
 def _finished_run(run_dir: Path, existing: list[Path], log: Callable[[str], None]) -> TrainResult | None:
     """A run that trained to the end and exported is reused as it is, so rerunning a pipeline is cheap."""
     import json
@@ -180,17 +195,7 @@ def train(
     best_metrics = next((m for c, m in (result.best_checkpoints or []) if c.path == best.path), result.metrics)
     export_dir = None
     if export:
-        from raytune_ft.export import export_checkpoint
-
-        export_dir = export_checkpoint(
-            best_dir,
-            cfg,
-            run_dir / "export",
-            classes=worker_data["classes"],
-            data_report=worker_data["data_report"],
-            probe=worker_data["data"]["validation"],
-            pad_token_id=worker_data["pad_token_id"],
-        )
+        export_dir = export_prepared(best_dir, cfg, run_dir / "export", worker_data)
         log(f"exported {best_dir.name} to {export_dir}")
     latest = read_state(Path(result.checkpoint.path)) if result.checkpoint else {}
     return TrainResult(

@@ -215,7 +215,7 @@ def _callback(run_dir: Path, settings: Any, trial_scheduler: Any) -> Any:
 def _finish(
     cfg: ExperimentConfig, run_dir: Path, results: Any, worker_data: dict[str, Any], log: Callable[[str], None]
 ) -> TuneRun:
-    from raytune_ft.export import export_checkpoint
+    from raytune_ft.train.trainer import export_prepared
     from raytune_ft.tune.winner import test_metrics
 
     settings = cfg.tune
@@ -234,15 +234,7 @@ def _finish(
     best_cfg = trial_experiment(cfg.model_dump(mode="json", by_alias=True), best.config, cfg.name)
     log(f"winner: {trial_id} {best.config}; exporting {checkpoint.path}")
     with checkpoint.as_directory() as local:
-        winner = export_checkpoint(
-            Path(local),
-            best_cfg,
-            run_dir / "winner",
-            classes=worker_data["classes"],
-            data_report=worker_data["data_report"],
-            probe=worker_data["data"]["validation"],
-            pad_token_id=worker_data["pad_token_id"],
-        )
+        winner = export_prepared(Path(local), best_cfg, run_dir / "winner", worker_data)
     log("evaluating the winner once on the test split")
     tested = test_metrics(winner, best_cfg, worker_data["data_dir"], worker_data["classes"])
     (winner / "test_metrics.json").write_text(json.dumps(tested, indent=2) + "\n")

@@ -11,6 +11,7 @@ from raytune_ft.config import ExperimentConfig
 from raytune_ft.data import load_test_split
 from raytune_ft.metrics import classification_metrics, confusion_matrix, perplexity, slice_metrics
 from raytune_ft.train.batches import collate, tokenize_splits
+from raytune_ft.train.evaluate import next_token_loss
 
 BATCH = 32
 
@@ -41,8 +42,6 @@ def test_metrics(export_dir: Path, cfg: ExperimentConfig, data_dir: Path, classe
             count += len(batch["labels"])
             preds += logits.argmax(-1).tolist()
         else:
-            from raytune_ft.train.evaluate import next_token_loss
-
             loss, tokens = next_token_loss(logits, batch["input_ids"], batch["attention_mask"], "sum")
             loss_sum += float(loss)
             count += tokens
