@@ -213,13 +213,29 @@ def tune(
     resume: Annotated[
         Path | None, typer.Option("--resume", help="Continue the interrupted search in this run directory.")
     ] = None,
+    replay: Annotated[
+        Path | None,
+        typer.Option("--replay", help="Re-run the PBT/PB2 schedule of this run directory's winner (or --trial)."),
+    ] = None,
+    trial: Annotated[str | None, typer.Option("--trial", help="With --replay: the trial id to replay.")] = None,
 ) -> None:
     """Search hyper-parameters with Ray Tune; export the winner and evaluate it once on the test split."""
     from raytune_ft.data import DataError
     from raytune_ft.model_source import ModelSourceError
     from raytune_ft.train import CheckpointError
-    from raytune_ft.tune import MissingExtraError, tune_experiment
+    from raytune_ft.tune import MissingExtraError, replay_schedule, tune_experiment
 
+    if replay is not None:
+        if not (replay / "config.yaml").is_file():
+            _fail(f"{replay} is not a tune run directory: config.yaml not found", EXIT_CONFIG)
+        try:
+            export = replay_schedule(replay, trial, run_dir, log=lambda m: err.print(m, highlight=False))
+        except (FileNotFoundError, FileExistsError, ValueError) as exc:
+            _fail(str(exc), EXIT_CONFIG)
+        except (DataError, ModelSourceError, CheckpointError, RuntimeError) as exc:
+            _fail(str(exc), EXIT_RUNTIME)
+        out.print(f"replayed schedule exported to {export}", highlight=False, soft_wrap=True)
+        return
     if resume is not None:
         if config is not None and config.suffix not in (".yaml", ".yml"):
             overrides = [str(config), *(overrides or [])]
@@ -237,7 +253,7 @@ def tune(
         found = tune_experiment(cfg, run_dir, resume=resume is not None, log=lambda m: err.print(m, highlight=False))
     except MissingExtraError as exc:
         _fail(str(exc), EXIT_CONFIG)
-    except (DataError, ModelSourceError, CheckpointError, FileExistsError, RuntimeError) as exc:
+    except (DataError, ModelSourceError, CheckpointError, FileExistsError, FileNotFoundError, RuntimeError) as exc:
         _fail(str(exc), EXIT_RUNTIME)
     metric = f"best_{cfg.tune.metric}"
     table = Table(title=f"Trials ({cfg.tune.algorithm}, {metric})", title_justify="left")
@@ -257,6 +273,25 @@ def tune(
 
 def _short(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+@app.command()
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="Run directory written by `raytune-ft tune`.", show_default=False)],
+    out_file: Annotated[
+        Path | None, typer.Option("--out", help="Where the HTML goes (default: RUN_DIR/report.html).")
+    ] = None,
+) -> None:
+    """Write one self-contained HTML report of a tune run: curves, PBT schedule, search, winner, trials."""
+    from raytune_ft.report import MissingMatplotlibError, RunDirError, write_report
+
+    try:
+        path = write_report(run_dir, out_file)
+    except (RunDirError, MissingMatplotlibError) as exc:
+        _fail(str(exc), EXIT_CONFIG)
+    except OSError as exc:
+        _fail(f"cannot write the report: {exc}", EXIT_RUNTIME)
+    sys.stdout.write(f"{path}\n")
 
 
 @app.command()

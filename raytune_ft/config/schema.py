@@ -304,6 +304,15 @@ class TuneConfig(Section):
         description="PBT: trials wait for each other at every perturbation point (each wait restarts the trial).",
     )
     search_space: dict[str, SearchDim] = Field(default_factory=dict)
+    mlflow: bool = Field(default=True, description="Log every trial's reports to MLflow (Ray's MLflowLoggerCallback).")
+    mlflow_tracking_uri: str | None = Field(
+        default=None, description="MLflow tracking URI; default: a SQLite store, sqlite:///RUN_DIR/mlflow.db."
+    )
+    storage_path: str | None = Field(
+        default=None,
+        description="Where trials and checkpoints are stored: a directory or a pyarrow URI (s3://, gs://); "
+        "default: the run directory.",
+    )
 
 
 class AutoscalingConfig(Section):

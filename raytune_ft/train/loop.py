@@ -144,7 +144,8 @@ def train_loop(config: dict[str, Any]) -> None:
     if ckpt is None and config.get("restore_from"):
         # a checkpoint from outside this run (a Tune trial restarting, or exploiting a PBT donor); the run's
         # own checkpoints, written after it, win when Ray Train restarts the workers
-        ckpt = ray.train.Checkpoint(config["restore_from"])
+        source = config["restore_from"]
+        ckpt = source if isinstance(source, ray.train.Checkpoint) else ray.train.Checkpoint(source)
     resume_dir: Path | None = None
     state: dict[str, Any] = {}
     if ckpt is not None:
@@ -325,6 +326,7 @@ def train_loop(config: dict[str, Any]) -> None:
                 )
             should_stop = stopper.update(float(metrics[stop_key]))
         metrics["early_stopped"] = should_stop
+        metrics["total_steps"] = config["total_steps"]  # so a reader can tell a finished run from a stopped one
         history.append({k: v for k, v in metrics.items() if "/" not in k})
         if done % ckpt_every == 0 or last or should_stop:
             _save_and_report(

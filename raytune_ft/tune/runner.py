@@ -1,8 +1,10 @@
 """`raytune-ft tune`: Ray Tune around the training engine, then one winner exported and tested once.
 
-RUN_DIR layout: config.yaml (resolved), trials.csv, trials/ (Ray Tune's experiment: trial folders, checkpoints,
-pbt_policy_*.txt), train-runs/ (each trial's Ray Train runs), exploits.jsonl (PBT/PB2), winner/ (the export),
-winner/test_metrics.json.
+RUN_DIR layout: config.yaml (resolved), trials.csv, trials/ (Ray Tune's experiment: trial folders with
+progress.csv, result.json and TensorBoard events, checkpoints, pbt_policy_*.txt), train-runs/ (each trial's Ray
+Train runs), mlflow.db (the default MLflow store), exploits.jsonl (PBT/PB2), winner/ (the export, with
+test_metrics.json and for PBT/PB2 pbt_policy.txt, the schedule `raytune-ft tune --replay` re-runs), replays/.
+With `tune.storage_path` set, trials/ and train-runs/ live there instead.
 """
 
 from __future__ import annotations
@@ -10,16 +12,19 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pyarrow.fs import FileSelector, FileType
+
 from raytune_ft.config import ExperimentConfig, config_to_yaml
 from raytune_ft.tune.search import require_extra, scheduler, search_algorithm
 from raytune_ft.tune.space import param_space, trial_experiment
-from raytune_ft.tune.trial import EXPLOIT_KEY, run_trial
+from raytune_ft.tune.trial import EXPLOIT_KEY, HP_PREFIX, run_trial
 
 EXPERIMENT = "trials"
 
@@ -82,15 +87,26 @@ class ExperimentLog:
         # the folder this result's checkpoint went to, as Tune names it in the result itself
         folder = result.get("checkpoint_dir_name")
         if folder and trial.path and self.metric in result:
-            self.scores[str(Path(trial.path) / folder)] = float(result[self.metric])
+            self.scores[f"{trial.path.rstrip('/')}/{folder}"] = float(result[self.metric])
         self.prune(trials)
 
     def pinned(self, trials: list[Any]) -> set[str]:
-        """Checkpoints a pending restore or a PBT exploit may still read."""
+        """Checkpoints a pending restore or a PBT exploit may still read, and the ones Tune's own records call a
+        trial's latest and best (what a restart restores and what `get_best_checkpoint` returns at the end; a
+        paused and restarted trial can write a checkpoint folder name twice, so names alone can mislead)."""
         keep = set()
+        sign = -1 if self.mode == "max" else 1
         for t in trials:
             if t.checkpoint is not None and t.status in ("PENDING", "PAUSED"):
                 keep.add(t.checkpoint.path)
+            manager = getattr(getattr(t, "run_metadata", None), "checkpoint_manager", None)
+            if manager is None:
+                continue
+            if manager.latest_checkpoint_result is not None:
+                keep.add(manager.latest_checkpoint_result.checkpoint.path)
+            scored = [r for r in manager.best_checkpoint_results if self.metric in r.metrics]
+            if scored:
+                keep.add(min(scored, key=lambda r: sign * float(r.metrics[self.metric])).checkpoint.path)
         for state in getattr(self.pbt, "_trial_state", {}).values():
             last = getattr(state, "last_checkpoint", None)
             if getattr(last, "path", None):
@@ -101,16 +117,25 @@ class ExperimentLog:
         pinned = self.pinned(trials)
         sign = -1 if self.mode == "max" else 1
         for t in trials:
-            folders = sorted(Path(t.path).glob("checkpoint_*")) if t.path else []
+            if not t.path:
+                continue
+            fs = t.storage.storage_filesystem  # local disk or s3/gs alike
+            folders = sorted(
+                info.path
+                for info in fs.get_file_info(FileSelector(t.path, allow_not_found=True))
+                if info.type == FileType.Directory and info.base_name.startswith("checkpoint_")
+            )
             if len(folders) <= self.keep:
                 continue
-            newest = {str(f) for f in folders[-self.keep :]}
-            scored = [f for f in folders if str(f) in self.scores]
-            best = {str(min(scored, key=lambda f: sign * self.scores[str(f)]))} if scored else set()
+            newest = set(folders[-self.keep :])
+            scored = [f for f in folders if f in self.scores]
+            best = {min(scored, key=lambda f: sign * self.scores[f])} if scored else set()
             for folder in folders:
-                path = str(folder)
-                if path not in newest | best | pinned:
-                    shutil.rmtree(folder, ignore_errors=True)
+                if folder not in newest | best | pinned:
+                    try:
+                        fs.delete_dir(folder)
+                    except OSError:  # already gone, or another trial's restore holds it open: try next time
+                        pass
 
 
 def tune_experiment(
@@ -123,8 +148,6 @@ def tune_experiment(
     import ray
     from ray import tune
 
-    from raytune_ft.train.trainer import ensure_ray, prepare_worker_data
-
     if cfg.tune is None:
         raise ValueError("the experiment has no tune section")
     settings = cfg.tune
@@ -132,32 +155,20 @@ def tune_experiment(
     run_dir = Path(run_dir).resolve() if run_dir else default_run_dir(cfg)
     if (run_dir / "winner" / "test_metrics.json").exists():
         raise FileExistsError(f"{run_dir} already holds a finished search; choose another --run-dir")
-    if (run_dir / EXPERIMENT).exists() and not resume:
+    storage = storage_of(cfg, run_dir)
+    if not resume and _exists(f"{storage}/{EXPERIMENT}"):
         raise FileExistsError(f"{run_dir} holds an unfinished search: continue it with `raytune-ft tune --resume`")
+    if resume and not _exists(f"{storage}/{EXPERIMENT}"):
+        raise FileNotFoundError(f"nothing to resume: {storage}/{EXPERIMENT} does not exist")
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(config_to_yaml(cfg))
 
-    log("preparing data")
-    worker_data = prepare_worker_data(cfg)
-    ensure_ray(cfg)
-    shared = {
-        "experiment": cfg.model_dump(mode="json", by_alias=True),
-        "train_storage": str(run_dir / "train-runs"),
-        "loop_config": {
-            "data": ray.put(worker_data["data"]),
-            "classes": worker_data["classes"],
-            "class_weights": worker_data["class_weights"],
-            "pad_token_id": worker_data["pad_token_id"],
-        },
-    }
+    worker_data, trainable = _trainable(cfg, storage, log)
     evaluations = _evaluations_per_trial(cfg, len(worker_data["data"]["train"]["input_ids"]))
     trial_scheduler = scheduler(settings, evaluations)
-    callback = _callback(run_dir, settings, trial_scheduler)
-    # The trial function only waits on its Ray Train run, whose workers hold the CPUs/GPUs. Tune refuses an empty
-    # request, and even 0.01 CPU per trial would leave N trials' workers N x 0.01 CPU short: ask for 1 byte instead.
-    trainable = tune.with_resources(tune.with_parameters(run_trial, shared=shared), {"CPU": 0, "memory": 1})
     if resume:
-        tuner = tune.Tuner.restore(str(run_dir / EXPERIMENT), trainable, resume_errored=True)
+        log(f"resuming the search in {storage}/{EXPERIMENT}")
+        tuner = tune.Tuner.restore(f"{storage}/{EXPERIMENT}", trainable, resume_errored=True)
     else:
         tuner = tune.Tuner(
             trainable,
@@ -172,16 +183,157 @@ def tune_experiment(
                 time_budget_s=settings.time_budget_s,
                 reuse_actors=False,
             ),
-            run_config=tune.RunConfig(
-                name=EXPERIMENT,
-                storage_path=str(run_dir),
-                failure_config=tune.FailureConfig(max_failures=settings.max_failures),
-                callbacks=[callback],
-                verbose=1,
-            ),
+            run_config=_run_config(cfg, run_dir, storage, trial_scheduler),
         )
     results = tuner.fit()
     return _finish(cfg, run_dir, results, worker_data, log)
+
+
+def replay_schedule(
+    run_dir: Path, trial: str | None = None, out_dir: Path | None = None, *, log: Callable[[str], None] = print
+) -> Path:
+    """Re-run one PBT/PB2 trial's recorded hyper-parameter schedule (Ray's PopulationBasedTrainingReplay): it
+    starts from the configuration the trial inherited and switches at the recorded training iterations. The
+    result is exported to OUT_DIR/winner; the test split is not read again."""
+    from ray import tune
+    from ray.tune.schedulers import PopulationBasedTrainingReplay
+
+    from raytune_ft.config import load_config
+    from raytune_ft.train.trainer import export_prepared
+
+    run_dir = Path(run_dir).resolve()
+    policy = _policy_file(run_dir, trial)
+    cfg = load_config(run_dir / "config.yaml")
+    assert cfg.tune is not None
+    name = trial or "winner"
+    out_dir = Path(out_dir).resolve() if out_dir else run_dir / "replays" / name
+    if (out_dir / "config.yaml").exists():
+        raise FileExistsError(f"{out_dir} already holds a replay; choose another --run-dir")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.yaml").write_text(config_to_yaml(cfg))
+    shutil.copyfile(policy, out_dir / "pbt_policy.txt")
+    storage = f"{cfg.tune.storage_path.rstrip('/')}/replays/{name}" if cfg.tune.storage_path else str(out_dir)
+    worker_data, trainable = _trainable(cfg, storage, log)
+    log(f"replaying {policy}")
+    tuner = tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(
+            metric=cfg.tune.metric,
+            mode=cfg.tune.mode,
+            num_samples=1,
+            scheduler=PopulationBasedTrainingReplay(str(policy)),
+            reuse_actors=False,
+        ),
+        run_config=_run_config(cfg, out_dir, storage, None),
+    )
+    results = tuner.fit()
+    result = results[0]
+    if result.error:
+        raise RuntimeError(f"the replay failed: {result.error}")
+    checkpoint = result.get_best_checkpoint(cfg.tune.metric, cfg.tune.mode)
+    if checkpoint is None:
+        raise RuntimeError(f"the replay ({result.path}) left no checkpoint")
+    trials = trial_rows(results, cfg.tune.metric, cfg.tune.mode)
+    write_trials(out_dir, trials, {})
+    final_cfg = trial_experiment(cfg.model_dump(mode="json", by_alias=True), result.config, cfg.name)
+    with checkpoint.as_directory() as local:
+        return export_prepared(Path(local), final_cfg, out_dir / "winner", worker_data)
+
+
+def _policy_file(run_dir: Path, trial: str | None) -> Path:
+    if trial is None:
+        policy = run_dir / "winner" / "pbt_policy.txt"
+        if policy.is_file():
+            return policy
+        if (run_dir / "winner").is_dir():
+            raise FileNotFoundError(
+                f"{run_dir / 'winner'} has no pbt_policy.txt: the winner never exploited another trial (or the "
+                "search was not PBT/PB2), so its schedule is its config; train it with `raytune-ft train`"
+            )
+        raise FileNotFoundError(f"{run_dir} has no winner/ yet: name a trial with --trial")
+    found = sorted(run_dir.glob(f"{EXPERIMENT}/pbt_policy_*{trial}*.txt"))
+    if len(found) != 1:
+        known = sorted(p.stem.removeprefix("pbt_policy_") for p in run_dir.glob(f"{EXPERIMENT}/pbt_policy_*.txt"))
+        raise FileNotFoundError(
+            f"no single PBT schedule for trial '{trial}' in {run_dir / EXPERIMENT}; trials that exploited: "
+            f"{', '.join(known) or 'none'}"
+        )
+    return found[0]
+
+
+def storage_of(cfg: ExperimentConfig, run_dir: Path) -> str:
+    """Where trials/ and train-runs/ go: tune.storage_path (a directory or s3://, gs:// URI) or the run directory."""
+    assert cfg.tune is not None
+    return (cfg.tune.storage_path or str(run_dir)).rstrip("/")
+
+
+def _exists(uri: str) -> bool:
+    from pyarrow.fs import FileSystem
+
+    fs, path = FileSystem.from_uri(uri if "://" in uri else str(Path(uri).resolve()))
+    return fs.get_file_info(path).type != FileType.NotFound
+
+
+def _trainable(cfg: ExperimentConfig, storage: str, log: Callable[[str], None]) -> tuple[dict, Any]:
+    """The prepared data and the Tune trainable (a trial = one Ray Train run writing under STORAGE)."""
+    import ray
+    from ray import tune
+
+    from raytune_ft.train.trainer import ensure_ray, prepare_worker_data
+
+    assert cfg.tune is not None
+    log("preparing data")
+    worker_data = prepare_worker_data(cfg)
+    ensure_ray(cfg)
+    shared = {
+        "experiment": cfg.model_dump(mode="json", by_alias=True),
+        "train_storage": f"{storage}/train-runs",
+        "loop_config": {
+            "data": ray.put(worker_data["data"]),
+            "classes": worker_data["classes"],
+            "class_weights": worker_data["class_weights"],
+            "pad_token_id": worker_data["pad_token_id"],
+        },
+    }
+    # The trial function only waits on its Ray Train run, whose workers hold the CPUs/GPUs. Tune refuses an empty
+    # request, and even 0.01 CPU per trial would leave N trials' workers N x 0.01 CPU short: ask for 1 byte instead.
+    trainable = tune.with_resources(tune.with_parameters(run_trial, shared=shared), {"CPU": 0, "memory": 1})
+    return worker_data, trainable
+
+
+def _mlflow_callback(uri: str, experiment: str) -> Any:
+    from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+    class ParamsOnce(MLflowLoggerCallback):
+        """Ray's callback logs a trial's config again whenever the trial restarts; after a PBT exploit the values
+        differ and MLflow refuses to change a param, which aborts Tuner.fit. Params are the starting config here;
+        the values each report trained with are its hp/ metrics."""
+
+        def log_trial_start(self, trial: Any) -> None:
+            if trial not in self._trial_runs:
+                super().log_trial_start(trial)
+
+    return ParamsOnce(tracking_uri=uri, experiment_name=experiment, save_artifact=False)
+
+
+def _run_config(cfg: ExperimentConfig, run_dir: Path, storage: str, trial_scheduler: Any) -> Any:
+    from ray import tune
+
+    settings = cfg.tune
+    assert settings is not None
+    callbacks = [_callback(run_dir, settings, trial_scheduler)]
+    if settings.mlflow:
+        # MLflow 3's plain file store refuses to start (and would abort Tuner.fit); a SQLite file needs no server
+        uri = settings.mlflow_tracking_uri or f"sqlite:///{run_dir / 'mlflow.db'}"
+        callbacks.append(_mlflow_callback(uri, cfg.name))
+    # Ray adds its CSV, JSON and TensorBoard loggers beside these (progress.csv, result.json, events.out.tfevents)
+    return tune.RunConfig(
+        name=EXPERIMENT,
+        storage_path=storage,
+        failure_config=tune.FailureConfig(max_failures=settings.max_failures),
+        callbacks=callbacks,
+        verbose=1,
+    )
 
 
 def _evaluations_per_trial(cfg: ExperimentConfig, n_train: int) -> int:
@@ -221,7 +373,7 @@ def _finish(
     settings = cfg.tune
     assert settings is not None
     trials = trial_rows(results, settings.metric, settings.mode)
-    write_trials_csv(run_dir / "trials.csv", trials, settings.search_space)
+    write_trials(run_dir, trials, settings.search_space)
     ok = [r for r in results if r.error is None or r.metrics]
     if not ok:
         raise RuntimeError(f"every trial failed; see {run_dir / EXPERIMENT}")
@@ -231,46 +383,114 @@ def _finish(
     if checkpoint is None:
         raise RuntimeError(f"the best trial ({best.path}) left no checkpoint")
     trial_id = Path(best.path).name
-    best_cfg = trial_experiment(cfg.model_dump(mode="json", by_alias=True), best.config, cfg.name)
-    log(f"winner: {trial_id} {best.config}; exporting {checkpoint.path}")
+    best_metrics = next((m for c, m in best.best_checkpoints if c.path == checkpoint.path), best.metrics)
+    # the config that checkpoint was trained with: a PBT trial's final config may be one it never trained with
+    trained_with = dict(best_metrics.get("config") or best.config)
+    best_cfg = trial_experiment(cfg.model_dump(mode="json", by_alias=True), trained_with, cfg.name)
+    log(f"winner: {trial_id} {trained_with}; exporting {checkpoint.path}")
     with checkpoint.as_directory() as local:
         winner = export_prepared(Path(local), best_cfg, run_dir / "winner", worker_data)
+    _keep_schedule(best, winner)
     log("evaluating the winner once on the test split")
     tested = test_metrics(winner, best_cfg, worker_data["data_dir"], worker_data["classes"])
     (winner / "test_metrics.json").write_text(json.dumps(tested, indent=2) + "\n")
-    best_metrics = next((m for c, m in best.best_checkpoints if c.path == checkpoint.path), best.metrics)
-    return TuneRun(run_dir, trial_id, dict(best.config), dict(best_metrics), winner, tested, trials)
+    return TuneRun(run_dir, trial_id, trained_with, dict(best_metrics), winner, tested, trials)
+
+
+def _keep_schedule(best: Any, winner: Path) -> None:
+    """PBT/PB2 write each trial's schedule to pbt_policy_<trial_id>.txt beside the trial folders; the winner keeps
+    a copy (what `tune --replay` re-runs) and a readable schedule.json."""
+    from pyarrow.fs import FileSystem
+
+    trial_id = best.metrics.get("trial_id") if best.metrics else None
+    experiment = str(best.path).rsplit("/", 1)[0]
+    source = f"{experiment}/pbt_policy_{trial_id}.txt"
+    fs = best.filesystem or FileSystem.from_uri(str(Path(experiment).resolve()))[0]
+    if trial_id is None or fs.get_file_info(source).type == FileType.NotFound:
+        return
+    with fs.open_input_stream(source) as fh:
+        text = fh.read().decode()
+    (winner / "pbt_policy.txt").write_text(text)
+    (winner / "schedule.json").write_text(json.dumps(schedule(text), indent=2) + "\n")
+
+
+def schedule(policy_text: str) -> list[dict[str, Any]]:
+    """The configs one PBT trial trained with, read as Ray's replay reads a policy: walking back from the last
+    exploit along the chain of donors. Each entry is [from training iteration, config]."""
+    rows = [json.loads(line) for line in policy_text.splitlines() if line.strip()]
+    changes: list[dict[str, Any]] = []
+    start_config = None
+    last_donor = None
+    for target_tag, donor_tag, _target_iter, donor_iter, donor_config, new_config in reversed(rows):
+        if last_donor is not None and target_tag != last_donor:
+            break  # the chain was overwritten by a later exploit
+        last_donor, start_config = donor_tag, donor_config
+        changes.append({"from_iteration": donor_iter, "config": new_config, "inherited_from": donor_tag})
+    return [{"from_iteration": 0, "config": start_config}, *reversed(changes)] if changes else []
 
 
 def trial_rows(results: Any, metric: str, mode: str) -> list[dict[str, Any]]:
+    """One row per trial. `config` is what the trial trained with at its best report (PBT changes it on the way);
+    STOPPED marks a trial that ended before its planned steps (a scheduler stopped it, or early stopping)."""
     rows = []
     for result in results:
         history = result.metrics_dataframe
-        values = history[metric].dropna().tolist() if history is not None and metric in history else []
-        best = (max(values) if mode == "max" else min(values)) if values else None
+        scored = history.dropna(subset=[metric]) if history is not None and metric in history else None
+        best_row = None
+        if scored is not None and len(scored):
+            best_row = scored.loc[scored[metric].idxmax() if mode == "max" else scored[metric].idxmin()]
+        config = dict(result.config or {})
+        if best_row is not None:
+            config.update({k[len(HP_PREFIX) :]: v for k, v in best_row.items() if k.startswith(HP_PREFIX)})
+        last = result.metrics or {}
+        stopped = last.get("step") is not None and last.get("step", 0) < last.get("total_steps", 0)
+        status = "ERROR" if result.error else "STOPPED" if stopped else "TERMINATED"
         rows.append(
             {
                 "trial": Path(result.path).name,
-                "status": "ERROR" if result.error else "TERMINATED",
-                "config": dict(result.config or {}),
-                f"best_{metric}": best,
-                "iterations": (result.metrics or {}).get("training_iteration"),
-                "last_step": (result.metrics or {}).get("step"),
-                "error": str(result.error).splitlines()[0][:200] if result.error else "",
+                "trial_id": last.get("trial_id", ""),
+                "status": status,
+                "config": config,
+                f"best_{metric}": None if best_row is None else float(best_row[metric]),
+                "best_step": None if best_row is None else best_row.get("step"),
+                "iterations": last.get("training_iteration"),
+                "last_step": last.get("step"),
+                "error": root_cause(result.error) if result.error else "",
             }
         )
     return sorted(rows, key=lambda r: r["trial"])
 
 
-def write_trials_csv(path: Path, rows: list[dict[str, Any]], space: dict[str, Any]) -> None:
+def root_cause(error: BaseException) -> str:
+    """The line that says what went wrong: Ray wraps a worker's exception in several layers of its own."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    causes = [line for line in lines if re.match(r"^[\w.]*(Error|Exception|Exit)\b.*: ", line)]
+    return (causes[-1] if causes else lines[0] if lines else type(error).__name__)[:300]
+
+
+def write_trials(run_dir: Path, rows: list[dict[str, Any]], space: dict[str, Any]) -> None:
+    """trials.csv and trials.parquet: one row per trial, a column per search-space key."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     if not rows:
         return
     keys = list(space)
     fields = ["trial", "status", *keys, *[k for k in rows[0] if k not in ("trial", "status", "config")]]
-    with open(path, "w", newline="") as fh:
+    flat_rows = []
+    for row in rows:
+        flat = {k: v for k, v in row.items() if k != "config"}
+        flat.update({k: row["config"].get(k) for k in keys})
+        flat_rows.append({k: flat.get(k) for k in fields})
+    with open(run_dir / "trials.csv", "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=fields)
         writer.writeheader()
-        for row in rows:
-            flat = {k: v for k, v in row.items() if k != "config"}
-            flat.update({k: row["config"].get(k) for k in keys})
-            writer.writerow(flat)
+        writer.writerows(flat_rows)
+    columns = {}
+    for field in fields:
+        values = [r[field] for r in flat_rows]
+        try:
+            columns[field] = pa.array(values)
+        except (pa.ArrowInvalid, pa.ArrowTypeError):  # a choice of mixed types: keep it readable as text
+            columns[field] = pa.array([None if v is None else str(v) for v in values])
+    pq.write_table(pa.table(columns), run_dir / "trials.parquet")

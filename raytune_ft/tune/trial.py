@@ -22,6 +22,7 @@ from ray.train.v2.api.callback import UserCallback
 from raytune_ft.train.checkpoint import STATE
 
 EXPLOIT_KEY = "raytune_ft_exploit"
+HP_PREFIX = "hp/"
 
 
 class ReportToTrial(UserCallback):
@@ -29,7 +30,8 @@ class ReportToTrial(UserCallback):
         self.queue = queue
 
     def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
-        self.queue.put((dict(metrics[0]), checkpoint.path if checkpoint else None))
+        # the Checkpoint itself (path + filesystem), so that s3:// or gs:// storage works like a local directory
+        self.queue.put((dict(metrics[0]), checkpoint))
 
 
 def directory_bytes(path: Path) -> int:
@@ -55,6 +57,14 @@ def restore_record(checkpoint: Any, trial_id: str) -> dict[str, Any]:
     }
 
 
+def _attempts(storage: str) -> int:
+    """Ray Train runs this trial already started under STORAGE (a directory or a pyarrow URI)."""
+    from pyarrow.fs import FileSelector, FileSystem
+
+    fs, path = FileSystem.from_uri(storage if "://" in storage else str(Path(storage).resolve()))
+    return sum(1 for i in fs.get_file_info(FileSelector(path, allow_not_found=True)) if i.base_name.startswith("run-"))
+
+
 def run_trial(config: dict[str, Any], shared: dict[str, Any]) -> None:
     """The Tune function trainable. `config` holds the sampled search values (dotted keys)."""
     import ray
@@ -77,13 +87,13 @@ def run_trial(config: dict[str, Any], shared: dict[str, Any]) -> None:
         record["new_config"] = values
 
     queue = Queue(actor_options={"num_cpus": 0})
-    storage = Path(shared["train_storage"]) / trial_id
-    attempt = len(list(storage.glob("run-*"))) if storage.exists() else 0
+    storage = f"{shared['train_storage']}/{trial_id}"
+    attempt = _attempts(storage)
     loop_config = {
         **shared["loop_config"],
         "experiment": cfg.model_dump(mode="json", by_alias=True),
         "trial": {"id": trial_id, "config": values},
-        "restore_from": restore.path if restore is not None else None,
+        "restore_from": restore,
     }
     trainer = torch_trainer(
         cfg,
@@ -91,7 +101,7 @@ def run_trial(config: dict[str, Any], shared: dict[str, Any]) -> None:
         loop_config,
         RunConfig(
             name=f"run-{attempt}",
-            storage_path=str(storage),
+            storage_path=storage,
             callbacks=[ReportToTrial(queue)],
             # Tune keeps the checkpoints it is handed; the run itself keeps two for its own worker restarts.
             checkpoint_config=CheckpointConfig(num_to_keep=2),
@@ -111,7 +121,7 @@ def run_trial(config: dict[str, Any], shared: dict[str, Any]) -> None:
     thread = threading.Thread(target=fit, name="raytune-ft-train-run", daemon=True)
     thread.start()
     while (item := queue.get()) is not None:
-        metrics, checkpoint_path = item
+        metrics, checkpoint = item
         if record is not None:
             record.update(
                 restored_step=metrics.get("resumed_step"),
@@ -120,7 +130,10 @@ def run_trial(config: dict[str, Any], shared: dict[str, Any]) -> None:
             )
             metrics[EXPLOIT_KEY] = record
             record = None
-        checkpoint = tune.Checkpoint.from_directory(checkpoint_path) if checkpoint_path else None
+        if "step" in metrics:  # TensorBoard and MLflow plot against this instead of the report count
+            metrics["timesteps_total"] = metrics["step"]
+        # what this report was trained with, beside the metrics: PBT schedules show in progress.csv, TensorBoard
+        metrics.update({f"{HP_PREFIX}{key}": value for key, value in values.items()})
         tune.report({k: v for k, v in metrics.items() if v is not None}, checkpoint=checkpoint)
     thread.join()
     ray.kill(queue.actor)

@@ -5,11 +5,14 @@ from __future__ import annotations
 import csv
 import json
 
+import pyarrow.parquet as pq
 import pytest
 from test_train import make_cfg, write_reviews
 
 from raytune_ft.data import reads_of_test_split
-from raytune_ft.tune import tune_experiment
+from raytune_ft.report import write_report
+from raytune_ft.tune import replay_schedule, tune_experiment
+from raytune_ft.tune.runner import schedule
 
 pytestmark = pytest.mark.integration
 
@@ -43,7 +46,10 @@ def test_pbt_exploit_restores_the_donor_checkpoint_and_the_winner_is_tested_once
         # one learning rate learns, the other barely moves: the slow trial must exploit the fast one
         "search_space": {"train.lr": {"type": "grid", "values": [1e-2, 1e-6]}},
     }
-    cfg = tune_cfg(tmp_path / "runs", "pbt", tiny_bert, data, tune)
+    # a constant learning rate, so that every report's lr is the trial's configured one
+    cfg = tune_cfg(
+        tmp_path / "runs", "pbt", tiny_bert, data, tune, train={"lr_schedule": "constant", "warmup_ratio": 0}
+    )
     found = tune_experiment(cfg, tmp_path / "search")
 
     exploits = [json.loads(line) for line in (tmp_path / "search" / "exploits.jsonl").read_text().splitlines()]
@@ -55,6 +61,7 @@ def test_pbt_exploit_restores_the_donor_checkpoint_and_the_winner_is_tested_once
         assert e["new_config"]["train.lr"] != e["old_config"]["train.lr"]
     rows = list(csv.DictReader(open(tmp_path / "search" / "trials.csv")))
     assert len(rows) == 2 and {r["status"] for r in rows} == {"TERMINATED"}
+    assert pq.read_table(tmp_path / "search" / "trials.parquet").num_rows == 2
     assert (found.winner_dir / "model.safetensors").is_file()
     assert found.test_metrics["test_rows"] > 0 and 0 <= found.test_metrics["test_accuracy"] <= 1
     assert json.loads((found.winner_dir / "test_metrics.json").read_text()) == found.test_metrics
@@ -65,6 +72,41 @@ def test_pbt_exploit_restores_the_donor_checkpoint_and_the_winner_is_tested_once
     trials = list((tmp_path / "search" / "trials").glob("run_trial_*"))
     kept = sum(len(list(t.glob("checkpoint_*"))) for t in trials)
     assert kept < sum(int(r["iterations"]) for r in rows)
+
+    # tracking: every report in MLflow (the SQLite store in the run directory) and in TensorBoard event files
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'search' / 'mlflow.db'}")
+    [experiment] = [e for e in client.search_experiments() if e.name == "pbt"]
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 2
+    for run in runs:
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "eval_loss")]
+        assert steps and set(steps) <= {4, 8, 12, 16}  # plotted against the optimizer step
+    for trial in trials:
+        events = b"".join(p.read_bytes() for p in trial.glob("events.out.tfevents.*"))
+        assert b"eval_loss" in events and b"hp/train.lr" in events
+
+    # the report of this real run: curves, PBT schedules, search view, winner with its confusion matrix
+    html = write_report(tmp_path / "search").read_text()
+    assert html.count("data:image/png;base64,") >= 4 and "Confusion" in html
+
+    # replay the schedule of a trial that exploited: it starts from the config it inherited and switches where
+    # PBT switched it, and the engine trains with each value (constant schedule: reported lr == configured lr)
+    trial = exploits[0]["trial"]
+    policy = next((tmp_path / "search" / "trials").glob(f"pbt_policy_{trial}.txt")).read_text()
+    changes = schedule(policy)
+    assert len(changes) >= 2
+    export = replay_schedule(tmp_path / "search", trial, log=lambda m: None)
+    assert (export / "model.safetensors").is_file()
+    [replayed] = (tmp_path / "search" / "replays" / trial / "trials").glob("run_trial_*")
+    reports = [json.loads(line) for line in open(replayed / "result.json")]
+    assert reports[-1]["step"] == 16
+    for report in reports:
+        expected = [c["config"] for c in changes if c["from_iteration"] < report["training_iteration"]][-1]
+        assert report["hp/train.lr"] == pytest.approx(expected["train.lr"])
+        assert report["lr"] == pytest.approx(expected["train.lr"])
+    assert len(reads_of_test_split(data_dir)) == 1  # a replay does not touch the test split
 
 
 def test_optuna_with_asha_proposes_points_and_stops_trials_early(tiny_bert, tmp_path, local_ray):
@@ -84,7 +126,7 @@ def test_optuna_with_asha_proposes_points_and_stops_trials_early(tiny_bert, tmp_
     found = tune_experiment(cfg, tmp_path / "search")
 
     rows = list(csv.DictReader(open(tmp_path / "search" / "trials.csv")))
-    assert len(rows) == 4 and all(r["status"] == "TERMINATED" for r in rows)
+    assert len(rows) == 4 and {r["status"] for r in rows} == {"TERMINATED", "STOPPED"}  # ASHA stopped some
     assert len({r["train.lr"] for r in rows}) == 4  # Optuna proposed four different points
     iterations = [int(r["iterations"]) for r in rows]
     assert min(iterations) < max(iterations) == 3  # ASHA stopped at least one trial before its last evaluation

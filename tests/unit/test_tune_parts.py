@@ -95,8 +95,13 @@ def test_trials_pack_by_the_cpus_and_gpus_a_trial_holds(tmp_path):
 
 
 def _trial(path: Path, status: str = "RUNNING", checkpoint: str | None = None):
+    from pyarrow.fs import LocalFileSystem
+
     return SimpleNamespace(
-        path=str(path), status=status, checkpoint=SimpleNamespace(path=checkpoint) if checkpoint else None
+        path=str(path),
+        status=status,
+        checkpoint=SimpleNamespace(path=checkpoint) if checkpoint else None,
+        storage=SimpleNamespace(storage_filesystem=LocalFileSystem()),  # what Ray gives a trial on local disk
     )
 
 

@@ -1,0 +1,106 @@
+"""Every search algorithm and scheduler end to end on a real local Ray (tiny BERT, a few steps per trial), and a
+trial that keeps crashing: retried, marked failed, the search goes on."""
+
+from __future__ import annotations
+
+import csv
+import json
+import pickle
+
+import pytest
+from test_train import write_reviews
+from test_tune import tune_cfg
+
+from raytune_ft.tune import tune_experiment
+
+pytestmark = pytest.mark.integration
+
+LR = {"type": "loguniform", "low": 1e-5, "high": 1e-1}
+CASES = {
+    "random": (
+        {"algorithm": "random", "num_samples": 2},
+        {"train.lr": LR, "train.weight_decay": {"type": "choice", "values": [0.0, 0.1]}},
+    ),
+    "grid": ({"algorithm": "grid", "num_samples": 1}, {"train.lr": {"type": "grid", "values": [1e-3, 1e-2]}}),
+    "hyperopt": ({"algorithm": "hyperopt", "num_samples": 2}, {"train.lr": LR}),
+    "bohb": (
+        {"algorithm": "bohb", "scheduler": "hyperband", "num_samples": 2},
+        {"train.lr": LR, "finetune.lora.r": {"type": "int", "low": 2, "high": 8}},
+    ),
+    "pb2": (
+        {"algorithm": "pb2", "num_samples": 2, "perturbation_interval": 4},
+        {"train.lr": {"type": "uniform", "low": 1e-4, "high": 1e-2}},
+    ),
+    "median": ({"algorithm": "random", "scheduler": "median", "num_samples": 2}, {"train.lr": LR}),
+}
+
+
+def searcher_state(run_dir):
+    [path] = (run_dir / "trials").glob("searcher-state-*.pkl")
+    return pickle.loads(path.read_bytes())
+
+
+def reported_losses(run_dir) -> set[float]:
+    reported = set()
+    for folder in (run_dir / "trials").glob("run_trial_*"):
+        reported |= {round(json.loads(line)["eval_loss"], 6) for line in open(folder / "result.json")}
+    return reported
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_each_algorithm_runs_end_to_end(case, tiny_bert, tmp_path, local_ray):
+    settings, space = CASES[case]
+    data = write_reviews(tmp_path / "reviews.tsv", rows=120)
+    tune = {"metric": "eval_loss", "mode": "min", "max_concurrent_trials": 2, "mlflow": False, **settings}
+    tune["search_space"] = space
+    sections = {"train": {"max_steps": 8}}
+    if "finetune.lora.r" in space:
+        sections["finetune"] = {"method": "lora", "lora": {"r": 4, "target_modules": ["query", "value"]}}
+    cfg = tune_cfg(tmp_path / "runs", case, tiny_bert, data, tune, **sections)
+    found = tune_experiment(cfg, tmp_path / "search")
+
+    rows = list(csv.DictReader(open(tmp_path / "search" / "trials.csv")))
+    expected = 2 if case == "grid" else settings["num_samples"]
+    assert len(rows) == expected and all(r["status"] == "TERMINATED" for r in rows), rows
+    assert len({tuple(r[k] for k in space) for r in rows}) == expected  # every trial tried its own point
+    assert all(float(r["best_eval_loss"]) > 0 for r in rows)  # Tune saw the engine's validation reports
+    assert (found.winner_dir / "model.safetensors").is_file()
+    assert json.loads((found.winner_dir / "test_metrics.json").read_text())["test_rows"] > 0
+    if case == "grid":
+        assert sorted(float(r["train.lr"]) for r in rows) == [1e-3, 1e-2]
+    if case == "hyperopt":
+        # the TPE optimiser was told each trial's result, and proposed the points itself
+        told = [t["result"] for t in searcher_state(tmp_path / "search")["_hpopt_trials"].trials]
+        assert [r["status"] for r in told] == ["ok"] * expected
+        assert {round(r["loss"], 6) for r in told} <= reported_losses(tmp_path / "search")
+    if case == "bohb":
+        # BOHB's optimiser received the evaluations HyperBandForBOHB closed a rung with (losses are the engine's)
+        told = [loss for losses in searcher_state(tmp_path / "search")["bohber"].losses.values() for loss in losses]
+        assert told and {round(loss, 6) for loss in told} <= reported_losses(tmp_path / "search")
+
+
+def test_a_crashing_trial_is_retried_then_marked_failed_and_the_search_goes_on(tiny_bert, tmp_path, local_ray):
+    data = write_reviews(tmp_path / "reviews.tsv", rows=120)
+    tune = {
+        "algorithm": "grid",
+        "num_samples": 1,
+        "max_failures": 1,
+        "mlflow": False,
+        # the tiny BERT has 2 layers: freezing 5 fails when the trial builds its model, every time it is tried
+        "search_space": {"finetune.freeze.layers": {"type": "grid", "values": [1, 5]}},
+    }
+    sections = {
+        "finetune": {"method": "partial", "freeze": {"layers": 1}},
+        "train": {"max_steps": 8, "max_failures": 0},
+    }
+    cfg = tune_cfg(tmp_path / "runs", "crash", tiny_bert, data, tune, **sections)
+    found = tune_experiment(cfg, tmp_path / "search")
+
+    rows = {r["finetune.freeze.layers"]: r for r in csv.DictReader(open(tmp_path / "search" / "trials.csv"))}
+    assert rows["1"]["status"] == "TERMINATED" and rows["5"]["status"] == "ERROR"
+    assert "finetune.freeze.layers is 5 but the model has only 2 layers" in rows["5"]["error"]
+    failed_id = rows["5"]["trial"].split("_")[2]
+    # tried twice (max_failures: 1), each try a Ray Train run of its own
+    assert sorted(p.name for p in (tmp_path / "search" / "train-runs" / failed_id).iterdir()) == ["run-0", "run-1"]
+    assert found.best_config == {"finetune.freeze.layers": 1}
+    assert (found.winner_dir / "model.safetensors").is_file()
