@@ -300,7 +300,10 @@ def serve(target: Annotated[str, typer.Argument(help="Run directory or export to
     _not_yet("serve", "Serving and latency benchmark")
 
 
-bench_app = typer.Typer(help="Benchmarks: training throughput, start-up and ZeRO memory.", no_args_is_help=True)
+bench_app = typer.Typer(
+    help="Benchmarks: training throughput, start-up and ZeRO memory; Tune overhead and search quality.",
+    no_args_is_help=True,
+)
 app.add_typer(bench_app, name="bench")
 
 
@@ -405,6 +408,118 @@ def _print_memory(m: dict[str, Any]) -> None:
             f"DeepSpeed estimator {m['estimator_zero3_vs_zero0']:.2f} (peak RSS {m['zero3_vs_zero0_peak_rss']:.2f})",
             highlight=False,
         )
+
+
+@bench_app.command("tune")
+def bench_tune(
+    config: ConfigArg,
+    overrides: OverridesArg = None,
+    trials: Annotated[int, typer.Option("--trials", min=2, help="Trials of the overhead runs.")] = 20,
+    steps: Annotated[int, typer.Option("--steps", min=2, help="Steps per trial of the engine overhead run.")] = 8,
+    compare: Annotated[
+        str | None, typer.Option("--compare", help="Also search with these algorithms, e.g. random,optuna,pbt.")
+    ] = None,
+    seeds: Annotated[int, typer.Option("--seeds", min=1, help="--compare: seeds per algorithm.")] = 3,
+    samples: Annotated[int, typer.Option("--samples", min=1, help="--compare: trials per search.")] = 4,
+    skip_overhead: Annotated[bool, typer.Option("--compare-only", help="Only the --compare searches.")] = False,
+    out_dir: Annotated[
+        Path | None,
+        typer.Option("--out", help="Where the benchmark's searches go (default OUTPUT_DIR/NAME/bench-tune)."),
+    ] = None,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Also write the figures to this JSON file.")] = None,
+) -> None:
+    """Tune's overhead (trivial trainable and the real engine: trials/min, gaps, memory per trial) and, with
+    --compare, the best validation metric each search algorithm finds at equal compute."""
+    from raytune_ft.bench.tune import bench_compare, bench_engine, bench_trivial
+    from raytune_ft.data import DataError
+    from raytune_ft.model_source import ModelSourceError
+    from raytune_ft.train.trainer import ensure_ray
+    from raytune_ft.tune import MissingExtraError
+    from raytune_ft.tune.search import require_extra
+
+    cfg = _load(config, overrides)
+    algorithms = [a.strip() for a in compare.split(",") if a.strip()] if compare else []
+    known = ("random", "grid", "optuna", "hyperopt", "bohb", "pbt", "pb2")
+    if any(a not in known for a in algorithms):
+        _fail(f"--compare: algorithms are {', '.join(known)}, got '{compare}'", EXIT_CONFIG)
+    if skip_overhead and not algorithms:
+        _fail("--compare-only needs --compare", EXIT_CONFIG)
+    if algorithms and (cfg.tune is None or not cfg.tune.search_space):
+        _fail(f"{config}: --compare needs a tune.search_space to search", EXIT_CONFIG)
+    try:
+        for algorithm in algorithms:
+            require_extra(algorithm)
+    except MissingExtraError as exc:
+        _fail(str(exc), EXIT_CONFIG)
+    root = (out_dir or Path(cfg.output_dir) / cfg.name / "bench-tune").resolve()
+    if root.exists() and any(root.iterdir()):
+        _fail(f"{root} is not empty; pass another --out", EXIT_CONFIG)
+    log = lambda m: err.print(m, highlight=False)  # noqa: E731
+    result: dict[str, Any] = {"experiment": cfg.name}
+    try:
+        ensure_ray(cfg)
+        if not skip_overhead:
+            import ray
+
+            log(f"trivial trainable: {trials} trials")
+            concurrent = max(1, int(ray.cluster_resources().get("CPU", 1)))
+            result["trivial"] = bench_trivial(trials, root / "trivial", concurrent)
+            log(f"the engine: {trials} trials of {steps} steps")
+            result["engine"] = bench_engine(cfg, trials, steps, root / "engine", log)
+            _print_tune_overhead(result)
+        if algorithms:
+            seeds_list = [cfg.seed + i for i in range(seeds)]
+            result["compare"] = bench_compare(cfg, algorithms, seeds_list, samples, root / "compare", log)
+            _print_compare(result["compare"])
+    except (DataError, ModelSourceError, ValueError, RuntimeError) as exc:
+        _fail(str(exc), EXIT_RUNTIME)
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(result, indent=2, default=str) + "\n")
+        err.print(f"wrote {json_path}", highlight=False)
+
+
+def _print_tune_overhead(r: dict[str, Any]) -> None:
+    table = Table(title="Tune overhead", title_justify="left")
+    for col in ("run", "trials", "wall s", "trials/min", "gap s (mean)", "gap s (max)"):
+        table.add_column(col, justify="left" if col == "run" else "right")
+    rows = [(f"trivial, {k}", v) for k, v in r["trivial"].items()] + [("engine, sequential", r["engine"])]
+    for name, v in rows:
+        gap = v.get("gap_s") or {}
+        table.add_row(
+            name,
+            str(v["trials"]),
+            _num(v["wall_s"]),
+            _num(v["trials_per_min"]),
+            _num(gap.get("mean"), 2),
+            _num(gap.get("max"), 2),
+        )
+    out.print(table)
+    memory = r["engine"]["memory"]
+    for key, label in (("driver_rss_mb", "driver RSS"), ("used_mb", "machine memory used")):
+        if memory.get(key):
+            m = memory[key]
+            out.print(
+                f"{label} after each trial: first {_num(m['first'])} MB, last {_num(m['last'])} MB, "
+                f"growth {_num(m['growth_per_trial'], 2)} MB/trial",
+                highlight=False,
+            )
+    if memory.get("worker_peak_rss_mb"):
+        w = memory["worker_peak_rss_mb"]
+        out.print(f"worker peak RSS: first trial {_num(w['first'])} MB, last {_num(w['last'])} MB", highlight=False)
+
+
+def _print_compare(r: dict[str, Any]) -> None:
+    table = Table(title=f"Best {r['metric']} at equal compute ({r['samples']} trials each)", title_justify="left")
+    for col in ("algorithm", "seeds", "mean", "std", "min", "max", "wall s (mean)"):
+        table.add_column(col, justify="left" if col == "algorithm" else "right")
+    for name, a in r["algorithms"].items():
+        b = a["best"]
+        wall = sum(run["wall_s"] for run in a["runs"]) / max(1, len(a["runs"]))
+        table.add_row(
+            name, str(b["n"]), _num(b["mean"], 4), _num(b["std"], 4), _num(b["min"], 4), _num(b["max"], 4), _num(wall)
+        )
+    out.print(table)
 
 
 @app.command()

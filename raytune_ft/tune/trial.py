@@ -130,6 +130,7 @@ def run_trial(config: dict[str, Any], shared: dict[str, Any]) -> None:
             )
             metrics[EXPLOIT_KEY] = record
             record = None
+        metrics["reported_at"] = time.time()  # wall clock, for gaps between trials (`bench tune`)
         if "step" in metrics:  # TensorBoard and MLflow plot against this instead of the report count
             metrics["timesteps_total"] = metrics["step"]
         # what this report was trained with, beside the metrics: PBT schedules show in progress.csv, TensorBoard
