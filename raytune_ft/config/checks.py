@@ -5,14 +5,18 @@ from __future__ import annotations
 from pydantic import BaseModel
 
 from raytune_ft.config.schema import (
+    ChoiceDim,
     ExperimentConfig,
     GridDim,
     IntDim,
     LogUniformDim,
+    TuneConfig,
     UniformDim,
     nested_models,
 )
 
+# Tune's variant generator resolves `sample_from` after plain domains; Optuna defines the space by running code.
+CONDITIONAL_ALGORITHMS = ("random", "optuna")
 # Sections whose leaves a search may vary; model identity, data location and serving stay fixed in a search.
 SEARCHABLE_SECTIONS = ("train", "finetune", "deepspeed", "data", "scaling")
 # What PBT/PB2 may change in a running trial: an exploiting trial loads the donor's DeepSpeed checkpoint, so only
@@ -97,6 +101,29 @@ def consistency_errors(cfg: ExperimentConfig) -> list[tuple[str, str]]:
     return errors
 
 
+def _condition_errors(tune: TuneConfig) -> list[tuple[str, str]]:
+    """`when` names keys of the search space that are always sampled, with values they can take."""
+    errors: list[tuple[str, str]] = []
+    for key, dim in tune.search_space.items():
+        when = getattr(dim, "when", None)
+        if not when:
+            continue
+        where = f"tune.search_space.{key}.when"
+        if tune.algorithm not in CONDITIONAL_ALGORITHMS:
+            errors.append(
+                (where, f"conditional keys need algorithm {' or '.join(CONDITIONAL_ALGORITHMS)}, got {tune.algorithm}")
+            )
+        for other, value in when.items():
+            parent = tune.search_space.get(other)
+            if parent is None:
+                errors.append((where, f"'{other}' is not a key of tune.search_space"))
+            elif getattr(parent, "when", None):
+                errors.append((where, f"'{other}' is itself conditional; conditions may only name unconditional keys"))
+            elif isinstance(parent, (ChoiceDim, GridDim)) and value not in parent.values:
+                errors.append((where, f"'{other}' takes {parent.values}, never {value!r}"))
+    return errors
+
+
 def _tune_errors(cfg: ExperimentConfig) -> list[tuple[str, str]]:
     tune = cfg.tune
     assert tune is not None
@@ -122,6 +149,7 @@ def _tune_errors(cfg: ExperimentConfig) -> list[tuple[str, str]]:
                     f"{', '.join(PERTURBABLE_KEYS)} (search '{key}' with random, grid, optuna, hyperopt or bohb)",
                 )
             )
+    errors += _condition_errors(tune)
     if tune.algorithm in ("pbt", "pb2"):
         if tune.perturbation_interval is None:
             errors.append(("tune.perturbation_interval", f"{tune.algorithm} needs a perturbation interval"))

@@ -238,7 +238,12 @@ class ScalingConfig(Section):
         return value
 
 
+WHEN_HELP = "Conditional: sample this key only when these search-space keys have these values (random, optuna)."
+
+
 class RangeDim(Section):
+    when: dict[str, Any] | None = Field(default=None, description=WHEN_HELP)
+
     @field_validator("high", check_fields=False)
     @classmethod
     def _ordered(cls, value: float, info: ValidationInfo) -> float:
@@ -270,6 +275,7 @@ class IntDim(RangeDim):
 class ChoiceDim(Section):
     type: Literal["choice"]
     values: Annotated[list[Any], Field(min_length=1)]
+    when: dict[str, Any] | None = Field(default=None, description=WHEN_HELP)
 
 
 class GridDim(Section):

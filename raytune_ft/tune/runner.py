@@ -22,8 +22,8 @@ from typing import Any
 from pyarrow.fs import FileSelector, FileType
 
 from raytune_ft.config import ExperimentConfig, config_to_yaml
-from raytune_ft.tune.search import require_extra, scheduler, search_algorithm
-from raytune_ft.tune.space import param_space, trial_experiment
+from raytune_ft.tune.search import require_extra, scheduler, search_algorithm, tuner_space
+from raytune_ft.tune.space import trial_experiment
 from raytune_ft.tune.trial import EXPLOIT_KEY, HP_PREFIX, run_trial
 
 EXPERIMENT = "trials"
@@ -172,7 +172,7 @@ def tune_experiment(
     else:
         tuner = tune.Tuner(
             trainable,
-            param_space=param_space(settings.search_space),
+            param_space=tuner_space(settings),
             tune_config=tune.TuneConfig(
                 metric=settings.metric,
                 mode=settings.mode,

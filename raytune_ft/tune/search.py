@@ -7,7 +7,7 @@ import importlib
 from typing import Any
 
 from raytune_ft.config.schema import GridDim, TuneConfig
-from raytune_ft.tune.space import pb2_bounds, tune_domain
+from raytune_ft.tune.space import DefineByRun, param_space, pb2_bounds, tune_domain
 
 # Training progress is counted in optimizer steps (every report carries `step`), not in reports.
 TIME_ATTR = "step"
@@ -41,6 +41,15 @@ def mutation(dim: Any) -> Any:
     return tune.choice(dim.values) if isinstance(dim, GridDim) else tune_domain(dim)
 
 
+def searcher_holds_space(tune: TuneConfig) -> bool:
+    return tune.algorithm == "optuna" and any(getattr(d, "when", None) for d in tune.search_space.values())
+
+
+def tuner_space(tune: TuneConfig) -> dict[str, Any]:
+    """The Tuner's param_space: empty when the searcher defines the space itself."""
+    return {} if searcher_holds_space(tune) else param_space(tune.search_space)
+
+
 def search_algorithm(tune: TuneConfig, seed: int) -> Any:
     """None for random and grid (Tune's own variant generator samples param_space), and for PBT/PB2."""
     require_extra(tune.algorithm)
@@ -48,7 +57,11 @@ def search_algorithm(tune: TuneConfig, seed: int) -> Any:
         import optuna
         from ray.tune.search.optuna import OptunaSearch
 
-        return OptunaSearch(sampler=optuna.samplers.TPESampler(seed=seed))
+        sampler = optuna.samplers.TPESampler(seed=seed)
+        if searcher_holds_space(tune):
+            # conditional keys: the searcher holds the space as code, and the Tuner's param_space stays empty
+            return OptunaSearch(DefineByRun(tune.search_space), metric=tune.metric, mode=tune.mode, sampler=sampler)
+        return OptunaSearch(sampler=sampler)
     if tune.algorithm == "hyperopt":
         from ray.tune.search.hyperopt import HyperOptSearch
 

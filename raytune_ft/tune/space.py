@@ -26,8 +26,41 @@ def tune_domain(dim: SearchDim) -> Any:
 
 
 def param_space(space: dict[str, SearchDim]) -> dict[str, Any]:
-    """Flat dotted keys (`train.lr`), the names every search library and the trials table show."""
-    return {key: tune_domain(dim) for key, dim in space.items()}
+    """Flat dotted keys (`train.lr`), the names every search library and the trials table show. A conditional
+    key (`when`) is a `sample_from` that Tune resolves after the keys it depends on, None when it does not apply."""
+    from ray import tune
+
+    def conditional(dim: SearchDim) -> Any:
+        domain = tune_domain(dim)
+        return tune.sample_from(lambda spec: domain.sample() if applies(dim, spec.config) else None)
+
+    return {key: conditional(dim) if getattr(dim, "when", None) else tune_domain(dim) for key, dim in space.items()}
+
+
+def applies(dim: SearchDim, chosen: Any) -> bool:
+    return all(chosen[key] == value for key, value in (getattr(dim, "when", None) or {}).items())
+
+
+class DefineByRun:
+    """The search space as Optuna code: conditional keys are suggested only when their condition holds, so TPE
+    models them only on the trials where they exist. A class, not a closure: OptunaSearch pickles its space into
+    Tune's experiment state."""
+
+    def __init__(self, space: dict[str, SearchDim]) -> None:
+        # unconditional keys first, so that every condition can be decided when its key comes up
+        self.space = sorted(space.items(), key=lambda item: bool(getattr(item[1], "when", None)))
+
+    def __call__(self, trial: Any) -> None:
+        chosen: dict[str, Any] = {}
+        for key, dim in self.space:
+            if not applies(dim, chosen):
+                continue
+            if isinstance(dim, (UniformDim, LogUniformDim)):
+                chosen[key] = trial.suggest_float(key, dim.low, dim.high, log=isinstance(dim, LogUniformDim))
+            elif isinstance(dim, IntDim):
+                chosen[key] = trial.suggest_int(key, dim.low, dim.high, log=dim.log)
+            else:
+                chosen[key] = trial.suggest_categorical(key, dim.values)
 
 
 def pb2_bounds(space: dict[str, SearchDim]) -> dict[str, list[float]]:
@@ -51,6 +84,8 @@ def trial_experiment(base: dict[str, Any], values: dict[str, Any], name: str) ->
     trial's sampled values set, validated like the YAML."""
     raw = copy.deepcopy(base)
     for key, value in values.items():
+        if value is None:  # a conditional key whose condition did not hold: the experiment's own value stays
+            continue
         set_dotted(raw, key, value.item() if hasattr(value, "item") else value)  # numpy scalars from samplers
     raw["name"] = name
     return ExperimentConfig.model_validate(raw)

@@ -120,14 +120,22 @@ def test_optuna_with_asha_proposes_points_and_stops_trials_early(tiny_bert, tmp_
         "mode": "min",
         "num_samples": 4,
         "max_concurrent_trials": 2,
-        "search_space": {"train.lr": {"type": "loguniform", "low": 1e-6, "high": 1e-1}},
+        "search_space": {
+            "train.lr": {"type": "loguniform", "low": 1e-6, "high": 1e-1},
+            # a conditional key: Optuna gets the space as define-by-run code and suggests a rank only for LoRA
+            "finetune.method": {"type": "choice", "values": ["full", "lora"]},
+            "finetune.lora.r": {"type": "int", "low": 2, "high": 8, "when": {"finetune.method": "lora"}},
+        },
     }
-    cfg = tune_cfg(tmp_path / "runs", "optuna", tiny_bert, data, tune, train={"max_steps": 12})
+    finetune = {"lora": {"r": 4, "target_modules": ["query", "value"]}}
+    cfg = tune_cfg(tmp_path / "runs", "optuna", tiny_bert, data, tune, train={"max_steps": 12}, finetune=finetune)
     found = tune_experiment(cfg, tmp_path / "search")
 
     rows = list(csv.DictReader(open(tmp_path / "search" / "trials.csv")))
     assert len(rows) == 4 and {r["status"] for r in rows} == {"TERMINATED", "STOPPED"}  # ASHA stopped some
     assert len({r["train.lr"] for r in rows}) == 4  # Optuna proposed four different points
+    for row in rows:
+        assert (row["finetune.lora.r"] != "") == (row["finetune.method"] == "lora"), row
     iterations = [int(r["iterations"]) for r in rows]
     assert min(iterations) < max(iterations) == 3  # ASHA stopped at least one trial before its last evaluation
     best = min(float(r["best_eval_loss"]) for r in rows)

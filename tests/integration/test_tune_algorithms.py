@@ -55,8 +55,15 @@ def test_each_algorithm_runs_end_to_end(case, tiny_bert, tmp_path, local_ray):
     sections = {"train": {"max_steps": 8}}
     if "finetune.lora.r" in space:
         sections["finetune"] = {"method": "lora", "lora": {"r": 4, "target_modules": ["query", "value"]}}
+    if case == "pb2":  # trials and checkpoints on a storage URI, apart from the run directory
+        tune["storage_path"] = f"file://{tmp_path / 'store'}"
     cfg = tune_cfg(tmp_path / "runs", case.replace("+", "-"), tiny_bert, data, tune, **sections)
     found = tune_experiment(cfg, tmp_path / "search")
+    if case == "pb2":
+        assert not (tmp_path / "search" / "trials").exists()
+        trials = list((tmp_path / "store" / "trials").glob("run_trial_*"))
+        assert len(trials) == 2 and all(list(t.glob("checkpoint_*")) for t in trials)
+        assert len(list((tmp_path / "store" / "train-runs").iterdir())) == 2
 
     rows = list(csv.DictReader(open(tmp_path / "search" / "trials.csv")))
     expected = settings["num_samples"]

@@ -119,3 +119,70 @@ def test_retention_keeps_newest_best_and_every_checkpoint_an_exploit_may_need(tm
     log.prune([paused, _trial(b)])
     assert sorted(p.name for p in a.iterdir()) == ["checkpoint_000000", "checkpoint_000002", "checkpoint_000004"]
     assert sorted(p.name for p in b.iterdir()) == ["checkpoint_000001", "checkpoint_000004"]  # donor pinned
+
+
+CONDITIONAL = {
+    "finetune.method": {"type": "choice", "values": ["full", "lora"]},
+    "train.lr": {"type": "loguniform", "low": 1e-5, "high": 1e-3},
+    "finetune.lora.r": {"type": "int", "low": 2, "high": 16, "when": {"finetune.method": "lora"}},
+}
+
+
+def test_conditional_keys_are_sampled_only_when_their_condition_holds(tmp_path):
+    """Random search: Tune's variant generator resolves the condition after the keys it names."""
+    from ray.tune.search.variant_generator import generate_variants
+
+    cfg = cfg_with(tmp_path, tune={"algorithm": "random", "search_space": CONDITIONAL})
+    space = param_space(cfg.tune.search_space)
+    seen = set()
+    for _ in range(40):
+        _, resolved = next(generate_variants(space))
+        rank = resolved["finetune.lora.r"]
+        if resolved["finetune.method"] == "lora":
+            assert 2 <= rank <= 16
+        else:
+            assert rank is None
+        seen.add(resolved["finetune.method"])
+        # the trial's experiment: LoRA rank set for LoRA trials, the experiment's own value kept otherwise
+        trial = trial_experiment(cfg.model_dump(mode="json", by_alias=True), resolved, "x-1")
+        assert trial.finetune.lora.r == (rank if rank is not None else cfg.finetune.lora.r)
+    assert seen == {"full", "lora"}
+
+
+def test_optuna_gets_conditional_keys_as_a_define_by_run_space(tmp_path):
+    import optuna
+
+    from raytune_ft.tune.search import tuner_space
+
+    cfg = cfg_with(tmp_path, tune={"algorithm": "optuna", "search_space": CONDITIONAL})
+    assert tuner_space(cfg.tune) == {}  # the searcher holds the space; the Tuner's param_space stays empty
+    searcher = search_algorithm(cfg.tune, seed=0)
+    assert callable(searcher._space)
+    import pickle
+
+    pickle.loads(pickle.dumps(searcher._space))  # OptunaSearch.save pickles it into Tune's experiment state
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    study.optimize(lambda t: (searcher._space(t), 0.0)[1], n_trials=30)
+    for trial in study.trials:
+        assert ("finetune.lora.r" in trial.params) == (trial.params["finetune.method"] == "lora")
+    assert {t.params["finetune.method"] for t in study.trials} == {"full", "lora"}
+
+
+@pytest.mark.parametrize(
+    ("algorithm", "when", "message"),
+    [
+        ("hyperopt", {"finetune.method": "lora"}, "conditional keys need algorithm random or optuna, got hyperopt"),
+        ("random", {"finetune.nope": "lora"}, "'finetune.nope' is not a key of tune.search_space"),
+        ("random", {"finetune.method": "partial"}, "'finetune.method' takes ['full', 'lora'], never 'partial'"),
+        ("random", {"train.warmup_ratio": 0.1}, "'train.warmup_ratio' is itself conditional"),
+    ],
+)
+def test_conditions_are_checked_at_validation(tmp_path, algorithm, when, message):
+    space = {
+        **CONDITIONAL,
+        "train.warmup_ratio": {"type": "uniform", "low": 0.0, "high": 0.2, "when": {"finetune.method": "lora"}},
+        "finetune.lora.alpha": {"type": "choice", "values": [8, 16], "when": when},
+    }
+    with pytest.raises(ConfigError) as caught:
+        cfg_with(tmp_path, tune={"algorithm": algorithm, "search_space": space})
+    assert any(message in str(issue) for issue in caught.value.issues), caught.value.issues
