@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,9 +50,30 @@ def ensure_ray(cfg: ExperimentConfig) -> None:
         runtime_env["pip"] = list(cfg.cluster.runtime_env.pip)
     if cfg.cluster.runtime_env.working_dir:
         runtime_env["working_dir"] = cfg.cluster.runtime_env.working_dir
-    # address None starts an embedded local Ray instance. Its dashboard stays on (bound to 127.0.0.1): Ray Train
-    # V2 cleans up a dead run's placement group through the state API the dashboard serves.
-    ray.init(address=cfg.cluster.address, runtime_env=runtime_env or None)
+    if cfg.cluster.address is not None:
+        ray.init(address=cfg.cluster.address, runtime_env=runtime_env or None)
+        return
+    # An embedded local Ray instance. Its dashboard stays on (bound to 127.0.0.1): Ray Train V2 cleans up a dead
+    # run's placement group through the state API the dashboard serves.
+    port, env = embedded_dashboard()
+    runtime_env["env_vars"] = {**env, **runtime_env.get("env_vars", {})}
+    ray.init(dashboard_port=port, runtime_env=runtime_env)
+
+
+def embedded_dashboard() -> tuple[int, dict[str, str]]:
+    """A dashboard port for an embedded Ray (8265 when free, where people look for it) and the environment that
+    points this cluster's workers at it. Ray Train V2's placement-group cleaner finds the state API by looking for
+    "the" local Ray; with two Ray instances on one machine (two experiments at once, a test suite beside a
+    benchmark) it fails with "Found multiple active Ray instances" and a stopped trial's CPUs are never freed."""
+    for port in (8265, 0):
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            port = probe.getsockname()[1]
+            break
+    return port, {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}
 
 
 def torch_trainer(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import pickle
 
 import pyarrow.parquet as pq
 import pytest
@@ -136,6 +137,14 @@ def test_optuna_with_asha_proposes_points_and_stops_trials_early(tiny_bert, tmp_
     assert len({r["train.lr"] for r in rows}) == 4  # Optuna proposed four different points
     for row in rows:
         assert (row["finetune.lora.r"] != "") == (row["finetune.method"] == "lora"), row
+    # TPE was told every trial's result (ASHA-stopped ones included), as the losses the engine reported
+    [state] = (tmp_path / "search" / "trials").glob("searcher-state-*.pkl")
+    study = pickle.loads(state.read_bytes())["_ot_study"]
+    told = [t.value for t in study.trials if t.state.name == "COMPLETE"]
+    reported = set()
+    for folder in (tmp_path / "search" / "trials").glob("run_trial_*"):
+        reported |= {round(json.loads(line)["eval_loss"], 6) for line in open(folder / "result.json")}
+    assert len(told) == 4 and {round(v, 6) for v in told} <= reported
     iterations = [int(r["iterations"]) for r in rows]
     assert min(iterations) < max(iterations) == 3  # ASHA stopped at least one trial before its last evaluation
     best = min(float(r["best_eval_loss"]) for r in rows)
