@@ -107,8 +107,9 @@ class MemorySampler:
         return (later[0][1], later[0][2]) if later else None
 
 
-def engine_experiment(cfg: ExperimentConfig, trials: int, steps: int, name: str) -> ExperimentConfig:
-    """The experiment as a sequential random search of `trials` short trials (`steps` steps, two evaluations)."""
+def engine_experiment(cfg: ExperimentConfig, trials: int, steps: int, name: str, out_dir: Path) -> ExperimentConfig:
+    """The experiment as a sequential random search of `trials` short trials (`steps` steps, two evaluations),
+    its data and runs under OUT_DIR."""
     data = cfg.model_dump(mode="json", by_alias=True)
     every = max(1, steps // 2)
     data["train"].update(max_steps=steps, eval_every_steps=every, checkpoint_every_steps=every, early_stopping=None)
@@ -124,6 +125,7 @@ def engine_experiment(cfg: ExperimentConfig, trials: int, steps: int, name: str)
         "search_space": space,
     }
     data["name"] = name
+    data["output_dir"] = str(out_dir)
     return ExperimentConfig.model_validate(data)
 
 
@@ -133,7 +135,7 @@ def bench_engine(cfg: ExperimentConfig, trials: int, steps: int, run_dir: Path, 
 
     from raytune_ft.tune import tune_experiment
 
-    experiment = engine_experiment(cfg, trials, steps, f"{cfg.name}-bench-tune")
+    experiment = engine_experiment(cfg, trials, steps, f"{cfg.name}-bench-tune", run_dir / "experiment")
     started = time.perf_counter()
     with MemorySampler() as memory:
         tune_experiment(experiment, run_dir, log=log)
@@ -188,8 +190,11 @@ def _slope(values: list[float]) -> float | None:
     return sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum((x - mx) ** 2 for x in xs)
 
 
-def compare_experiment(cfg: ExperimentConfig, algorithm: str, seed: int, samples: int) -> ExperimentConfig:
-    """The experiment searched by `algorithm` with `samples` trials: the same steps per trial for every algorithm."""
+def compare_experiment(
+    cfg: ExperimentConfig, algorithm: str, seed: int, samples: int, out_dir: Path
+) -> ExperimentConfig:
+    """The experiment searched by `algorithm` with `samples` trials: the same steps per trial for every algorithm.
+    Its data and runs go under OUT_DIR, so a benchmark never meets an earlier one's write-once test split."""
     if cfg.tune is None or not cfg.tune.search_space:
         raise ValueError("bench tune --compare needs the experiment's tune.search_space")
     data = cfg.model_dump(mode="json", by_alias=True)
@@ -204,6 +209,7 @@ def compare_experiment(cfg: ExperimentConfig, algorithm: str, seed: int, samples
         tune["scheduler"] = "hyperband"
     data["seed"] = seed
     data["name"] = f"{cfg.name}-{algorithm}-s{seed}"
+    data["output_dir"] = str(out_dir)
     return ExperimentConfig.model_validate(data)
 
 
@@ -217,7 +223,7 @@ def bench_compare(
     runs: dict[str, list[dict[str, Any]]] = {}
     for algorithm in algorithms:
         for seed in seeds:
-            experiment = compare_experiment(cfg, algorithm, seed, samples)
+            experiment = compare_experiment(cfg, algorithm, seed, samples, out_dir / "experiments")
             log(f"compare: {algorithm} seed {seed} ({samples} trials)")
             started = time.perf_counter()
             found = tune_experiment(experiment, out_dir / f"{algorithm}-s{seed}", log=log)
