@@ -442,13 +442,14 @@ def trial_rows(results: Any, metric: str, mode: str) -> list[dict[str, Any]]:
         config = dict(result.config or {})
         if best_row is not None:
             config.update({k[len(HP_PREFIX) :]: v for k, v in best_row.items() if k.startswith(HP_PREFIX)})
-        last = result.metrics or {}
+        # the trial's own last report: after a PBT exploit Result.metrics can be the donor's
+        last = dict(history.iloc[-1].dropna()) if history is not None and len(history) else dict(result.metrics or {})
         stopped = last.get("step") is not None and last.get("step", 0) < last.get("total_steps", 0)
         status = "ERROR" if result.error else "STOPPED" if stopped else "TERMINATED"
         rows.append(
             {
                 "trial": Path(result.path).name,
-                "trial_id": last.get("trial_id", ""),
+                "trial_id": trial_id_of(Path(result.path).name) or last.get("trial_id", ""),
                 "status": status,
                 "config": config,
                 f"best_{metric}": None if best_row is None else float(best_row[metric]),
@@ -459,6 +460,12 @@ def trial_rows(results: Any, metric: str, mode: str) -> list[dict[str, Any]]:
             }
         )
     return sorted(rows, key=lambda r: r["trial"])
+
+
+def trial_id_of(folder: str) -> str | None:
+    """run_trial_<id>_<n>_...: ids are <hex>_<5 digits> from Tune's variant generator, 8 hex digits from searchers."""
+    found = re.match(r"^run_trial_([0-9a-f]+(?:_\d{5})?)_\d+_", folder)
+    return found.group(1) if found else None
 
 
 def root_cause(error: BaseException) -> str:

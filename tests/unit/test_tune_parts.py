@@ -186,3 +186,11 @@ def test_conditions_are_checked_at_validation(tmp_path, algorithm, when, message
     with pytest.raises(ConfigError) as caught:
         cfg_with(tmp_path, tune={"algorithm": algorithm, "search_space": space})
     assert any(message in str(issue) for issue in caught.value.issues), caught.value.issues
+
+
+def test_trial_ids_come_from_the_trial_folder_names():
+    from raytune_ft.tune.runner import trial_id_of
+
+    assert trial_id_of("run_trial_20ef7_00001_1_train_lr=0.0000_2026-11-27_01-37-41") == "20ef7_00001"
+    assert trial_id_of("run_trial_7a5c2e07_3_finetune_method=lora,train_lr=0.0003_2026-11-27_00-19-19") == "7a5c2e07"
+    assert trial_id_of("something_else") is None
