@@ -442,8 +442,7 @@ def trial_rows(results: Any, metric: str, mode: str) -> list[dict[str, Any]]:
         config = dict(result.config or {})
         if best_row is not None:
             config.update({k[len(HP_PREFIX) :]: v for k, v in best_row.items() if k.startswith(HP_PREFIX)})
-        # the trial's own last report: after a PBT exploit Result.metrics can be the donor's
-        last = dict(history.iloc[-1].dropna()) if history is not None and len(history) else dict(result.metrics or {})
+        last = result.metrics or {}
         stopped = last.get("step") is not None and last.get("step", 0) < last.get("total_steps", 0)
         status = "ERROR" if result.error else "STOPPED" if stopped else "TERMINATED"
         rows.append(
