@@ -24,7 +24,7 @@ from pyarrow.fs import FileSelector, FileType
 from raytune_ft.config import ExperimentConfig, config_to_yaml
 from raytune_ft.tune.search import require_extra, scheduler, search_algorithm, tuner_space
 from raytune_ft.tune.space import trial_experiment
-from raytune_ft.tune.trial import EXPLOIT_KEY, HP_PREFIX, run_trial
+from raytune_ft.tune.trial import EXPLOIT_KEY, HP_PREFIX, filesystem_of, run_trial
 
 EXPERIMENT = "trials"
 
@@ -268,9 +268,7 @@ def storage_of(cfg: ExperimentConfig, run_dir: Path) -> str:
 
 
 def _exists(uri: str) -> bool:
-    from pyarrow.fs import FileSystem
-
-    fs, path = FileSystem.from_uri(uri if "://" in uri else str(Path(uri).resolve()))
+    fs, path = filesystem_of(uri)
     return fs.get_file_info(path).type != FileType.NotFound
 
 
@@ -400,12 +398,10 @@ def _finish(
 def _keep_schedule(best: Any, winner: Path) -> None:
     """PBT/PB2 write each trial's schedule to pbt_policy_<trial_id>.txt beside the trial folders; the winner keeps
     a copy (what `tune --replay` re-runs) and a readable schedule.json."""
-    from pyarrow.fs import FileSystem
-
-    trial_id = best.metrics.get("trial_id") if best.metrics else None
+    trial_id = trial_id_of(Path(best.path).name)  # not best.metrics: after an exploit it can name the donor
     experiment = str(best.path).rsplit("/", 1)[0]
     source = f"{experiment}/pbt_policy_{trial_id}.txt"
-    fs = best.filesystem or FileSystem.from_uri(str(Path(experiment).resolve()))[0]
+    fs = best.filesystem or filesystem_of(experiment)[0]
     if trial_id is None or fs.get_file_info(source).type == FileType.NotFound:
         return
     with fs.open_input_stream(source) as fh:

@@ -57,11 +57,18 @@ def restore_record(checkpoint: Any, trial_id: str) -> dict[str, Any]:
     }
 
 
+def filesystem_of(location: str) -> tuple[Any, str]:
+    """The pyarrow filesystem and path of a directory or a URI (s3://, gs://, file://)."""
+    from pyarrow.fs import FileSystem
+
+    return FileSystem.from_uri(location if "://" in location else str(Path(location).resolve()))
+
+
 def _attempts(storage: str) -> int:
     """Ray Train runs this trial already started under STORAGE (a directory or a pyarrow URI)."""
-    from pyarrow.fs import FileSelector, FileSystem
+    from pyarrow.fs import FileSelector
 
-    fs, path = FileSystem.from_uri(storage if "://" in storage else str(Path(storage).resolve()))
+    fs, path = filesystem_of(storage)
     return sum(1 for i in fs.get_file_info(FileSelector(path, allow_not_found=True)) if i.base_name.startswith("run-"))
 
 
