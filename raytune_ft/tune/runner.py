@@ -27,6 +27,7 @@ from raytune_ft.tune.space import trial_experiment
 from raytune_ft.tune.trial import EXPLOIT_KEY, HP_PREFIX, filesystem_of, run_trial
 
 EXPERIMENT = "trials"
+TRIAL_LOGS = ("progress.csv", "result.json")  # what Tune's CSV and JSON loggers write per trial
 
 
 @dataclass
@@ -89,6 +90,26 @@ class ExperimentLog:
         if folder and trial.path and self.metric in result:
             self.scores[f"{trial.path.rstrip('/')}/{folder}"] = float(result[self.metric])
         self.prune(trials)
+
+    @staticmethod
+    def on_trial_start(trial: Any) -> None:
+        """Tune's CSV and JSON loggers, when a trial restarts from a checkpoint (PBT exploit, replay switch,
+        retry), copy progress.csv and result.json from storage over the driver's copy; storage is synced from
+        the driver only every few minutes, so the reports since the last sync were lost (seen: a PB2 trial's
+        result.json left empty, a replay missing its step-8 and step-16 reports). Upload the driver's copy
+        first, so that the copy back is the whole log. Runs before the loggers: user callbacks come first."""
+        if trial.checkpoint is None or not trial.local_path:
+            return
+        import pyarrow.fs
+
+        for name in TRIAL_LOGS:
+            local = Path(trial.local_path) / name
+            if local.is_file() and local.stat().st_size:
+                pyarrow.fs.copy_files(
+                    str(local),
+                    f"{trial.storage.trial_fs_path}/{name}",
+                    destination_filesystem=trial.storage.storage_filesystem,
+                )
 
     def pinned(self, trials: list[Any]) -> set[str]:
         """Checkpoints a pending restore or a PBT exploit may still read, and the ones Tune's own records call a
@@ -196,7 +217,6 @@ def replay_schedule(
     starts from the configuration the trial inherited and switches at the recorded training iterations. The
     result is exported to OUT_DIR/winner; the test split is not read again."""
     from ray import tune
-    from ray.tune.schedulers import PopulationBasedTrainingReplay
 
     from raytune_ft.config import load_config
     from raytune_ft.train.trainer import export_prepared
@@ -221,7 +241,7 @@ def replay_schedule(
             metric=cfg.tune.metric,
             mode=cfg.tune.mode,
             num_samples=1,
-            scheduler=PopulationBasedTrainingReplay(str(policy)),
+            scheduler=replay_scheduler(str(policy)),
             reuse_actors=False,
         ),
         run_config=_run_config(cfg, out_dir, storage, None),
@@ -238,6 +258,25 @@ def replay_schedule(
     final_cfg = trial_experiment(cfg.model_dump(mode="json", by_alias=True), result.config, cfg.name)
     with checkpoint.as_directory() as local:
         return export_prepared(Path(local), final_cfg, out_dir / "winner", worker_data)
+
+
+def replay_scheduler(policy: str) -> Any:
+    from ray.tune.schedulers import PopulationBasedTrainingReplay, TrialScheduler
+
+    class ScheduleReplay(PopulationBasedTrainingReplay):
+        """Ray's replay saves the trial and pauses it while that save is pending; Tune then caches a STOP for
+        the trial, to run 'once the save is processed', which nothing clears: the restarted trial was stopped
+        after its next report (seen: replays ending at step 12 of 16). The switch is made here, so that
+        decision is dropped."""
+
+        def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
+            decision = super().on_trial_result(tune_controller, trial, result)
+            if decision == TrialScheduler.NOOP:
+                controller = getattr(tune_controller, "_tune_controller", tune_controller)
+                controller._cached_trial_decisions.pop(trial.trial_id, None)
+            return decision
+
+    return ScheduleReplay(policy)
 
 
 def _policy_file(run_dir: Path, trial: str | None) -> Path:
@@ -358,6 +397,9 @@ def _callback(run_dir: Path, settings: Any, trial_scheduler: Any) -> Any:
     class Callback(tune.Callback):
         def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
             log.on_trial_result(trials, trial, result)
+
+        def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            log.on_trial_start(trial)
 
     return Callback()
 

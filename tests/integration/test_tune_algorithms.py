@@ -70,6 +70,12 @@ def test_each_algorithm_runs_end_to_end(case, tiny_bert, tmp_path, local_ray):
     assert len(rows) == expected and {r["status"] for r in rows} <= {"TERMINATED", "STOPPED"}, rows
     assert len({tuple(r[k] for k in space) for r in rows}) == expected  # every trial tried its own point
     assert all(float(r["best_eval_loss"]) > 0 for r in rows)  # Tune saw the engine's validation reports
+    # every report is in each trial's result.json, also across PB2's restarts (Tune's loggers copy the log back
+    # from storage when a trial restarts; reports not yet synced there used to be lost)
+    storage = tmp_path / ("store" if case == "pb2" else "search")
+    for row in rows:
+        reports = [json.loads(line) for line in open(storage / "trials" / row["trial"] / "result.json")]
+        assert reports and reports[-1]["training_iteration"] == int(row["iterations"]), row
     assert (found.winner_dir / "model.safetensors").is_file()
     assert json.loads((found.winner_dir / "test_metrics.json").read_text())["test_rows"] > 0
     if case == "hyperopt":
