@@ -511,14 +511,15 @@ def _print_tune_overhead(r: dict[str, Any]) -> None:
 
 def _print_compare(r: dict[str, Any]) -> None:
     table = Table(title=f"Best {r['metric']} at equal compute ({r['samples']} trials each)", title_justify="left")
-    for col in ("algorithm", "seeds", "mean", "std", "min", "max", "wall s (mean)"):
+    for col in ("algorithm", "seeds", "mean", "std", "min", "max", "steps trained (mean)", "wall s (mean)"):
         table.add_column(col, justify="left" if col == "algorithm" else "right")
     for name, a in r["algorithms"].items():
         b = a["best"]
-        wall = sum(run["wall_s"] for run in a["runs"]) / max(1, len(a["runs"]))
-        table.add_row(
-            name, str(b["n"]), _num(b["mean"], 4), _num(b["std"], 4), _num(b["min"], 4), _num(b["max"], 4), _num(wall)
-        )
+        n = max(1, len(a["runs"]))
+        wall = sum(run["wall_s"] for run in a["runs"]) / n
+        steps = sum(run.get("steps_trained", 0) for run in a["runs"]) / n
+        row = [_num(b[k], 4) for k in ("mean", "std", "min", "max")]
+        table.add_row(name, str(b["n"]), *row, _num(steps, 0), _num(wall))
     out.print(table)
 
 

@@ -9,6 +9,7 @@ the same number of trials and the same steps per trial (equal compute), best val
 
 from __future__ import annotations
 
+import json
 import statistics
 import threading
 import time
@@ -213,10 +214,37 @@ def compare_experiment(
     return ExperimentConfig.model_validate(data)
 
 
+def steps_trained(storage: str) -> int:
+    """Optimizer steps a search really trained, all trials together (from each trial's result.json): a PBT trial
+    that exploits goes on from the donor's step, so the steps it skipped were not trained by it."""
+    from pyarrow.fs import FileSelector, FileType
+
+    from raytune_ft.tune.runner import EXPERIMENT
+    from raytune_ft.tune.trial import filesystem_of
+
+    fs, root = filesystem_of(f"{storage}/{EXPERIMENT}")
+    total = 0
+    for info in fs.get_file_info(FileSelector(root, allow_not_found=True)):
+        if info.type != FileType.Directory or not info.base_name.startswith("run_trial_"):
+            continue
+        try:
+            with fs.open_input_stream(f"{info.path}/result.json") as stream:
+                lines = stream.readall().decode().splitlines()
+        except FileNotFoundError:
+            continue
+        previous = 0
+        for report in map(json.loads, filter(None, lines)):
+            if "step" in report:
+                total += max(0, report["step"] - report.get("resumed_step", previous))
+                previous = report["step"]
+    return total
+
+
 def bench_compare(
     cfg: ExperimentConfig, algorithms: list[str], seeds: list[int], samples: int, out_dir: Path, log: Callable
 ) -> dict[str, Any]:
     from raytune_ft.tune import tune_experiment
+    from raytune_ft.tune.runner import storage_of
 
     assert cfg.tune is not None
     metric = cfg.tune.metric
@@ -231,6 +259,7 @@ def bench_compare(
                 {
                     "seed": seed,
                     "best": found.best_metrics.get(metric),
+                    "steps_trained": steps_trained(storage_of(experiment, found.run_dir)),
                     "best_config": found.best_config,
                     "wall_s": time.perf_counter() - started,
                     "test": {k: v for k, v in found.test_metrics.items() if isinstance(v, float)},

@@ -57,6 +57,7 @@ def test_bench_tune_measures_overhead_memory_and_compares_searches(tiny_bert, tm
     assert compare["metric"] == "eval_accuracy" and compare["samples"] == 2
     [run] = compare["algorithms"]["random"]["runs"]
     assert 0 <= run["best"] <= 1 and compare["algorithms"]["random"]["best"]["mean"] == run["best"]
+    assert run["steps_trained"] == 2 * 4  # two trials of max_steps 4: the compute the search spent
     assert "train.lr" in run["best_config"]
 
 

@@ -127,3 +127,21 @@ def test_bench_train_refuses_bad_arguments(tmp_path, args, message):
     result = runner.invoke(app, ["bench", "train", str(experiment(tmp_path, balanced_rows(4))), *args])
     assert result.exit_code == 2
     assert message in result.stderr.replace("\n", " ")
+
+
+def test_steps_trained_counts_what_each_trial_ran_not_where_it_ended(tmp_path):
+    import json
+
+    from raytune_ft.bench.tune import steps_trained
+
+    def trial(name, reports):
+        folder = tmp_path / "trials" / name
+        folder.mkdir(parents=True)
+        (folder / "result.json").write_text("".join(json.dumps(r) + "\n" for r in reports))
+
+    trial("run_trial_a", [{"step": 40}, {"step": 80}, {"step": 120}])
+    # exploited the donor's step-80 checkpoint after its own step 40: trained 40 + 40, not 120
+    trial("run_trial_b", [{"step": 40}, {"step": 120, "resumed_step": 80}])
+    trial("run_trial_c", [])  # never reported
+    (tmp_path / "trials" / "searcher-state.pkl").write_bytes(b"")
+    assert steps_trained(str(tmp_path)) == 120 + 80
