@@ -339,6 +339,7 @@ class RequestLimits(Section):
     max_body_bytes: PositiveInt = 1_000_000
     max_items: PositiveInt = 64
     max_text_chars: PositiveInt = 10_000
+    max_tokens: PositiveInt = 256
 
 
 class ServeConfig(Section):
@@ -350,6 +351,10 @@ class ServeConfig(Section):
     num_gpus: Annotated[float, Field(ge=0)] = 0.0
     max_batch_size: PositiveInt = 16
     batch_wait_timeout_s: Annotated[float, Field(ge=0)] = 0.01
+    max_ongoing_requests: PositiveInt = 64
+    max_queued_requests: Annotated[int, Field(ge=-1)] = 256
+    retry_after_s: Annotated[float, Field(ge=0)] = 1.0
+    health_check_period_s: PositiveFloat = 10.0
     api_key_env: str | None = Field(
         default=None, description="Name of the environment variable holding the API key; keys stay out of YAML."
     )

@@ -1,0 +1,347 @@
+"""The `raytune-ft` command line: validate, data, train, tune, report, serve (and `bench`, in cli/bench.py)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from raytune_ft import __version__
+from raytune_ft.cli.common import (
+    EXIT_CONFIG,
+    EXIT_RUNTIME,
+    ConfigArg,
+    OverridesArg,
+    app,
+    err,
+    fail,
+    load_experiment,
+    not_yet,
+    out,
+)
+from raytune_ft.config import ConfigError, ExperimentConfig, config_to_yaml
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"raytune-ft {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """Fine-tune Hugging Face models on Ray."""
+
+
+@app.command()
+def validate(config: ConfigArg, overrides: OverridesArg = None) -> None:
+    """Check an experiment file; print the resolved config, or every error with its file line."""
+    cfg = load_experiment(config, overrides)
+    sys.stdout.write(config_to_yaml(cfg))
+    err.print(f"[green]✓[/] {config} is valid", highlight=False, soft_wrap=True)
+
+
+@app.command()
+def data(
+    config: ConfigArg,
+    overrides: OverridesArg = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Rebuild even if a test split exists (the old one is moved aside).")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the full JSON data report.")] = False,
+    no_tokens: Annotated[bool, typer.Option("--no-tokens", help="Skip the tokenizer statistics.")] = False,
+) -> None:
+    """Run the data pipeline (read, curate, split, tokenize) and print the data report."""
+    from raytune_ft.data import DataError, prepare_data
+    from raytune_ft.model_source import ModelSourceError
+
+    cfg = load_experiment(config, overrides)
+    try:
+        with err.status("preparing data") as status:
+            prepared = prepare_data(
+                cfg, force=force, with_tokens=not no_tokens, on_stage=lambda s: status.update(f"{s}…")
+            )
+    except (DataError, ModelSourceError) as exc:
+        fail(str(exc), EXIT_RUNTIME)
+    if as_json:
+        sys.stdout.write(json.dumps(prepared.report, indent=2, ensure_ascii=False) + "\n")
+        return
+    _print_data_report(prepared.report)
+    if prepared.replaced:
+        err.print(f"previous data directory moved to {prepared.replaced}", highlight=False, soft_wrap=True)
+    state = "up to date, reused" if prepared.reused else "written"
+    out.print(
+        f"\nData {state}: {prepared.data_dir}  (report: {prepared.data_dir / 'data_report.json'})", highlight=False
+    )
+
+
+def _print_data_report(report: dict[str, Any]) -> None:
+    src = report["source"]
+    out.print(
+        f"[bold]Source[/] {src['path']} ({src['format']}): {src['rows_read']} rows read, {src['rows_used']} used",
+        highlight=False,
+    )
+    for kind, found in report["findings"].items():
+        line = (
+            f"  {kind} repeats: {found['repeated_rows']} rows repeat an earlier text ({found['texts_repeated']} texts)"
+        )
+        if "repeats_with_conflicting_label" in found:
+            line += (
+                f"; {found['repeats_with_conflicting_label']} repeats carry a different label "
+                f"({found['texts_with_conflicting_labels']} texts, {found['rows_in_conflicting_texts']} rows)"
+            )
+        out.print(line, highlight=False, soft_wrap=True)
+
+    steps = Table(title="Curation", title_justify="left")
+    for col in ("step", "rows in", "rows out", "removed", "notes"):
+        steps.add_column(col, justify="right" if col.startswith(("rows", "removed")) else "left")
+    for step in report["steps"]:
+        notes = ", ".join(
+            f"{k}={v}" for k, v in step.items() if k not in ("name", "rows_in", "rows_out", "removed", "mode")
+        )
+        steps.add_row(step["name"], str(step["rows_in"]), str(step["rows_out"]), str(step["removed"]), notes)
+    out.print(steps)
+
+    tokens = report.get("tokens", {}).get("splits", {})
+    splits = Table(
+        title=f"Splits ({report['split']['strategy']}, seed {report['split']['seed']})", title_justify="left"
+    )
+    for col in ("split", "rows", "class balance", "tokens p50/p95/max", "truncated / blocks"):
+        splits.add_column(col, justify="left" if col in ("split", "class balance") else "right")
+    names = dict(zip(report.get("classes") or [], report.get("label_names") or [], strict=False))
+    for name, info in report["splits"].items():
+        balance = info["class_balance"] or {}
+        balance_text = "\n".join(f"{names.get(c, c)}: {v['rows']} ({v['fraction']:.1%})" for c, v in balance.items())
+        tok = tokens.get(name, {})
+        lengths = f"{tok['p50']}/{tok['p95']}/{tok['max']}" if "p50" in tok else "-"
+        extra = tok.get("truncated_rows", tok.get("blocks", "-"))
+        splits.add_row(name, str(info["rows"]), balance_text or "-", lengths, str(extra))
+    out.print(splits)
+    if report.get("class_weights"):
+        out.print(f"class weights (train): {report['class_weights']}", highlight=False, soft_wrap=True)
+
+
+@app.command()
+def train(
+    config: Annotated[
+        Path | None, typer.Argument(help="Experiment YAML file (omit with --resume).", show_default=False)
+    ] = None,
+    overrides: OverridesArg = None,
+    resume: Annotated[
+        Path | None, typer.Option("--resume", help="Continue the run in this run directory from its last checkpoint.")
+    ] = None,
+    no_export: Annotated[bool, typer.Option("--no-export", help="Skip exporting the best checkpoint.")] = False,
+) -> None:
+    """Fine-tune with DeepSpeed on Ray Train; export the best checkpoint as a Hugging Face model directory."""
+    from raytune_ft.data import DataError
+    from raytune_ft.model_source import ModelSourceError
+    from raytune_ft.train import CONFIG_FILE, CheckpointError
+    from raytune_ft.train import train as run_train
+
+    if resume is not None:
+        if config is not None and config.suffix not in (".yaml", ".yml"):
+            overrides = [str(config), *(overrides or [])]
+        saved = resume / CONFIG_FILE
+        if not saved.is_file():
+            fail(f"{resume} is not a run directory: {CONFIG_FILE} not found", EXIT_CONFIG)
+        cfg = load_experiment(saved, overrides)
+    elif config is None:
+        fail("give an experiment file, or --resume RUN_DIR", EXIT_CONFIG)
+    else:
+        cfg = load_experiment(config, overrides)
+    try:
+        result = run_train(
+            cfg, resume=resume is not None, export=not no_export, log=lambda m: err.print(m, highlight=False)
+        )
+    except (DataError, ModelSourceError, CheckpointError) as exc:
+        fail(str(exc), EXIT_RUNTIME)
+    table = Table(title="Best checkpoint", title_justify="left")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in sorted(result.metrics.items()):
+        if key.startswith("eval_") and "/" not in key or key in ("step", "epoch", "train_loss"):
+            table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+    out.print(table)
+    out.print(f"checkpoint: {result.best_checkpoint}", highlight=False, soft_wrap=True)
+    if result.export_dir:
+        out.print(f"export: {result.export_dir}", highlight=False, soft_wrap=True)
+
+
+@app.command()
+def tune(
+    config: Annotated[
+        Path | None, typer.Argument(help="Experiment YAML file (omit with --resume).", show_default=False)
+    ] = None,
+    overrides: OverridesArg = None,
+    run_dir: Annotated[
+        Path | None, typer.Option("--run-dir", help="Where the search goes (default: OUTPUT_DIR/NAME/tune).")
+    ] = None,
+    resume: Annotated[
+        Path | None, typer.Option("--resume", help="Continue the interrupted search in this run directory.")
+    ] = None,
+    replay: Annotated[
+        Path | None,
+        typer.Option("--replay", help="Re-run the PBT/PB2 schedule of this run directory's winner (or --trial)."),
+    ] = None,
+    trial: Annotated[str | None, typer.Option("--trial", help="With --replay: the trial id to replay.")] = None,
+) -> None:
+    """Search hyper-parameters with Ray Tune; export the winner and evaluate it once on the test split."""
+    from raytune_ft.data import DataError
+    from raytune_ft.model_source import ModelSourceError
+    from raytune_ft.train import CheckpointError
+    from raytune_ft.tune import MissingExtraError, replay_schedule, tune_experiment
+
+    if replay is not None:
+        if not (replay / "config.yaml").is_file():
+            fail(f"{replay} is not a tune run directory: config.yaml not found", EXIT_CONFIG)
+        try:
+            export = replay_schedule(replay, trial, run_dir, log=lambda m: err.print(m, highlight=False))
+        except (FileNotFoundError, FileExistsError, ValueError) as exc:
+            fail(str(exc), EXIT_CONFIG)
+        except (DataError, ModelSourceError, CheckpointError, RuntimeError) as exc:
+            fail(str(exc), EXIT_RUNTIME)
+        out.print(f"replayed schedule exported to {export}", highlight=False, soft_wrap=True)
+        return
+    if resume is not None:
+        if config is not None and config.suffix not in (".yaml", ".yml"):
+            overrides = [str(config), *(overrides or [])]
+        if not (resume / "config.yaml").is_file():
+            fail(f"{resume} is not a tune run directory: config.yaml not found", EXIT_CONFIG)
+        cfg = load_experiment(resume / "config.yaml", overrides)
+        run_dir = resume
+    elif config is None:
+        fail("give an experiment file, or --resume RUN_DIR", EXIT_CONFIG)
+    else:
+        cfg = load_experiment(config, overrides)
+    if cfg.tune is None:
+        fail(f"{config}: the experiment has no 'tune' section to search", EXIT_CONFIG)
+    try:
+        found = tune_experiment(cfg, run_dir, resume=resume is not None, log=lambda m: err.print(m, highlight=False))
+    except MissingExtraError as exc:
+        fail(str(exc), EXIT_CONFIG)
+    except (DataError, ModelSourceError, CheckpointError, FileExistsError, FileNotFoundError, RuntimeError) as exc:
+        fail(str(exc), EXIT_RUNTIME)
+    metric = f"best_{cfg.tune.metric}"
+    table = Table(title=f"Trials ({cfg.tune.algorithm}, {metric})", title_justify="left")
+    keys = list(cfg.tune.search_space)
+    for col in ("trial", "status", *keys, metric, "last_step"):
+        table.add_column(col, justify="left" if col in ("trial", "status") else "right")
+    for row in found.trials:
+        values = [row["config"].get(k) for k in keys]
+        cells = [row["trial"], row["status"], *[_short(v) for v in values], _short(row[metric]), str(row["last_step"])]
+        table.add_row(*cells)
+    out.print(table)
+    out.print(f"winner: {found.best_trial} {found.best_config}", highlight=False, soft_wrap=True)
+    tested = {k: v for k, v in found.test_metrics.items() if k.startswith("test_") and "/" not in k}
+    out.print(f"test (read once): {json.dumps(tested)}", highlight=False, soft_wrap=True)
+    out.print(f"export: {found.winner_dir}", highlight=False, soft_wrap=True)
+
+
+def _short(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+@app.command()
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="Run directory written by `raytune-ft tune`.", show_default=False)],
+    out_file: Annotated[
+        Path | None, typer.Option("--out", help="Where the HTML goes (default: RUN_DIR/report.html).")
+    ] = None,
+) -> None:
+    """Write one self-contained HTML report of a tune run: curves, PBT schedule, search, winner, trials."""
+    from raytune_ft.report import MissingMatplotlibError, RunDirError, write_report
+
+    try:
+        path = write_report(run_dir, out_file)
+    except (RunDirError, MissingMatplotlibError) as exc:
+        fail(str(exc), EXIT_CONFIG)
+    except OSError as exc:
+        fail(f"cannot write the report: {exc}", EXIT_RUNTIME)
+    sys.stdout.write(f"{path}\n")
+
+
+@app.command()
+def serve(
+    target: Annotated[
+        str, typer.Argument(help="Run directory or export to serve; `stop` deletes a detached app.", show_default=False)
+    ],
+    overrides: OverridesArg = None,
+    detach: Annotated[
+        bool, typer.Option("--detach", help="Leave the app running on a local Ray head (started if none) and exit.")
+    ] = False,
+    address: Annotated[
+        str | None,
+        typer.Option("--address", help="Ray cluster address (default: the experiment's cluster.address)."),
+    ] = None,
+) -> None:
+    """Deploy an exported model behind HTTP with Ray Serve (settings: the export's `serve` section + overrides)."""
+    from raytune_ft.serve.deploy import ServeError, deploy, serve_until_interrupted, start_detached, stop
+    from raytune_ft.serve.model import ExportError, find_export
+
+    log = lambda m: err.print(m, highlight=False)  # noqa: E731
+    if target == "stop":
+        try:
+            if not stop(address, log):
+                log("no raytune-ft server was running")
+        except ServeError as exc:
+            fail(str(exc), EXIT_RUNTIME)
+        return
+    try:
+        export = find_export(Path(target))
+    except ExportError as exc:
+        fail(str(exc), EXIT_CONFIG)
+    extra = [*(overrides or []), *([f"cluster.address={address}"] if address else [])]
+    cfg = _export_config(export, extra)
+    try:
+        url = start_detached(export, cfg, extra, log=log) if detach else deploy(export, cfg, log)
+    except ServeError as exc:
+        fail(str(exc), EXIT_CONFIG)
+    out.print(url, highlight=False)
+    if detach or cfg.cluster.address is not None:
+        log(f"serving {export} at {url}; `raytune-ft serve stop` stops it")
+        return
+    log(f"serving {export} at {url} (Ctrl-C stops)")
+    serve_until_interrupted(cfg.serve.port, log)
+
+
+def _export_config(export: Path, overrides: list[str]) -> ExperimentConfig:
+    """The experiment an export was trained with (its raytune_ft.json), with command-line overrides."""
+    from raytune_ft.config.loader import validate_raw
+    from raytune_ft.export import METADATA
+
+    origin = str(export / METADATA)
+    raw = json.loads((export / METADATA).read_text()).get("experiment")
+    if not isinstance(raw, dict):
+        fail(f"{origin}: no experiment recorded", EXIT_CONFIG)
+    try:
+        return validate_raw(raw, None, origin, overrides, base_dir=export)
+    except ConfigError as exc:
+        err.print(f"[bold red]{len(exc.issues)} error(s)[/] in {origin}:", highlight=False, soft_wrap=True)
+        for issue in exc.issues:
+            err.print(f"  {issue}", highlight=False, markup=False, soft_wrap=True)
+        raise typer.Exit(EXIT_CONFIG) from None
+
+
+@app.command()
+def submit(config: ConfigArg, overrides: OverridesArg = None) -> None:
+    """Submit an experiment as a Ray job to a cluster."""
+    load_experiment(config, overrides)
+    not_yet("submit", "Clusters, jobs and autoscaling")
+
+
+@app.command()
+def run(config: ConfigArg, overrides: OverridesArg = None) -> None:
+    """Run the whole pipeline: data, tune, test, export, serve, bench, report."""
+    load_experiment(config, overrides)
+    not_yet("run", "One command, end to end")
+
+
+from raytune_ft.cli import bench  # noqa: E402,F401  (registers `raytune-ft bench ...`)

@@ -1,0 +1,3 @@
+from raytune_ft.cli import app
+
+app()

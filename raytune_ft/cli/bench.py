@@ -1,0 +1,341 @@
+"""`raytune-ft bench ...`: the training, Tune and serving benchmarks' commands and their tables."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from raytune_ft.cli.common import (
+    EXIT_CONFIG,
+    EXIT_RUNTIME,
+    ConfigArg,
+    OverridesArg,
+    app,
+    err,
+    fail,
+    load_experiment,
+    num,
+    out,
+)
+
+bench_app = typer.Typer(
+    help="Benchmarks: training throughput, start-up and ZeRO memory; Tune overhead and search quality.",
+    no_args_is_help=True,
+)
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("train")
+def bench_train(
+    config: ConfigArg,
+    overrides: OverridesArg = None,
+    steps: Annotated[int, typer.Option("--steps", min=2, help="Optimizer steps per loop (first one untimed).")] = 20,
+    zero_stages: Annotated[
+        str | None, typer.Option("--zero-stages", help="Also measure memory per worker of ZeRO stages, e.g. 0,2,3.")
+    ] = None,
+    memory_model: Annotated[
+        str, typer.Option("--memory-model", help="Llama shape for the memory runs: 130m, 350m or tiny.")
+    ] = "130m",
+    skip_throughput: Annotated[
+        bool, typer.Option("--memory-only", help="Only the ZeRO memory runs (needs --zero-stages).")
+    ] = False,
+    peak_tflops: Annotated[
+        float | None, typer.Option("--peak-tflops", help="Accelerator peak for MFU when its name is not known.")
+    ] = None,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Also write the figures to this JSON file.")] = None,
+) -> None:
+    """Bare PyTorch loop vs the Ray Train + DeepSpeed loop on the same model, data and global batch."""
+    from raytune_ft.bench import MEMORY_MODELS, bench_memory, bench_throughput
+    from raytune_ft.data import DataError
+    from raytune_ft.model_source import ModelSourceError
+
+    cfg = load_experiment(config, overrides)
+    try:
+        stages = [int(s) for s in zero_stages.split(",")] if zero_stages else []
+    except ValueError:
+        fail(f"--zero-stages: expected numbers such as 0,2,3, got '{zero_stages}'", EXIT_CONFIG)
+    if any(s not in (0, 1, 2, 3) for s in stages):
+        fail(f"--zero-stages: ZeRO stages are 0, 1, 2 and 3, got '{zero_stages}'", EXIT_CONFIG)
+    if memory_model not in MEMORY_MODELS:
+        fail(f"--memory-model: expected one of {', '.join(MEMORY_MODELS)}, got '{memory_model}'", EXIT_CONFIG)
+    if skip_throughput and not stages:
+        fail("--memory-only needs --zero-stages", EXIT_CONFIG)
+    log = lambda m: err.print(m, highlight=False)  # noqa: E731
+    result: dict[str, Any] = {}
+    try:
+        if not skip_throughput:
+            result = bench_throughput(cfg, steps, log=log, peak_tflops=peak_tflops)
+            _print_throughput(result)
+        if stages:
+            result["memory"] = bench_memory(cfg, stages, memory_model, log=log)
+            _print_memory(result["memory"])
+    except (DataError, ModelSourceError, ValueError) as exc:
+        fail(str(exc), EXIT_RUNTIME)
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(result, indent=2) + "\n")
+        err.print(f"wrote {json_path}", highlight=False)
+
+
+def _print_throughput(r: dict[str, Any]) -> None:
+    table = Table(
+        title=f"{r['experiment']}: {r['steps']} steps x {r['global_batch']} samples, {r['workers']} worker(s), "
+        f"ZeRO-{r['zero_stage']}, {r['finetune']}, {r['device']} {r['precision']}",
+        title_justify="left",
+    )
+    for col in ("", "bare PyTorch", "Ray Train + DeepSpeed", "ratio"):
+        table.add_column(col, justify="left" if not col else "right")
+    for key in ("samples_per_s", "tokens_per_s", "time_to_first_step_s", "peak_rss_mb"):
+        table.add_row(key, num(r["bare"][key]), num(r["ray"][key]), num(r["ratios"][key], 3))
+    out.print(table)
+    out.print(
+        f"no-op TorchTrainer time to first step: {r['noop_time_to_first_step_s']:.1f} s; "
+        f"this loop's is {num(r['startup_vs_noop'], 2)}x that "
+        f"({', '.join(f'{k} {v:.1f} s' for k, v in r['ray']['startup_s'].items())})",
+        highlight=False,
+        soft_wrap=True,
+    )
+    if r["ray"].get("mfu") is not None:
+        out.print(f"model FLOPs utilisation: {r['ray']['mfu']:.1%}", highlight=False)
+
+
+def _print_memory(m: dict[str, Any]) -> None:
+    table = Table(
+        title=f"ZeRO memory per worker: {m['model']} ({m['params'] / 1e6:.1f}M params), {m['workers']} worker(s), "
+        f"block {m['block_size']}",
+        title_justify="left",
+    )
+    for col in ("ZeRO stage", "model states MB", "DeepSpeed estimator MB", "peak RSS MB", "peak device MB"):
+        table.add_column(col, justify="right")
+    for stage, s in m["stages"].items():
+        table.add_row(
+            stage,
+            num(s["model_state_mb"], 0),
+            num(s["estimator_mb"], 0),
+            num(s["peak_rss_mb"], 0),
+            num(s["peak_device_mb"], 0),
+        )
+    out.print(table)
+    if "zero3_vs_zero0" in m:
+        out.print(
+            f"ZeRO-3 / ZeRO-0 model states per worker: measured {m['zero3_vs_zero0']:.2f}, "
+            f"DeepSpeed estimator {m['estimator_zero3_vs_zero0']:.2f} (peak RSS {m['zero3_vs_zero0_peak_rss']:.2f})",
+            highlight=False,
+        )
+
+
+@bench_app.command("tune")
+def bench_tune(
+    config: ConfigArg,
+    overrides: OverridesArg = None,
+    trials: Annotated[int, typer.Option("--trials", min=2, help="Trials of the overhead runs.")] = 20,
+    steps: Annotated[int, typer.Option("--steps", min=2, help="Steps per trial of the engine overhead run.")] = 8,
+    compare: Annotated[
+        str | None, typer.Option("--compare", help="Also search with these algorithms, e.g. random,optuna,pbt.")
+    ] = None,
+    seeds: Annotated[int, typer.Option("--seeds", min=1, help="--compare: seeds per algorithm.")] = 3,
+    samples: Annotated[int, typer.Option("--samples", min=1, help="--compare: trials per search.")] = 4,
+    skip_overhead: Annotated[bool, typer.Option("--compare-only", help="Only the --compare searches.")] = False,
+    out_dir: Annotated[
+        Path | None,
+        typer.Option("--out", help="Where the benchmark's searches go (default OUTPUT_DIR/NAME/bench-tune)."),
+    ] = None,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Also write the figures to this JSON file.")] = None,
+) -> None:
+    """Tune's overhead (trivial trainable and the real engine: trials/min, gaps, memory per trial) and, with
+    --compare, the best validation metric each search algorithm finds at equal compute."""
+    from raytune_ft.bench.tune import bench_compare, bench_engine, bench_trivial
+    from raytune_ft.data import DataError
+    from raytune_ft.model_source import ModelSourceError
+    from raytune_ft.train.trainer import ensure_ray
+    from raytune_ft.tune import MissingExtraError
+    from raytune_ft.tune.search import require_extra
+
+    cfg = load_experiment(config, overrides)
+    algorithms = [a.strip() for a in compare.split(",") if a.strip()] if compare else []
+    known = ("random", "grid", "optuna", "hyperopt", "bohb", "pbt", "pb2")
+    if any(a not in known for a in algorithms):
+        fail(f"--compare: algorithms are {', '.join(known)}, got '{compare}'", EXIT_CONFIG)
+    if skip_overhead and not algorithms:
+        fail("--compare-only needs --compare", EXIT_CONFIG)
+    if algorithms and (cfg.tune is None or not cfg.tune.search_space):
+        fail(f"{config}: --compare needs a tune.search_space to search", EXIT_CONFIG)
+    try:
+        for algorithm in algorithms:
+            require_extra(algorithm)
+    except MissingExtraError as exc:
+        fail(str(exc), EXIT_CONFIG)
+    root = (out_dir or Path(cfg.output_dir) / cfg.name / "bench-tune").resolve()
+    if root.exists() and any(root.iterdir()):
+        fail(f"{root} is not empty; pass another --out", EXIT_CONFIG)
+    log = lambda m: err.print(m, highlight=False)  # noqa: E731
+    result: dict[str, Any] = {"experiment": cfg.name}
+    try:
+        ensure_ray(cfg)
+        if not skip_overhead:
+            import ray
+
+            log(f"trivial trainable: {trials} trials")
+            concurrent = max(1, int(ray.cluster_resources().get("CPU", 1)))
+            result["trivial"] = bench_trivial(trials, root / "trivial", concurrent)
+            log(f"the engine: {trials} trials of {steps} steps")
+            result["engine"] = bench_engine(cfg, trials, steps, root / "engine", log)
+            _print_tune_overhead(result)
+        if algorithms:
+            seeds_list = [cfg.seed + i for i in range(seeds)]
+            result["compare"] = bench_compare(cfg, algorithms, seeds_list, samples, root / "compare", log)
+            _print_compare(result["compare"])
+    except (DataError, ModelSourceError, ValueError, RuntimeError) as exc:
+        fail(str(exc), EXIT_RUNTIME)
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(result, indent=2, default=str) + "\n")
+        err.print(f"wrote {json_path}", highlight=False)
+
+
+def _print_tune_overhead(r: dict[str, Any]) -> None:
+    table = Table(title="Tune overhead", title_justify="left")
+    for col in ("run", "trials", "wall s", "trials/min", "gap s (mean)", "gap s (max)"):
+        table.add_column(col, justify="left" if col == "run" else "right")
+    rows = [(f"trivial, {k}", v) for k, v in r["trivial"].items()] + [("engine, sequential", r["engine"])]
+    for name, v in rows:
+        gap = v.get("gap_s") or {}
+        table.add_row(
+            name,
+            str(v["trials"]),
+            num(v["wall_s"]),
+            num(v["trials_per_min"]),
+            num(gap.get("mean"), 2),
+            num(gap.get("max"), 2),
+        )
+    out.print(table)
+    memory = r["engine"]["memory"]
+    for key, label in (("driver_rss_mb", "driver RSS"), ("used_mb", "machine memory used")):
+        if memory.get(key):
+            m = memory[key]
+            out.print(
+                f"{label} after each trial: first {num(m['first'])} MB, last {num(m['last'])} MB, "
+                f"growth {num(m['growth_per_trial'], 2)} MB/trial",
+                highlight=False,
+            )
+    if memory.get("worker_peak_rss_mb"):
+        w = memory["worker_peak_rss_mb"]
+        out.print(f"worker peak RSS: first trial {num(w['first'])} MB, last {num(w['last'])} MB", highlight=False)
+
+
+def _print_compare(r: dict[str, Any]) -> None:
+    table = Table(title=f"Best {r['metric']} at equal compute ({r['samples']} trials each)", title_justify="left")
+    for col in ("algorithm", "seeds", "mean", "std", "min", "max", "steps trained (mean)", "wall s (mean)"):
+        table.add_column(col, justify="left" if col == "algorithm" else "right")
+    for name, a in r["algorithms"].items():
+        b = a["best"]
+        n = max(1, len(a["runs"]))
+        wall = sum(run["wall_s"] for run in a["runs"]) / n
+        steps = sum(run.get("steps_trained", 0) for run in a["runs"]) / n
+        row = [num(b[k], 4) for k in ("mean", "std", "min", "max")]
+        table.add_row(name, str(b["n"]), *row, num(steps, 0), num(wall))
+    out.print(table)
+
+
+@bench_app.command("serve")
+def bench_serve(
+    url: Annotated[str, typer.Argument(help="The served app, e.g. http://127.0.0.1:8000.", show_default=False)],
+    concurrency: Annotated[str, typer.Option("--concurrency", help="Closed-loop client counts.")] = "1,4,16,64",
+    rates: Annotated[str, typer.Option("--rates", help="Open-loop request rates (Poisson), e.g. 20,50.")] = "",
+    requests: Annotated[int, typer.Option("--requests", min=1, help="Measured requests per level.")] = 200,
+    warmup: Annotated[int, typer.Option("--warmup", min=0, help="Unmeasured requests before each level.")] = 20,
+    texts_file: Annotated[
+        Path | None, typer.Option("--texts", help="Request texts, one per line (default: built-in sentences).")
+    ] = None,
+    api_key_env: Annotated[
+        str | None, typer.Option("--api-key-env", help="Environment variable holding the API key.")
+    ] = None,
+    model: Annotated[
+        Path | None, typer.Option("--model", help="Export for the in-process floor (default: the server's).")
+    ] = None,
+    baseline_noop: Annotated[
+        bool, typer.Option("--baseline-noop", help="Also deploy and time a no-op Ray Serve app.")
+    ] = False,
+    address: Annotated[str | None, typer.Option("--address", help="Ray cluster of the server.")] = None,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Write the figures to this JSON file.")] = None,
+    plot_path: Annotated[Path | None, typer.Option("--plot", help="Latency-vs-throughput plot (PNG).")] = None,
+) -> None:
+    """Load-test a served model over HTTP: closed loop per concurrency, open loop per rate; p50/p90/p99/max,
+    requests/s and errors per level, the in-process floor, serving overhead and batching gain."""
+    import os
+
+    from raytune_ft.bench.serve import SENTENCES, BenchServeError, plot
+
+    try:
+        levels = [int(c) for c in concurrency.split(",") if c.strip()]
+        rate_list = [float(r) for r in rates.split(",") if r.strip()]
+    except ValueError:
+        fail(f"--concurrency takes integers and --rates numbers, got '{concurrency}' and '{rates}'", EXIT_CONFIG)
+    if not levels and not rate_list or any(c < 1 for c in levels) or any(r <= 0 for r in rate_list):
+        fail("--concurrency levels must be >= 1 and --rates > 0, at least one level in all", EXIT_CONFIG)
+    texts = SENTENCES
+    if texts_file is not None:
+        if not texts_file.is_file():
+            fail(f"--texts: {texts_file} does not exist", EXIT_CONFIG)
+        texts = [line.strip() for line in texts_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if not texts:
+            fail(f"--texts: {texts_file} has no non-empty line", EXIT_CONFIG)
+    key = None
+    if api_key_env:
+        key = os.environ.get(api_key_env, "").strip()
+        if not key:
+            fail(f"--api-key-env: {api_key_env} is not set", EXIT_CONFIG)
+    from raytune_ft.bench.serve import bench_serve as run_bench
+
+    log = lambda m: err.print(m, highlight=False)  # noqa: E731
+    try:
+        result = run_bench(
+            url,
+            concurrency=levels,
+            rates=rate_list,
+            requests=requests,
+            warmup=warmup,
+            api_key=key,
+            texts=texts,
+            model=model,
+            baseline_noop=baseline_noop,
+            address=address,
+            log=log,
+        )
+    except BenchServeError as exc:
+        fail(str(exc), EXIT_RUNTIME)
+    _print_serve(result)
+    if plot_path is not None:
+        log(f"plot: {plot(result, plot_path)}")
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(result, indent=2) + "\n")
+
+
+def _print_serve(r: dict[str, Any]) -> None:
+    table = Table(title=f"{r['endpoint']} ({r['model']})", title_justify="left")
+    for col in ("level", "req/s", "p50 ms", "p90 ms", "p99 ms", "max ms", "errors", "server batch (mean)"):
+        table.add_column(col, justify="left" if col == "level" else "right")
+    for lv in r["levels"]:
+        name = f"c={lv['concurrency']}" if "concurrency" in lv else f"rate={lv['rate']:g}/s"
+        row = [num(lv[k], 1) for k in ("rps", "p50_ms", "p90_ms", "p99_ms", "max_ms")]
+        table.add_row(name, *row, str(lv["errors"]), num(lv["server_batch_mean"], 1))
+    out.print(table)
+    if r.get("floor"):
+        f = r["floor"]
+        out.print(
+            f"in-process floor: p50 {f['p50_ms']:.1f} ms at batch 1, {f['batched_rps']:.1f} items/s at batch "
+            f"{f['batch_size']} ({f['threads']} thread(s)); serving overhead at c=1: {num(r['overhead_ms'])} ms",
+            highlight=False,
+        )
+    if r.get("batching_gain") is not None:
+        out.print(f"batching gain (req/s at the highest concurrency / at c=1): {r['batching_gain']:.2f}x")
+    if r.get("noop_p50_ms") is not None:
+        out.print(
+            f"no-op Ray Serve app p50 {r['noop_p50_ms']:.1f} ms; the app adds {num(r['app_over_noop_ms'])} ms",
+            highlight=False,
+        )

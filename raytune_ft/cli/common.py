@@ -1,0 +1,54 @@
+"""What every command of the `raytune-ft` command line shares: the app, consoles, argument types, exits."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+from rich.console import Console
+
+from raytune_ft import __version__
+from raytune_ft.config import ConfigError, ExperimentConfig, load_config
+
+app = typer.Typer(
+    help="Fine-tune Hugging Face models on Ray: validate, prepare data, train, tune, serve, benchmark.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+# Piped output (logs, CI) gets 120 columns instead of rich's 80 so report tables stay one row per split.
+out = Console(width=None if sys.stdout.isatty() else 120)
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 120)
+
+ConfigArg = Annotated[Path, typer.Argument(help="Experiment YAML file.", show_default=False)]
+OverridesArg = Annotated[
+    list[str] | None,
+    typer.Argument(help="Dotted overrides such as train.lr=3e-5 data.max_length=64.", show_default=False),
+]
+
+EXIT_RUNTIME, EXIT_CONFIG = 1, 2
+
+
+def fail(message: str, code: int) -> NoReturn:
+    err.print(f"[bold red]error:[/] {message}", highlight=False, markup=True, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def load_experiment(config: Path, overrides: list[str] | None) -> ExperimentConfig:
+    try:
+        return load_config(config, overrides or [])
+    except ConfigError as exc:
+        err.print(f"[bold red]{len(exc.issues)} error(s)[/] in {config}:", highlight=False, soft_wrap=True)
+        for issue in exc.issues:
+            err.print(f"  {issue}", highlight=False, markup=False, soft_wrap=True)
+        raise typer.Exit(EXIT_CONFIG) from None
+
+
+def not_yet(command: str, issue: str) -> NoReturn:
+    fail(f"'raytune-ft {command}' is not available yet in {__version__}: it arrives with '{issue}'.", EXIT_CONFIG)
+
+
+def num(value: Any, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:,.{digits}f}"

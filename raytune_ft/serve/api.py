@@ -1,0 +1,222 @@
+"""The HTTP API: FastAPI routes, request schemas built from `serve.limits`, and the error responses clients expect.
+
+Checks that need no body run first, in an ASGI middleware: 401 (API key, on API routes), 413 (a declared
+Content-Length over the limit, refused before anything is read; a body without one is counted as it arrives),
+415 (POST without a JSON content type). FastAPI then answers 404/405 for unknown routes and methods, 400 for a
+body that is not JSON (or not UTF-8), 422 for JSON that breaks the schema. (FastAPI's own `max_body_size`
+answers 413 in plain text, hence the middleware.)
+Every error body is {"error": {"message", "type", "param", "code"}}, the shape OpenAI clients already parse.
+Overload: past `serve.max_ongoing_requests` requests at work and `serve.max_queued_requests` waiting in a replica,
+429 with Retry-After (Ray Serve's own backpressure answers 429 in plain text, from its proxy, so admission is
+decided here and Serve is sized to hand every request to a replica).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import math
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from raytune_ft.config.schema import RequestLimits
+
+CLASSIFY, COMPLETIONS, MODELS, HEALTH = "/v1/classify", "/v1/completions", "/v1/models", "/healthz"
+JSON_ROUTES = {CLASSIFY, COMPLETIONS}
+BATCH_SIZE_HEADER = "x-batch-size"  # the size of the server-side batch that served a classify request
+
+
+def error_body(status: int, message: str, kind: str, param: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": kind, "param": param, "code": status}}
+
+
+def _not_blank(text: str) -> str:
+    if not text.strip():
+        raise ValueError("text is empty")
+    return text
+
+
+def request_models(limits: RequestLimits) -> tuple[type[BaseModel], type[BaseModel]]:
+    """The request schemas, with this deployment's limits in them (so the OpenAPI schema shows them too)."""
+    Text = Annotated[str, StringConstraints(min_length=1, max_length=limits.max_text_chars), AfterValidator(_not_blank)]
+
+    class ClassifyRequest(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        text: Text | Annotated[list[Text], Field(min_length=1, max_length=limits.max_items)]
+
+    class CompletionRequest(BaseModel):
+        # OpenAI clients send more fields than are used here (user, n=1, logprobs=null...): ignored, not refused
+        model_config = ConfigDict(extra="ignore")
+        model: str | None = None
+        prompt: Text
+        max_tokens: Annotated[int, Field(ge=1, le=limits.max_tokens)] = 16
+        temperature: Annotated[float, Field(ge=0.0, le=2.0)] = 1.0
+        top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
+        seed: int | None = None
+        stream: Annotated[bool, AfterValidator(_no_streaming)] = False
+
+    return ClassifyRequest, CompletionRequest
+
+
+def _no_streaming(stream: bool) -> bool:
+    if stream:
+        raise ValueError("streaming is not supported; send stream: false")
+    return stream
+
+
+class Admission:
+    """Per replica: `ongoing` API requests at work, `queued` more waiting, the rest refused with 429."""
+
+    def __init__(self, ongoing: int, queued: int, retry_after_s: float) -> None:
+        self.ongoing, self.queued = ongoing, queued
+        self.retry_after = str(max(1, math.ceil(retry_after_s))) if retry_after_s > 0 else None
+        self.working = 0
+        self.waiting = 0
+        self._turn: asyncio.Semaphore | None = None
+
+    def full(self) -> bool:
+        return self.working >= self.ongoing and 0 <= self.queued <= self.waiting
+
+    async def __aenter__(self) -> None:
+        self._turn = self._turn or asyncio.Semaphore(self.ongoing)  # created in the replica's event loop
+        self.waiting += 1
+        try:
+            await self._turn.acquire()
+        finally:
+            self.waiting -= 1
+        self.working += 1
+
+    async def __aexit__(self, *exc: Any) -> None:
+        self.working -= 1
+        assert self._turn is not None
+        self._turn.release()
+
+
+class RequestGuard:
+    """ASGI middleware: API key, body size, content type and admission, decided before the body is read."""
+
+    def __init__(self, app: Any, api_key: str | None, max_body_bytes: int, admission: Admission) -> None:
+        self.app, self.api_key, self.max_body_bytes, self.admission = app, api_key, max_body_bytes, admission
+
+    async def __call__(self, scope: dict, receive: Callable[[], Awaitable[dict]], send: Callable) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        root, path = scope.get("root_path", ""), scope.get("path", "")
+        route = path[len(root) :] if root and path.startswith(root) else path
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        if self.api_key and route in JSON_ROUTES | {MODELS} and not self._authorized(headers):
+            return await _reply(send, 401, "missing or wrong API key: send 'Authorization: Bearer KEY'", "auth")
+        declared = headers.get("content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_body_bytes):
+            if not declared.isdigit():
+                return await _reply(send, 400, f"Content-Length is not a number: {declared!r}", "invalid_request")
+            return await _reply(send, 413, self.too_large(), "body_too_large")
+        if scope["method"] == "POST" and route in JSON_ROUTES:
+            kind = headers.get("content-type", "").split(";")[0].strip().lower()
+            if kind != "application/json" and not (kind.startswith("application/") and kind.endswith("+json")):
+                return await _reply(
+                    send, 415, f"Content-Type must be application/json, got {kind or 'none'}", "media_type"
+                )
+            if self.admission.full():
+                message = (
+                    f"overloaded: {self.admission.working} requests at work and {self.admission.waiting} waiting "
+                    "on this replica (serve.max_ongoing_requests, serve.max_queued_requests); retry later"
+                )
+                retry = {"Retry-After": self.admission.retry_after} if self.admission.retry_after else None
+                return await _reply(send, 429, message, "overloaded", headers=retry)
+            async with self.admission:
+                return await self.app(scope, self._counted(receive), send)
+        return await self.app(scope, self._counted(receive), send)
+
+    def too_large(self) -> str:
+        return f"the request body is over {self.max_body_bytes} bytes (serve.limits.max_body_bytes)"
+
+    def _counted(self, receive: Callable[[], Awaitable[dict]]) -> Callable[[], Awaitable[dict]]:
+        """A body without Content-Length (chunked) is counted as it arrives and refused past the limit."""
+        seen = 0
+
+        async def counted() -> dict:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_body_bytes:
+                    # FastAPI's HTTPException: FastAPI re-raises it from a body read (others become 400s)
+                    raise HTTPException(413, self.too_large())
+            return message
+
+        return counted
+
+    def _authorized(self, headers: dict[str, str]) -> bool:
+        scheme, _, token = headers.get("authorization", "").partition(" ")
+        assert self.api_key is not None
+        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self.api_key.encode())
+
+
+async def _reply(
+    send: Callable, status: int, message: str, kind: str, param: str | None = None, headers: dict | None = None
+) -> None:
+    response = JSONResponse(error_body(status, message, kind, param), status_code=status, headers=headers)
+    await response({"type": "http"}, _never_receive, send)
+
+
+async def _never_receive() -> dict:  # a reply sent before the body is read never needs it
+    return {"type": "http.disconnect"}
+
+
+def build_api(title: str, api_key: str | None, limits: RequestLimits, admission: Admission) -> FastAPI:
+    """The FastAPI app with error handling; routes are added by the Serve deployment (serve/app.py)."""
+    api = FastAPI(title=title, version="1", docs_url="/docs", redoc_url=None)
+
+    @api.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        if any(e.get("type") == "json_invalid" for e in errors):
+            first = next(e for e in errors if e.get("type") == "json_invalid")
+            reason = (first.get("ctx") or {}).get("error", "")
+            message = f"the body is not valid JSON{': ' + str(reason) if reason else ''}"
+            return JSONResponse(error_body(400, message, "invalid_json"), status_code=400)
+        first = errors[0]
+        param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
+        message = "; ".join(_describe(e) for e in errors[:5])
+        body = error_body(422, message, "invalid_request", param)
+        body["error"]["details"] = [
+            {"loc": [str(p) for p in e.get("loc", ())], "msg": e.get("msg"), "type": e.get("type")} for e in errors
+        ]
+        return JSONResponse(body, status_code=422)
+
+    @api.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}.get(exc.status_code, "http_error")
+        message = {
+            404: f"no route {request.url.path}",
+            405: f"{request.method} is not allowed on {request.url.path}",
+            413: f"the request body is over {limits.max_body_bytes} bytes (serve.limits.max_body_bytes)",
+        }.get(exc.status_code, str(exc.detail))
+        return JSONResponse(error_body(exc.status_code, message, kind), exc.status_code, headers=exc.headers)
+
+    @api.exception_handler(Exception)
+    async def internal(request: Request, exc: Exception) -> JSONResponse:
+        # the replica stays up; the client gets JSON like every other error
+        message = f"internal error: {type(exc).__name__}: {exc}"[:500]
+        return JSONResponse(error_body(500, message, "internal_error"), status_code=500)
+
+    @api.exception_handler(UnicodeDecodeError)
+    async def not_utf8(request: Request, exc: UnicodeDecodeError) -> JSONResponse:
+        return JSONResponse(error_body(400, "the body is not UTF-8 text", "invalid_json"), status_code=400)
+
+    api.add_middleware(RequestGuard, api_key=api_key, max_body_bytes=limits.max_body_bytes, admission=admission)
+    return api
+
+
+def _describe(error: dict[str, Any]) -> str:
+    where = ".".join(str(p) for p in error.get("loc", ())[1:])
+    message = str(error.get("msg", "invalid"))
+    message = message.removeprefix("Value error, ")
+    return f"{where}: {message}" if where else message

@@ -1,0 +1,154 @@
+"""The Ray Serve application: one deployment with a FastAPI ingress serving one exported model.
+
+Classification requests are split into single texts that Serve's dynamic batching (`@serve.batch`) groups into
+one forward pass, so concurrent clients share batches; the response header `x-batch-size` says how large the
+batch that served a request was. Overload: beyond `max_ongoing_requests` at work per replica a request waits,
+beyond `max_queued_requests` waiting it gets 429 with Retry-After (serve/api.py).
+"""
+
+# no `from __future__ import annotations`: FastAPI reads the route signatures' request models at runtime
+
+import asyncio
+import json
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from raytune_ft.config.schema import ServeConfig
+from raytune_ft.export import METADATA
+from raytune_ft.serve.api import (
+    BATCH_SIZE_HEADER,
+    CLASSIFY,
+    COMPLETIONS,
+    HEALTH,
+    MODELS,
+    Admission,
+    build_api,
+    request_models,
+)
+from raytune_ft.serve.model import find_export
+
+APP_NAME = "raytune_ft"
+
+
+def task_of(export_dir: Path) -> str:
+    return json.loads((find_export(export_dir) / METADATA).read_text())["task"]
+
+
+def deployment_options(settings: ServeConfig) -> dict[str, Any]:
+    scaling = settings.autoscaling
+    options: dict[str, Any] = {
+        "ray_actor_options": {"num_cpus": settings.num_cpus, "num_gpus": settings.num_gpus},
+        # every request reaches a replica, whose admission (serve/api.py) answers 429 in JSON; Serve's own
+        # backpressure (429, plain text) is left for bursts beyond that
+        "max_ongoing_requests": _replica_capacity(settings),
+        "max_queued_requests": _replica_capacity(settings),
+        "backpressure_config": {"status_code": 429, "retry_after_s": settings.retry_after_s},
+        "health_check_period_s": settings.health_check_period_s,
+    }
+    if scaling.max_replicas > scaling.min_replicas:
+        options["autoscaling_config"] = {
+            "min_replicas": scaling.min_replicas,
+            "max_replicas": scaling.max_replicas,
+            "target_ongoing_requests": scaling.target_ongoing_requests,
+        }
+    else:
+        options["num_replicas"] = scaling.min_replicas
+    return options
+
+
+def _replica_capacity(settings: ServeConfig) -> int:
+    queued = settings.max_queued_requests if settings.max_queued_requests >= 0 else 10_000
+    return settings.max_ongoing_requests + queued + 64
+
+
+def build_app(export_dir: Path, settings: ServeConfig, api_key: str | None = None) -> Any:
+    """The Serve application for EXPORT_DIR (an export, or a run directory holding one)."""
+    from fastapi import Response
+    from ray import serve
+
+    export_dir = find_export(Path(export_dir)).resolve()
+    task = task_of(export_dir)
+    admission = Admission(settings.max_ongoing_requests, settings.max_queued_requests, settings.retry_after_s)
+    api = build_api(f"raytune-ft: {export_dir.name}", api_key, settings.limits, admission)
+    ClassifyRequest, CompletionRequest = request_models(settings.limits)
+
+    @serve.deployment(name="model", **deployment_options(settings))
+    @serve.ingress(api)
+    class ModelServer:
+        def __init__(self, path: str, max_batch_size: int, batch_wait_timeout_s: float, threads: int) -> None:
+            from raytune_ft.serve.model import LoadedModel
+
+            self.model = LoadedModel(Path(path), num_threads=threads)
+            self.classify_batch.set_max_batch_size(max_batch_size)
+            self.classify_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
+            self.generating = asyncio.Lock()
+
+        def check_health(self) -> None:
+            if self.model.model is None:
+                raise RuntimeError("the model is not loaded")
+
+        @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+        async def classify_batch(self, texts: list[str]) -> list[tuple[dict, int]]:
+            # a worker thread, so that requests keep arriving (and the next batch forms) during the forward pass
+            predictions = await asyncio.to_thread(self.model.classify, texts)
+            return [(p, len(texts)) for p in predictions]
+
+        @api.get(HEALTH)
+        async def healthz(self) -> dict:
+            return {"status": "ok", "model": self.model.name}
+
+        @api.get(MODELS)
+        async def models(self) -> dict:
+            info = self.model.info()
+            info["experiment"] = self.model.meta.get("experiment", {}).get("name")
+            return {"object": "list", "data": [info]}
+
+        if task != "causal-lm":
+
+            @api.post(CLASSIFY)
+            async def classify(self, body: ClassifyRequest, response: Response) -> dict:  # type: ignore[valid-type]
+                texts = [body.text] if isinstance(body.text, str) else list(body.text)
+                results = await asyncio.gather(*(self.classify_batch(text) for text in texts))
+                response.headers[BATCH_SIZE_HEADER] = str(max(size for _, size in results))
+                return {"predictions": [prediction for prediction, _ in results]}
+
+        else:
+
+            @api.post(COMPLETIONS)
+            async def completions(self, body: CompletionRequest) -> dict:  # type: ignore[valid-type]
+                async with self.generating:  # one generate() at a time per replica
+                    out = await asyncio.to_thread(
+                        self.model.complete, body.prompt, body.max_tokens, body.temperature, body.top_p, body.seed
+                    )
+                return {
+                    "id": f"cmpl-{uuid.uuid4().hex}",
+                    "object": "text_completion",
+                    "created": int(time.time()),
+                    "model": self.model.name,
+                    "choices": [
+                        {"text": out["text"], "index": 0, "logprobs": None, "finish_reason": out["finish_reason"]}
+                    ],
+                    "usage": {
+                        "prompt_tokens": out["prompt_tokens"],
+                        "completion_tokens": out["completion_tokens"],
+                        "total_tokens": out["prompt_tokens"] + out["completion_tokens"],
+                    },
+                }
+
+    threads = max(1, int(settings.num_cpus))
+    return ModelServer.bind(str(export_dir), settings.max_batch_size, settings.batch_wait_timeout_s, threads)
+
+
+def build_noop_app() -> Any:
+    """The plainest Serve deployment (`__call__` returns a constant): what `bench serve --baseline-noop` times to
+    separate Ray Serve's own cost from the app's."""
+    from ray import serve
+
+    @serve.deployment(name="noop", max_ongoing_requests=1000)
+    class Noop:
+        async def __call__(self, request: Any) -> str:
+            return "ok"
+
+    return Noop.bind()

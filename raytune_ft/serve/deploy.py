@@ -1,0 +1,199 @@
+"""Start and stop the Serve application.
+
+Locally, `serve` runs an embedded Ray and stays in the foreground until Ctrl-C; `serve --detach` starts that same
+foreground process in the background (its own session, log file beside its state file) and returns once the app
+answers /healthz; `serve stop` interrupts it, which shuts Serve and the embedded Ray down. On a cluster
+(`cluster.address`) the app is deployed there and outlives the command, as Ray Serve apps do; `serve stop
+--address` deletes it. Each local server leaves a state file (pid, URL, Ray address) that `serve stop` and
+`bench serve --baseline-noop` read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from raytune_ft.config import ExperimentConfig
+from raytune_ft.serve.app import APP_NAME, build_app
+
+
+def state_dir() -> Path:
+    return Path(os.environ.get("RAYTUNE_FT_STATE_DIR") or Path(tempfile.gettempdir()) / "raytune_ft")
+
+
+class ServeError(RuntimeError):
+    pass
+
+
+def api_key_of(cfg: ExperimentConfig) -> str | None:
+    name = cfg.serve.api_key_env
+    if name is None:
+        return None
+    key = os.environ.get(name, "").strip()
+    if not key:
+        raise ServeError(f"serve.api_key_env names {name}, which is not set (or empty) in this environment")
+    return key
+
+
+def url_of(cfg: ExperimentConfig) -> str:
+    host = cfg.serve.host
+    if host in ("0.0.0.0", "::"):
+        address = cfg.cluster.address or ""
+        host = address.split("://")[-1].split(":")[0] if address not in ("", "auto") else "127.0.0.1"
+    return f"http://{host}:{cfg.serve.port}{cfg.serve.route_prefix.rstrip('/')}"
+
+
+def state_file(port: int) -> Path:
+    return state_dir() / f"serve-{port}.json"
+
+
+def local_servers() -> list[dict[str, Any]]:
+    """The local `raytune-ft serve` processes still alive, from their state files (stale files are removed)."""
+    servers = []
+    for path in sorted(state_dir().glob("serve-*.json")):
+        try:
+            state = json.loads(path.read_text())
+            os.kill(int(state["pid"]), 0)
+        except (OSError, ValueError, KeyError):
+            path.unlink(missing_ok=True)
+            continue
+        servers.append({**state, "state_file": str(path)})
+    return servers
+
+
+def deploy(export: Path, cfg: ExperimentConfig, log: Callable[[str], None] = print) -> str:
+    """Deploy EXPORT on the configured cluster, or on an embedded Ray; the URL once every replica is healthy."""
+    import ray
+    from ray import serve
+
+    from raytune_ft.train.trainer import ensure_ray
+
+    others = [s for s in local_servers() if s["port"] == cfg.serve.port and s["pid"] != os.getpid()]
+    if cfg.cluster.address is None and others:
+        raise ServeError(f"a raytune-ft server already listens on port {cfg.serve.port}; `raytune-ft serve stop`")
+    app = build_app(export, cfg.serve, api_key_of(cfg))
+    ensure_ray(cfg)
+    serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
+    serve.run(app, name=APP_NAME, route_prefix=cfg.serve.route_prefix)
+    url = url_of(cfg)
+    if cfg.cluster.address is None:
+        state_dir().mkdir(parents=True, exist_ok=True)
+        state = {
+            "pid": os.getpid(),
+            "url": url,
+            "port": cfg.serve.port,
+            "ray_address": ray.get_runtime_context().gcs_address,
+            "export": str(export),
+        }
+        state_file(cfg.serve.port).write_text(json.dumps(state))
+    return url
+
+
+def serve_until_interrupted(port: int, log: Callable[[str], None]) -> None:
+    from ray import serve
+
+    stopping = False
+
+    def interrupted(signum: int, frame: Any) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, interrupted)
+    try:
+        while not stopping:
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    log("stopping")
+    try:
+        serve.shutdown()
+    finally:
+        state_file(port).unlink(missing_ok=True)
+
+
+def start_detached(
+    export: Path, cfg: ExperimentConfig, overrides: list[str], timeout_s: float = 600.0, log: Callable = print
+) -> str:
+    """Run `raytune-ft serve EXPORT` in the background and wait until it answers /healthz."""
+    if cfg.cluster.address is not None:
+        return deploy(export, cfg, log)  # a cluster keeps the app; nothing local has to stay up
+    api_key_of(cfg)  # fail here, not in the background process
+    state_dir().mkdir(parents=True, exist_ok=True)
+    log_path = state_dir() / f"serve-{cfg.serve.port}.log"
+    cmd = [sys.executable, "-m", "raytune_ft.cli", "serve", str(export), *overrides]
+    with open(log_path, "w") as log_file:
+        process = subprocess.Popen(
+            cmd, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+        )
+    url = url_of(cfg)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            tail = log_path.read_text()[-3000:]
+            raise ServeError(f"the background server exited ({process.returncode}); {log_path}:\n{tail}")
+        if state_file(cfg.serve.port).exists() and _healthy(url):
+            log(f"server pid {process.pid}, log {log_path}")
+            return url
+        time.sleep(1.0)
+    process.send_signal(signal.SIGINT)
+    raise ServeError(f"the background server did not answer {url}/healthz within {timeout_s:.0f} s; see {log_path}")
+
+
+def _healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/healthz", timeout=5) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def stop(address: str | None, log: Callable[[str], None] = print, timeout_s: float = 60.0) -> int:
+    """Stop the local servers (or delete the app from the cluster at ADDRESS); how many were stopped."""
+    if address is not None:
+        import ray
+        from ray import serve
+
+        try:
+            ray.init(address=address, logging_level="ERROR")
+        except ConnectionError as exc:
+            raise ServeError(f"no Ray cluster at {address}: {exc}") from None
+        if APP_NAME not in serve.status().applications:
+            return 0
+        serve.delete(APP_NAME)
+        log(f"deleted the Serve app '{APP_NAME}' from {address}")
+        return 1
+    stopped = 0
+    for server in local_servers():
+        pid = int(server["pid"])
+        os.kill(pid, signal.SIGINT)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and _alive(pid):
+            time.sleep(0.5)
+        if _alive(pid):
+            os.kill(pid, signal.SIGTERM)
+        Path(server["state_file"]).unlink(missing_ok=True)
+        log(f"stopped the server at {server['url']} (pid {pid})")
+        stopped += 1
+    return stopped
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return False
+    # a stopped child of this process stays a zombie until reaped; it counts as gone
+    try:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        return done == 0
+    except ChildProcessError:
+        return True

@@ -1,0 +1,261 @@
+"""Serving on a real local Ray: a tiny model trained and exported by the engine, deployed with Ray Serve, asked
+over real HTTP (urllib and raw sockets), answers checked against the same export loaded in-process."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import urllib.error
+import urllib.request
+
+import pytest
+from test_train import make_cfg, write_reviews
+
+from raytune_ft.config import ExperimentConfig
+from raytune_ft.serve.deploy import deploy
+from raytune_ft.serve.model import LoadedModel
+from raytune_ft.train import train
+
+pytestmark = pytest.mark.integration
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(autouse=True)
+def own_state_dir(tmp_path, monkeypatch):
+    """Server state files (pid, URL, Ray address) of these tests stay in the test's directory."""
+    monkeypatch.setenv("RAYTUNE_FT_STATE_DIR", str(tmp_path / "serve-state"))
+
+
+@pytest.fixture(scope="module")
+def classifier(tmp_path_factory, tiny_bert, local_ray):
+    """A real export (2 training steps of the tiny BERT) and its experiment, served on a free port."""
+    root = tmp_path_factory.mktemp("serve")
+    data = write_reviews(root / "reviews.tsv", rows=60)
+    train_settings = {"max_steps": 2, "eval_every_steps": 2, "checkpoint_every_steps": 2}
+    cfg = make_cfg(root, "served", tiny_bert, data, train=train_settings, scaling={"num_workers": 1})
+    result = train(cfg)
+    return result.export_dir, with_serve(cfg, port=free_port())
+
+
+def with_serve(cfg: ExperimentConfig, **serve: object) -> ExperimentConfig:
+    raw = cfg.model_dump(mode="json", by_alias=True)
+    for key, value in serve.items():
+        section = raw["serve"]
+        *parents, leaf = key.split("__")
+        for parent in parents:
+            section = section[parent]
+        section[leaf] = value
+    return ExperimentConfig.model_validate(raw)
+
+
+def request(url: str, body: bytes | None = None, method: str | None = None, headers: dict | None = None):
+    """(status, headers, parsed JSON body) of one HTTP request; 4xx/5xx are answers too."""
+    req = urllib.request.Request(url, data=body, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as response:
+            return response.status, response.headers, json.loads(response.read() or b"null")
+    except urllib.error.HTTPError as exc:
+        payload = exc.read()
+        return exc.code, exc.headers, json.loads(payload) if payload else None
+
+
+def post_json(url: str, payload: object, headers: dict | None = None):
+    return request(url, json.dumps(payload).encode(), headers={"Content-Type": "application/json", **(headers or {})})
+
+
+def test_predictions_match_the_in_process_model_and_metadata_is_served(classifier):
+    export, cfg = classifier
+    url = deploy(export, cfg)
+    local = LoadedModel(export)
+    texts = ["the good film", "a bad movie", "the review is not good", "number 7 is bad"]
+
+    status, _, one = post_json(f"{url}/v1/classify", {"text": texts[0]})
+    assert status == 200 and len(one["predictions"]) == 1
+    status, _, many = post_json(f"{url}/v1/classify", {"text": texts})
+    assert status == 200
+    expected = local.classify(texts)
+    assert [p["label"] for p in many["predictions"]] == [e["label"] for e in expected]  # input order kept
+    for got, want in zip(many["predictions"], expected, strict=True):
+        assert got["label_id"] == want["label_id"] and set(got["probs"]) == set(want["probs"]) == {"0", "1"}
+        assert got["probs"] == pytest.approx(want["probs"], abs=1e-5)
+    assert one["predictions"][0]["probs"] == pytest.approx(expected[0]["probs"], abs=1e-5)
+
+    assert request(f"{url}/healthz")[0] == 200
+    status, _, models = request(f"{url}/v1/models")
+    [info] = models["data"]
+    assert status == 200 and info["experiment"] == "served" and info["task"] == "sequence-classification"
+    assert info["checkpoint_step"] == 2 and "eval_loss" in info["metrics"] and info["exported"]
+
+
+def raw_http(port: int, data: bytes) -> tuple[int, bytes]:
+    """Send bytes as they are (a client that gets HTTP subtly wrong), return status and body."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as conn:
+        conn.sendall(data)
+        chunks = []
+        while chunk := conn.recv(65536):
+            chunks.append(chunk)
+    head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
+    return int(head.split()[1]), body
+
+
+def test_every_bad_request_gets_its_4xx_and_the_replica_keeps_serving(classifier):
+    export, cfg = classifier
+    cfg = with_serve(cfg, limits__max_items=3, limits__max_text_chars=50, limits__max_body_bytes=2000)
+    url = deploy(export, cfg)
+    port = cfg.serve.port
+    classify = f"{url}/v1/classify"
+    json_type = {"Content-Type": "application/json"}
+    cases = [
+        (request(classify, b'{"text": "unterminated', headers=json_type), 400, "not valid JSON"),
+        (request(classify, b'{"text": "\xff\xfe"}', headers=json_type), 400, ""),
+        (post_json(classify, {}), 422, "text"),
+        (post_json(classify, {"text": 5}), 422, "text"),
+        (post_json(classify, {"text": ""}), 422, "text"),
+        (post_json(classify, {"text": "   "}), 422, "empty"),
+        (post_json(classify, {"text": []}), 422, "text"),
+        (post_json(classify, {"text": ["a", "b", "c", "d"]}), 422, "at most 3"),
+        (post_json(classify, {"text": "x" * 51}), 422, "at most 50"),
+        (post_json(classify, {"text": "fine", "extra": 1}), 422, "extra"),
+        (request(classify, json.dumps({"text": "x" * 2100}).encode(), headers=json_type), 413, "2000 bytes"),
+        (request(classify, b"text=hello", headers={"Content-Type": "application/x-www-form-urlencoded"}), 415, ""),
+        (request(classify, b'{"text": "a"}', headers={"Content-Type": "text/plain"}), 415, "application/json"),
+        (request(f"{url}/v1/nothing"), 404, "/v1/nothing"),
+        (request(classify), 405, "GET"),
+        (post_json(f"{url}/v1/completions", {"prompt": "hi"}), 404, ""),  # a classifier has no completions
+    ]
+    for (status, _, body), expected, words in cases:
+        assert status == expected, (expected, body)
+        assert body["error"]["code"] == expected and words in body["error"]["message"], body
+    # a body over the limit is refused from its Content-Length, before it is sent in full
+    status, body = raw_http(
+        port,
+        b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 10000000\r\n"
+        b"Connection: close\r\n\r\n{",
+    )
+    assert status == 413 and b"max_body_bytes" in body
+    # chunked, no Content-Length: counted as it arrives
+    chunk = b'{"text": "' + b"a" * 3000 + b'"}'
+    status, body = raw_http(
+        port,
+        b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n"
+        b"Connection: close\r\n\r\n" + f"{len(chunk):x}".encode() + b"\r\n" + chunk + b"\r\n0\r\n\r\n",
+    )
+    assert status == 413
+    status, _, good = post_json(classify, {"text": ["still", "here"]})
+    assert status == 200 and len(good["predictions"]) == 2
+
+
+def test_concurrent_requests_share_server_side_batches(classifier):
+    export, cfg = classifier
+    url = deploy(export, with_serve(cfg, max_batch_size=16, batch_wait_timeout_s=0.2))
+    sizes: list[int] = []
+    barrier = threading.Barrier(12)
+
+    def client(i: int) -> None:
+        barrier.wait()
+        status, headers, body = post_json(f"{url}/v1/classify", {"text": f"film number {i} is good"})
+        assert status == 200 and len(body["predictions"]) == 1
+        sizes.append(int(headers["x-batch-size"]))
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(sizes) == 12 and max(sizes) > 1, sizes
+    # one request of several texts is batched across its texts as well
+    _, headers, _ = post_json(f"{url}/v1/classify", {"text": ["a", "b", "c"]})
+    assert int(headers["x-batch-size"]) >= 3
+
+
+def test_api_key_guards_the_api_but_not_the_health_check(classifier, monkeypatch):
+    export, cfg = classifier
+    monkeypatch.setenv("RAYTUNE_FT_TEST_KEY", "s3cret-key")
+    url = deploy(export, with_serve(cfg, api_key_env="RAYTUNE_FT_TEST_KEY"))
+    assert post_json(f"{url}/v1/classify", {"text": "good"})[0] == 401
+    assert post_json(f"{url}/v1/classify", {"text": "good"}, {"Authorization": "Bearer wrong"})[0] == 401
+    assert request(f"{url}/v1/models")[0] == 401
+    status, _, body = post_json(f"{url}/v1/classify", {"text": "good"}, {"Authorization": "Bearer s3cret-key"})
+    assert status == 200 and body["predictions"]
+    assert request(f"{url}/healthz")[0] == 200
+
+
+def test_overload_is_refused_with_429_and_retry_after(classifier):
+    export, cfg = classifier
+    # one request in the replica, one queued, each held 1.5 s by the batch wait: the others are refused
+    tight = with_serve(
+        cfg, max_ongoing_requests=1, max_queued_requests=1, max_batch_size=4, batch_wait_timeout_s=1.5, retry_after_s=2
+    )
+    url = deploy(export, tight)
+    results: list[tuple[int, dict]] = []
+    barrier = threading.Barrier(10)
+
+    def client() -> None:
+        barrier.wait()
+        status, headers, body = post_json(f"{url}/v1/classify", {"text": ["good film"] * 3})
+        results.append((status, headers))
+        if status == 429:
+            assert body["error"]["code"] == 429 and "serve.max_queued_requests" in body["error"]["message"]
+
+    threads = [threading.Thread(target=client) for _ in range(10)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    codes = sorted(status for status, _ in results)
+    assert 200 in codes and 429 in codes and set(codes) <= {200, 429}, codes
+    assert all(h.get("Retry-After") == "2" for status, h in results if status == 429)
+    assert post_json(f"{url}/v1/classify", {"text": "and after the burst"})[0] == 200
+
+
+def test_completions_answer_in_the_openai_shape(tmp_path, tiny_llama, classifier):
+    text = "\n\n".join(f"the film number {i} is good. the movie is not bad." for i in range(40))
+    (tmp_path / "corpus.txt").write_text(text + "\n")
+    raw = {
+        "name": "lm",
+        "seed": 1,
+        "output_dir": str(tmp_path),
+        "model": {"name_or_path": str(tiny_llama), "task": "causal-lm"},
+        "data": {"path": "corpus.txt", "block_size": 16, "split": {"validation": 0.1, "test": 0.1}},
+        "train": {"lr": 5e-3, "batch_size": 4, "max_steps": 2, "eval_every_steps": 2},
+        "scaling": {"num_workers": 1},
+        "serve": {"port": classifier[1].serve.port},  # Serve's HTTP proxy keeps the port it started with
+    }
+    from raytune_ft.config.loader import validate_raw
+
+    cfg = validate_raw(raw, None, "lm.yaml", [], base_dir=tmp_path)
+    export = train(cfg).export_dir
+    url = deploy(export, cfg)
+    prompt = {"prompt": "the film", "max_tokens": 5, "temperature": 0}
+    status, _, first = post_json(f"{url}/v1/completions", prompt)
+    assert status == 200 and first["object"] == "text_completion" and first["model"] == "lm"
+    [choice] = first["choices"]
+    assert choice["index"] == 0 and choice["finish_reason"] in ("length", "stop") and isinstance(choice["text"], str)
+    usage = first["usage"]
+    assert (
+        usage["completion_tokens"] <= 5 and usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    )
+    assert post_json(f"{url}/v1/completions", prompt)[2]["choices"] == first["choices"]  # greedy: the same text
+    sampled = {**prompt, "temperature": 0.9, "top_p": 0.9, "seed": 3}
+    assert (
+        post_json(f"{url}/v1/completions", sampled)[2]["choices"]
+        == post_json(f"{url}/v1/completions", sampled)[2]["choices"]
+    )
+    # what OpenAI clients send besides (user, n, logprobs) is accepted; what cannot be honoured is refused
+    assert post_json(f"{url}/v1/completions", {**prompt, "user": "u1", "n": 1, "logprobs": None})[0] == 200
+    for bad in (
+        {"prompt": "x", "max_tokens": 0},
+        {"prompt": "x", "max_tokens": 100000},
+        {"prompt": "x", "stream": True},
+        {"prompt": "x", "temperature": 3},
+        {"max_tokens": 3},
+    ):
+        status, _, body = post_json(f"{url}/v1/completions", bad)
+        assert status == 422 and body["error"]["code"] == 422, bad
+    assert post_json(f"{url}/v1/classify", {"text": "a"})[0] == 404

@@ -1,0 +1,109 @@
+"""`serve --detach`, `bench serve` and `serve stop` as a user runs them: separate processes, an embedded Ray in the
+background server, real HTTP load."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import urllib.request
+
+import pytest
+from test_serve import free_port
+from test_train import make_cfg, write_reviews
+
+pytestmark = pytest.mark.integration
+
+
+def cli(*args: str, env: dict, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "raytune_ft.cli", *args], capture_output=True, text=True, timeout=timeout, env=env
+    )
+
+
+def test_detached_server_is_benchmarked_then_stopped(tiny_bert, tmp_path):
+    import yaml
+
+    data = write_reviews(tmp_path / "reviews.tsv", rows=60)
+    cfg = make_cfg(
+        tmp_path,
+        "cli-served",
+        tiny_bert,
+        data,
+        train={"max_steps": 2, "eval_every_steps": 2},
+        scaling={"num_workers": 1},
+    )
+    experiment = tmp_path / "exp.yaml"
+    experiment.write_text(yaml.safe_dump(cfg.model_dump(mode="json", by_alias=True)))
+    env = {**os.environ, "RAYTUNE_FT_STATE_DIR": str(tmp_path / "state")}
+    trained = cli("train", str(experiment), env=env)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    run_dir = tmp_path / "cli-served"
+    port = free_port()
+
+    started = cli("serve", str(run_dir), f"serve.port={port}", "serve.batch_wait_timeout_s=0.005", "--detach", env=env)
+    assert started.returncode == 0, started.stderr[-3000:]
+    url = started.stdout.strip().splitlines()[-1]
+    assert url == f"http://127.0.0.1:{port}"
+    with urllib.request.urlopen(f"{url}/healthz", timeout=10) as response:
+        assert response.status == 200
+    try:
+        out = tmp_path / "bench.json"
+        plot = tmp_path / "bench.png"
+        bench = cli(
+            "bench",
+            "serve",
+            url,
+            "--concurrency",
+            "1,8",
+            "--rates",
+            "50",
+            "--requests",
+            "60",
+            "--warmup",
+            "5",
+            "--baseline-noop",
+            "--json",
+            str(out),
+            "--plot",
+            str(plot),
+            env=env,
+        )
+        assert bench.returncode == 0, bench.stderr[-3000:]
+        result = json.loads(out.read_text())
+        levels = result["levels"]
+        assert [lv.get("concurrency") for lv in levels[:2]] == [1, 8] and levels[2]["rate"] == 50
+        for level in levels:
+            assert level["errors"] == 0 and level["requests"] == 60 and level["rps"] > 0
+            assert 0 < level["p50_ms"] <= level["p90_ms"] <= level["p99_ms"] <= level["max_ms"]
+        assert levels[1]["server_batch_max"] > 1  # 8 clients at once share batches
+        assert result["floor"]["p50_ms"] > 0 and result["floor"]["batched_rps"] > 0
+        assert result["overhead_ms"] == pytest.approx(levels[0]["p50_ms"] - result["floor"]["p50_ms"])
+        assert result["batching_gain"] == pytest.approx(levels[1]["rps"] / levels[0]["rps"])
+        assert result["noop_p50_ms"] > 0 and plot.stat().st_size > 10_000
+        assert "batching gain" in bench.stdout and "no-op Ray Serve app" in bench.stdout
+    finally:
+        stopped = cli("serve", "stop", env=env)
+    assert stopped.returncode == 0, stopped.stderr[-3000:]
+    assert "stopped the server" in stopped.stderr
+    with pytest.raises(OSError):
+        urllib.request.urlopen(f"{url}/healthz", timeout=5)
+    assert not list((tmp_path / "state").glob("serve-*.json"))
+
+
+def test_serve_refuses_what_it_cannot_serve(tmp_path):
+    env = {**os.environ, "RAYTUNE_FT_STATE_DIR": str(tmp_path / "state")}
+    done = cli("serve", str(tmp_path), env=env, timeout=120)
+    assert done.returncode == 2 and "no raytune_ft.json" in done.stderr
+    done = cli("serve", "stop", env=env, timeout=120)
+    assert done.returncode == 0 and "no raytune-ft server was running" in done.stderr
+    for args, message in (
+        (["--concurrency", "0"], "--concurrency levels must be >= 1"),
+        (["--concurrency", "a"], "--concurrency takes integers"),
+        (["--api-key-env", "RAYTUNE_FT_UNSET_VAR"], "RAYTUNE_FT_UNSET_VAR is not set"),
+    ):
+        done = cli("bench", "serve", "http://127.0.0.1:9", *args, env=env, timeout=120)
+        assert done.returncode == 2 and message in done.stderr, (args, done.stderr)
+    done = cli("bench", "serve", "http://127.0.0.1:9", env=env, timeout=120)
+    assert done.returncode == 1 and "is `raytune-ft serve` running there?" in done.stderr
