@@ -14,6 +14,7 @@ import asyncio
 import itertools
 import json
 import math
+import os
 import random
 import statistics
 import time
@@ -317,21 +318,24 @@ def _port_of(url: str) -> int:
 def noop_baseline(url: str, body: bytes, requests: int, warmup: int, address: str | None, log: Any) -> dict:
     """Deploy the no-op app on the Ray cluster serving URL (same proxy, route NOOP_ROUTE), time it at concurrency
     1 with the same request body, delete it."""
+    if address is None:  # the local `raytune-ft serve` behind URL says where its Ray is
+        from raytune_ft.serve.deploy import local_servers
+
+        port = _port_of(url)
+        server = next((s for s in local_servers() if s["port"] == port), None)
+        if server is None:
+            raise BenchServeError(f"--baseline-noop: no local raytune-ft server on port {port}; pass --address")
+        address = server["ray_address"]
+        if server.get("ray_auth_mode"):
+            # a new local Ray turns token authentication on, and a driver joining it by address must say so
+            # before Ray reads its configuration (at import)
+            os.environ.setdefault("RAY_AUTH_MODE", server["ray_auth_mode"])
     import ray
     from ray import serve
 
     from raytune_ft.serve.app import build_noop_app
 
     if not ray.is_initialized():
-        if address is None:  # the local `raytune-ft serve` behind URL says where its Ray is
-            from raytune_ft.serve.deploy import local_servers
-
-            port = _port_of(url)
-            address = next((s["ray_address"] for s in local_servers() if s["port"] == port), None)
-        if address is None:
-            raise BenchServeError(
-                f"--baseline-noop: no local raytune-ft server on port {_port_of(url)}; pass --address"
-            )
         ray.init(address=address, logging_level="ERROR")
     serve.run(build_noop_app(), name=NOOP_APP, route_prefix=NOOP_ROUTE)
     try:

@@ -92,6 +92,8 @@ def deploy(export: Path, cfg: ExperimentConfig, log: Callable[[str], None] = pri
             "url": url,
             "port": cfg.serve.port,
             "ray_address": ray.get_runtime_context().gcs_address,
+            # a new local Ray turns token authentication on; a driver joining by address must ask for it
+            "ray_auth_mode": os.environ.get("RAY_AUTH_MODE"),
             "export": str(export),
         }
         state_file(cfg.serve.port).write_text(json.dumps(state))
