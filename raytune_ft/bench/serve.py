@@ -247,6 +247,9 @@ def summarize(levels: list[dict[str, Any]], floor_result: dict[str, Any] | None,
         result["noop_p50_ms"] = noop["p50_ms"]
         result["noop"] = noop
         result["app_over_noop_ms"] = first["p50_ms"] - noop["p50_ms"] if first and first["p50_ms"] else None
+        # what the app itself costs: served p50 less Ray Serve's own (no-op app) and less the forward pass
+        if result["app_over_noop_ms"] is not None and floor_result:
+            result["app_overhead_ms"] = result["app_over_noop_ms"] - floor_result["p50_ms"]
     return result
 
 

@@ -336,6 +336,7 @@ def _print_serve(r: dict[str, Any]) -> None:
         out.print(f"batching gain (req/s at the highest concurrency / at c=1): {r['batching_gain']:.2f}x")
     if r.get("noop_p50_ms") is not None:
         out.print(
-            f"no-op Ray Serve app p50 {r['noop_p50_ms']:.1f} ms; the app adds {num(r['app_over_noop_ms'])} ms",
+            f"no-op Ray Serve app p50 {r['noop_p50_ms']:.1f} ms; the app adds {num(r['app_over_noop_ms'])} ms, "
+            f"of which {num(r.get('app_overhead_ms'))} ms beyond the forward pass",
             highlight=False,
         )

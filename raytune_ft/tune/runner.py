@@ -325,6 +325,10 @@ def _trainable(cfg: ExperimentConfig, storage: str, log: Callable[[str], None]) 
     shared = {
         "experiment": cfg.model_dump(mode="json", by_alias=True),
         "train_storage": f"{storage}/train-runs",
+        # PBT/PB2 (and their replay) would exploit at a trial's last report into a restart with nothing left to
+        # train; marked `done`, that report ends the trial. Other schedulers and searchers must see it as a
+        # result (HyperBandForBOHB and TuneBOHB take the full-budget result only from on_trial_result).
+        "end_at_last_report": cfg.tune.algorithm in ("pbt", "pb2"),
         "loop_config": {
             "data": ray.put(worker_data["data"]),
             "classes": worker_data["classes"],

@@ -140,11 +140,9 @@ def run_trial(config: dict[str, Any], shared: dict[str, Any]) -> None:
         metrics["reported_at"] = time.time()  # wall clock, for gaps between trials (`bench tune`)
         if "step" in metrics:  # TensorBoard and MLflow plot against this instead of the report count
             metrics["timesteps_total"] = metrics["step"]
-        # the run's last report: Tune stops the trial here instead of asking the scheduler, so PBT does not
-        # exploit (and restart a Train run) at a point where nothing is left to train
-        metrics["done"] = bool(metrics.get("early_stopped")) or metrics.get("step", 0) >= metrics.get(
-            "total_steps", 1e18
-        )
+        if shared.get("end_at_last_report"):  # PBT/PB2: see runner._trainable
+            last_step = metrics.get("step", 0) >= metrics.get("total_steps", float("inf"))
+            metrics["done"] = last_step or bool(metrics.get("early_stopped"))
         # what this report was trained with, beside the metrics: PBT schedules show in progress.csv, TensorBoard
         metrics.update({f"{HP_PREFIX}{key}": value for key, value in values.items()})
         tune.report({k: v for k, v in metrics.items() if v is not None}, checkpoint=checkpoint)
