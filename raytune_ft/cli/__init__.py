@@ -17,6 +17,7 @@ from raytune_ft.cli.common import (
     ConfigArg,
     OverridesArg,
     app,
+    config_errors,
     err,
     fail,
     load_experiment,
@@ -324,10 +325,7 @@ def _export_config(export: Path, overrides: list[str]) -> ExperimentConfig:
     try:
         return validate_raw(raw, None, origin, overrides, base_dir=export)
     except ConfigError as exc:
-        err.print(f"[bold red]{len(exc.issues)} error(s)[/] in {origin}:", highlight=False, soft_wrap=True)
-        for issue in exc.issues:
-            err.print(f"  {issue}", highlight=False, markup=False, soft_wrap=True)
-        raise typer.Exit(EXIT_CONFIG) from None
+        config_errors(exc, origin)
 
 
 @app.command()

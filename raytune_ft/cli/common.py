@@ -40,10 +40,15 @@ def load_experiment(config: Path, overrides: list[str] | None) -> ExperimentConf
     try:
         return load_config(config, overrides or [])
     except ConfigError as exc:
-        err.print(f"[bold red]{len(exc.issues)} error(s)[/] in {config}:", highlight=False, soft_wrap=True)
-        for issue in exc.issues:
-            err.print(f"  {issue}", highlight=False, markup=False, soft_wrap=True)
-        raise typer.Exit(EXIT_CONFIG) from None
+        config_errors(exc, config)
+
+
+def config_errors(exc: ConfigError, origin: Path | str) -> NoReturn:
+    """Print every config error with where it came from, then exit with EXIT_CONFIG."""
+    err.print(f"[bold red]{len(exc.issues)} error(s)[/] in {origin}:", highlight=False, soft_wrap=True)
+    for issue in exc.issues:
+        err.print(f"  {issue}", highlight=False, markup=False, soft_wrap=True)
+    raise typer.Exit(EXIT_CONFIG) from None
 
 
 def not_yet(command: str, issue: str) -> NoReturn:
