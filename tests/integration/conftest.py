@@ -33,9 +33,11 @@ VOCAB = [
 def tiny_bert(tmp_path_factory) -> Path:
     """A 2-layer BERT with hidden size 32, saved like any checkpoint users load with from_pretrained."""
     from tiny_models import bert_config
+    import torch
     from transformers import BertForSequenceClassification, BertTokenizerFast
 
     folder = tmp_path_factory.mktemp("tiny-bert")
+    torch.manual_seed(0)  # the same starting weights every session: tests assert what training reaches from them
     BertTokenizerFast(vocab={token: i for i, token in enumerate(VOCAB)}).save_pretrained(folder)
     config = bert_config(len(VOCAB), max_position_embeddings=128, num_labels=2)
     BertForSequenceClassification(config).save_pretrained(folder)
@@ -64,9 +66,11 @@ def local_ray():
 def tiny_llama(tmp_path_factory) -> Path:
     """A 2-layer Llama (hidden 32) for causal LM, with the tiny word-piece tokenizer."""
     from tiny_models import llama_config
+    import torch
     from transformers import BertTokenizerFast, LlamaForCausalLM
 
     folder = tmp_path_factory.mktemp("tiny-llama")
+    torch.manual_seed(0)
     BertTokenizerFast(vocab={token: i for i, token in enumerate(VOCAB)}).save_pretrained(folder)
     config = llama_config(len(VOCAB), pad_token_id=0, bos_token_id=2, eos_token_id=3)
     LlamaForCausalLM(config).save_pretrained(folder)
