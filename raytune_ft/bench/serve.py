@@ -45,9 +45,16 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(rank, len(ordered)) - 1]
 
 
-def level_stats(latencies_s: list[float], wall_s: float, errors: int, batch_sizes: list[int]) -> dict[str, Any]:
+def level_stats(
+    latencies_s: list[float], wall_s: float, errors: int, batch_sizes: list[int], timings: list[dict[str, float]] = ()
+) -> dict[str, Any]:
     ms = [1000 * x for x in latencies_s]
     done = len(ms)
+    # p50 of each Server-Timing part the replica reported (app, model, wait), beside the client's p50
+    server = {
+        f"server_{part}_p50_ms": percentile([t[part] for t in timings if part in t], 50)
+        for part in sorted({part for t in timings for part in t})
+    }
     return {
         "requests": done + errors,
         "rps": done / wall_s if wall_s > 0 else 0.0,
@@ -59,7 +66,24 @@ def level_stats(latencies_s: list[float], wall_s: float, errors: int, batch_size
         "errors": errors,
         "server_batch_mean": statistics.fmean(batch_sizes) if batch_sizes else None,
         "server_batch_max": max(batch_sizes) if batch_sizes else None,
+        **server,
     }
+
+
+def server_timing(values: list[str]) -> dict[str, float]:
+    """{name: ms} from Server-Timing header values such as 'model;dur=9.1, wait;dur=0.4'."""
+    timings = {}
+    for value in values:
+        for metric in value.split(","):
+            name, *params = (part.strip() for part in metric.split(";"))
+            for param in params:
+                key, _, number = param.partition("=")
+                if key == "dur" and name:
+                    try:
+                        timings[name] = float(number)
+                    except ValueError:
+                        pass
+    return timings
 
 
 class Client:
@@ -82,20 +106,22 @@ class Client:
     async def __aexit__(self, *exc: Any) -> None:
         await self.session.close()
 
-    async def send(self, body: bytes | None) -> tuple[bool, int | None, str]:
-        """(ok, server batch size, error text) for one request; GET when BODY is None."""
+    async def send(self, body: bytes | None) -> tuple[bool, int | None, dict[str, float], str]:
+        """(ok, server batch size, Server-Timing, error text) for one request; GET when BODY is None."""
         try:
             if body is None:
                 async with self.session.get(self.url) as response:
                     await response.read()
-                    return response.status == 200, None, "" if response.status == 200 else str(response.status)
+                    ok = response.status == 200
+                    return ok, None, server_timing(response.headers.getall("server-timing", [])), _error(response)
             async with self.session.post(self.url, data=body) as response:
                 await response.read()
                 batch = response.headers.get("x-batch-size")
-                ok = response.status == 200
-                return ok, int(batch) if batch and batch.isdigit() else None, "" if ok else str(response.status)
+                timings = server_timing(response.headers.getall("server-timing", []))
+                size = int(batch) if batch and batch.isdigit() else None
+                return response.status == 200, size, timings, _error(response)
         except Exception as exc:  # a refused or dropped connection is an error of the level, not of the benchmark
-            return False, None, type(exc).__name__
+            return False, None, {}, type(exc).__name__
 
 
 async def closed_loop(
@@ -104,16 +130,18 @@ async def closed_loop(
     queue = itertools.cycle(bodies)
     latencies: list[float] = []
     batches: list[int] = []
+    timings: list[dict[str, float]] = []
     errors: list[str] = []
 
     async def worker(count: int, record: bool) -> None:
         for _ in range(count):
             started = time.perf_counter()
-            ok, batch, error = await client.send(next(queue))
+            ok, batch, timing, error = await client.send(next(queue))
             if not record:
                 continue
             if ok:
                 latencies.append(time.perf_counter() - started)
+                timings.append(timing)
                 if batch:
                     batches.append(batch)
             else:
@@ -125,7 +153,7 @@ async def closed_loop(
     wall = time.perf_counter() - started
     return {
         "concurrency": concurrency,
-        **level_stats(latencies, wall, len(errors), batches),
+        **level_stats(latencies, wall, len(errors), batches, timings),
         "error_kinds": _kinds(errors),
     }
 
@@ -137,14 +165,16 @@ async def open_loop(
     queue = itertools.cycle(bodies)
     latencies: list[float] = []
     batches: list[int] = []
+    timings: list[dict[str, float]] = []
     errors: list[str] = []
 
     async def one(scheduled: float, record: bool) -> None:
         await asyncio.sleep(max(0.0, scheduled - time.perf_counter()))
-        ok, batch, error = await client.send(next(queue))
+        ok, batch, timing, error = await client.send(next(queue))
         if record:
             if ok:
                 latencies.append(time.perf_counter() - scheduled)  # from when it was due: queueing counts
+                timings.append(timing)
                 if batch:
                     batches.append(batch)
             else:
@@ -159,7 +189,11 @@ async def open_loop(
     measured_from = times[warmup] if requests else start
     await asyncio.gather(*tasks)
     wall = time.perf_counter() - measured_from
-    return {"rate": rate, **level_stats(latencies, wall, len(errors), batches), "error_kinds": _kinds(errors)}
+    return {"rate": rate, **level_stats(latencies, wall, len(errors), batches, timings), "error_kinds": _kinds(errors)}
+
+
+def _error(response: Any) -> str:
+    return "" if response.status == 200 else str(response.status)
 
 
 def _split(total: int, parts: int) -> list[int]:
@@ -243,6 +277,8 @@ def summarize(levels: list[dict[str, Any]], floor_result: dict[str, Any] | None,
         "batching_gain": gain,
         "errors": sum(lv["errors"] for lv in levels),
     }
+    if first and first.get("server_app_p50_ms") is not None:
+        result["breakdown_c1_ms"] = breakdown(first)
     if noop is not None:
         result["noop_p50_ms"] = noop["p50_ms"]
         result["noop"] = noop
@@ -251,6 +287,23 @@ def summarize(levels: list[dict[str, Any]], floor_result: dict[str, Any] | None,
         if result["app_over_noop_ms"] is not None and floor_result:
             result["app_overhead_ms"] = result["app_over_noop_ms"] - floor_result["p50_ms"]
     return result
+
+
+def breakdown(level: dict[str, Any]) -> dict[str, float]:
+    """A level's p50 latency split by the replica's Server-Timing: outside the app (client, HTTP proxy, Serve's
+    routing to the replica), and in it: the forward pass, the wait for model and batch, and the rest (ASGI
+    middleware, FastAPI routing and validation, JSON, the thread hand-off)."""
+    app = level["server_app_p50_ms"]
+    model = level.get("server_model_p50_ms", 0.0)
+    wait = level.get("server_wait_p50_ms", 0.0)
+    return {
+        "client_p50": level["p50_ms"],
+        "outside_app": level["p50_ms"] - app,
+        "app": app,
+        "model": model,
+        "wait": wait,
+        "app_own": app - model - wait,
+    }
 
 
 def plot(result: dict[str, Any], path: Path) -> Path:

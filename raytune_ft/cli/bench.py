@@ -334,6 +334,14 @@ def _print_serve(r: dict[str, Any]) -> None:
         )
     if r.get("batching_gain") is not None:
         out.print(f"batching gain (req/s at the highest concurrency / at c=1): {r['batching_gain']:.2f}x")
+    if r.get("breakdown_c1_ms"):
+        b = r["breakdown_c1_ms"]
+        out.print(
+            f"c=1 p50 {b['client_p50']:.1f} ms = {b['outside_app']:.1f} outside the app (client, proxy, Serve) + "
+            f"{b['app']:.1f} in it (Server-Timing: model {b['model']:.1f}, wait {b['wait']:.1f}, "
+            f"middleware/FastAPI/validation/JSON {b['app_own']:.1f})",
+            highlight=False,
+        )
     if r.get("noop_p50_ms") is not None:
         out.print(
             f"no-op Ray Serve app p50 {r['noop_p50_ms']:.1f} ms; the app adds {num(r['app_over_noop_ms'])} ms, "

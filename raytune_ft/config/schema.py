@@ -350,7 +350,7 @@ class ServeConfig(Section):
     num_cpus: PositiveFloat = 1.0
     num_gpus: Annotated[float, Field(ge=0)] = 0.0
     max_batch_size: PositiveInt = 16
-    batch_wait_timeout_s: Annotated[float, Field(ge=0)] = 0.01
+    batch_wait_timeout_s: Annotated[float, Field(ge=0)] = 0.0
     max_ongoing_requests: PositiveInt = 64
     max_queued_requests: Annotated[int, Field(ge=-1)] = 256
     retry_after_s: Annotated[float, Field(ge=0)] = 1.0

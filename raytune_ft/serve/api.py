@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import math
+import time
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
@@ -30,6 +31,7 @@ from raytune_ft.config.schema import RequestLimits
 CLASSIFY, COMPLETIONS, MODELS, HEALTH = "/v1/classify", "/v1/completions", "/v1/models", "/healthz"
 JSON_ROUTES = {CLASSIFY, COMPLETIONS}
 BATCH_SIZE_HEADER = "x-batch-size"  # the size of the server-side batch that served a classify request
+SERVER_TIMING = "server-timing"  # W3C Server-Timing: where a request's time in the replica went
 
 
 def error_body(status: int, message: str, kind: str, param: str | None = None) -> dict[str, Any]:
@@ -107,6 +109,7 @@ class RequestGuard:
     async def __call__(self, scope: dict, receive: Callable[[], Awaitable[dict]], send: Callable) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        send = _timed(send, time.perf_counter())
         root, path = scope.get("root_path", ""), scope.get("path", "")
         route = path[len(root) :] if root and path.startswith(root) else path
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
@@ -157,6 +160,19 @@ class RequestGuard:
         scheme, _, token = headers.get("authorization", "").partition(" ")
         assert self.api_key is not None
         return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self.api_key.encode())
+
+
+def _timed(send: Callable, started: float) -> Callable:
+    """SEND, adding `Server-Timing: app;dur=MS` (the request's time in the app so far) to the response head."""
+
+    async def timed(message: dict) -> None:
+        if message["type"] == "http.response.start":
+            app_ms = 1000 * (time.perf_counter() - started)
+            headers = [*message.get("headers", []), (SERVER_TIMING.encode(), f"app;dur={app_ms:.2f}".encode())]
+            message = {**message, "headers": headers}
+        await send(message)
+
+    return timed
 
 
 async def _reply(

@@ -2,8 +2,10 @@
 
 Classification requests are split into single texts that Serve's dynamic batching (`@serve.batch`) groups into
 one forward pass, so concurrent clients share batches; the response header `x-batch-size` says how large the
-batch that served a request was. Overload: beyond `max_ongoing_requests` at work per replica a request waits,
-beyond `max_queued_requests` waiting it gets 429 with Retry-After (serve/api.py).
+batch that served a request was, and `Server-Timing` how the request's time in the replica was spent (`model`:
+the forward pass of its batch, `wait`: waiting for the model and for the batch, `app`: all of it, from the
+ASGI middleware's first look to the response). Overload: beyond `max_ongoing_requests` at work per replica a
+request waits, beyond `max_queued_requests` waiting it gets 429 with Retry-After (serve/api.py).
 """
 
 # no `from __future__ import annotations`: FastAPI reads the route signatures' request models at runtime
@@ -23,6 +25,7 @@ from raytune_ft.serve.api import (
     COMPLETIONS,
     HEALTH,
     MODELS,
+    SERVER_TIMING,
     Admission,
     build_api,
     request_models,
@@ -84,16 +87,24 @@ def build_app(export_dir: Path, settings: ServeConfig, api_key: str | None = Non
             self.classify_batch.set_max_batch_size(max_batch_size)
             self.classify_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
             self.generating = asyncio.Lock()
+            self.model_free = asyncio.Event()
+            self.model_free.set()
 
         def check_health(self) -> None:
             if self.model.model is None:
                 raise RuntimeError("the model is not loaded")
 
-        @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
-        async def classify_batch(self, texts: list[str]) -> list[tuple[dict, int]]:
-            # a worker thread, so that requests keep arriving (and the next batch forms) during the forward pass
-            predictions = await asyncio.to_thread(self.model.classify, texts)
-            return [(p, len(texts)) for p in predictions]
+        @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)  # both set from the config in __init__
+        async def classify_batch(self, texts: list[str]) -> list[tuple[dict, int, float]]:
+            self.model_free.clear()
+            started = time.perf_counter()
+            try:
+                # a worker thread: requests keep arriving (and are validated) during the forward pass
+                predictions = await asyncio.to_thread(self.model.classify, texts)
+            finally:
+                self.model_free.set()
+            forward_ms = 1000 * (time.perf_counter() - started)
+            return [(p, len(texts), forward_ms) for p in predictions]
 
         @api.get(HEALTH)
         async def healthz(self) -> dict:
@@ -109,10 +120,19 @@ def build_app(export_dir: Path, settings: ServeConfig, api_key: str | None = Non
 
             @api.post(CLASSIFY)
             async def classify(self, body: ClassifyRequest, response: Response) -> dict:  # type: ignore[valid-type]
+                started = time.perf_counter()
                 texts = [body.text] if isinstance(body.text, str) else list(body.text)
+                # Texts join the batch queue only while the model is free: serve.batch closes a batch as soon as
+                # its wait timeout ends, even while the previous batch still runs, so texts that arrive during a
+                # forward pass would form small batches queued behind it. Held here, they all enter together
+                # when it ends and make one full batch; a lone request on an idle model goes straight in.
+                await self.model_free.wait()
                 results = await asyncio.gather(*(self.classify_batch(text) for text in texts))
-                response.headers[BATCH_SIZE_HEADER] = str(max(size for _, size in results))
-                return {"predictions": [prediction for prediction, _ in results]}
+                response.headers[BATCH_SIZE_HEADER] = str(max(size for _, size, _ in results))
+                model_ms = max(ms for _, _, ms in results)
+                wait_ms = max(0.0, 1000 * (time.perf_counter() - started) - model_ms)
+                response.headers[SERVER_TIMING] = f"model;dur={model_ms:.2f}, wait;dur={wait_ms:.2f}"
+                return {"predictions": [prediction for prediction, _, _ in results]}
 
         else:
 

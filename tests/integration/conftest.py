@@ -32,8 +32,8 @@ VOCAB = [
 @pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory) -> Path:
     """A 2-layer BERT with hidden size 32, saved like any checkpoint users load with from_pretrained."""
-    from tiny_models import bert_config
     import torch
+    from tiny_models import bert_config
     from transformers import BertForSequenceClassification, BertTokenizerFast
 
     folder = tmp_path_factory.mktemp("tiny-bert")
@@ -65,8 +65,8 @@ def local_ray():
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> Path:
     """A 2-layer Llama (hidden 32) for causal LM, with the tiny word-piece tokenizer."""
-    from tiny_models import llama_config
     import torch
+    from tiny_models import llama_config
     from transformers import BertTokenizerFast, LlamaForCausalLM
 
     folder = tmp_path_factory.mktemp("tiny-llama")
