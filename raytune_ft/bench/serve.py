@@ -390,9 +390,13 @@ def noop_baseline(url: str, body: bytes, requests: int, warmup: int, address: st
     from ray import serve
 
     from raytune_ft.serve.app import build_noop_app
+    from raytune_ft.train.trainer import ClusterError, join_cluster
 
     if not ray.is_initialized():
-        ray.init(address=address, logging_level="ERROR")
+        try:
+            join_cluster(address, logging_level="ERROR")
+        except ClusterError as exc:
+            raise BenchServeError(str(exc)) from None
     serve.run(build_noop_app(), name=NOOP_APP, route_prefix=NOOP_ROUTE)
     try:
         base = url.split("://", 1)[0] + "://" + url.split("://", 1)[1].split("/", 1)[0]

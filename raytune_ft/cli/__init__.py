@@ -146,6 +146,7 @@ def train(
     from raytune_ft.model_source import ModelSourceError
     from raytune_ft.train import CONFIG_FILE, CheckpointError
     from raytune_ft.train import train as run_train
+    from raytune_ft.train.trainer import ClusterError
 
     if resume is not None:
         if config is not None and config.suffix not in (".yaml", ".yml"):
@@ -162,7 +163,7 @@ def train(
         result = run_train(
             cfg, resume=resume is not None, export=not no_export, log=lambda m: err.print(m, highlight=False)
         )
-    except (DataError, ModelSourceError, CheckpointError) as exc:
+    except (DataError, ModelSourceError, CheckpointError, ClusterError) as exc:
         fail(str(exc), EXIT_RUNTIME)
     table = Table(title="Best checkpoint", title_justify="left")
     table.add_column("metric")
@@ -301,12 +302,19 @@ def serve(
         fail(str(exc), EXIT_CONFIG)
     extra = [*(overrides or []), *([f"cluster.address={address}"] if address else [])]
     cfg = _export_config(export, extra)
+    from raytune_ft.train.trainer import ClusterError
+
     try:
         url = start_detached(export, cfg, extra, log=log) if detach else deploy(export, cfg, log)
     except ServeError as exc:
         fail(str(exc), EXIT_CONFIG)
+    except ClusterError as exc:
+        fail(str(exc), EXIT_RUNTIME)
     out.print(url, highlight=False)
-    if detach or cfg.cluster.address is not None:
+    if cfg.cluster.address is not None:
+        log(f"serving {export} at {url} on {cfg.cluster.address}; `raytune-ft serve stop --address ADDR` deletes it")
+        return
+    if detach:
         log(f"serving {export} at {url}; `raytune-ft serve stop` stops it")
         return
     log(f"serving {export} at {url} (Ctrl-C stops)")

@@ -325,6 +325,8 @@ class AutoscalingConfig(Section):
     min_replicas: Annotated[int, Field(ge=0)] = 1
     max_replicas: Annotated[int, Field(gt=0, validate_default=True)] = 1
     target_ongoing_requests: PositiveFloat = 2.0
+    upscale_delay_s: Annotated[float, Field(ge=0)] = 30.0
+    downscale_delay_s: Annotated[float, Field(ge=0)] = 600.0
 
     @field_validator("max_replicas")
     @classmethod

@@ -31,6 +31,7 @@ from raytune_ft.config.schema import RequestLimits
 CLASSIFY, COMPLETIONS, MODELS, HEALTH = "/v1/classify", "/v1/completions", "/v1/models", "/healthz"
 JSON_ROUTES = {CLASSIFY, COMPLETIONS}
 BATCH_SIZE_HEADER = "x-batch-size"  # the size of the server-side batch that served a classify request
+REPLICA_HEADER = "x-replica"  # the Serve replica that answered: load spread and autoscaling seen from outside
 SERVER_TIMING = "server-timing"  # W3C Server-Timing: where a request's time in the replica went
 
 

@@ -1,11 +1,11 @@
 """The Ray Serve application: one deployment with a FastAPI ingress serving one exported model.
 
 Classification requests are split into single texts that Serve's dynamic batching (`@serve.batch`) groups into
-one forward pass, so concurrent clients share batches; the response header `x-batch-size` says how large the
-batch that served a request was, and `Server-Timing` how the request's time in the replica was spent (`model`:
-the forward pass of its batch, `wait`: waiting for the model and for the batch, `app`: all of it, from the
-ASGI middleware's first look to the response). Overload: beyond `max_ongoing_requests` at work per replica a
-request waits, beyond `max_queued_requests` waiting it gets 429 with Retry-After (serve/api.py).
+one forward pass, so concurrent clients share batches. Response headers: `x-batch-size` (the batch that served
+the request), `x-replica` (the replica that did) and `Server-Timing` (the request's time in the replica: `model`
+the forward pass of its batch, `wait` the wait for the model and the batch, `app` all of it, from the ASGI
+middleware's first look to the response). Overload: beyond `max_ongoing_requests` at work per replica a request
+waits, beyond `max_queued_requests` waiting it gets 429 with Retry-After (serve/api.py).
 """
 
 # no `from __future__ import annotations`: FastAPI reads the route signatures' request models at runtime
@@ -25,6 +25,7 @@ from raytune_ft.serve.api import (
     COMPLETIONS,
     HEALTH,
     MODELS,
+    REPLICA_HEADER,
     SERVER_TIMING,
     Admission,
     build_api,
@@ -55,6 +56,8 @@ def deployment_options(settings: ServeConfig) -> dict[str, Any]:
             "min_replicas": scaling.min_replicas,
             "max_replicas": scaling.max_replicas,
             "target_ongoing_requests": scaling.target_ongoing_requests,
+            "upscale_delay_s": scaling.upscale_delay_s,
+            "downscale_delay_s": scaling.downscale_delay_s,
         }
     else:
         options["num_replicas"] = scaling.min_replicas
@@ -84,6 +87,7 @@ def build_app(export_dir: Path, settings: ServeConfig, api_key: str | None = Non
             from raytune_ft.serve.model import LoadedModel
 
             self.model = LoadedModel(Path(path), num_threads=threads)
+            self.replica = serve.get_replica_context().replica_id.unique_id
             self.classify_batch.set_max_batch_size(max_batch_size)
             self.classify_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
             self.generating = asyncio.Lock()
@@ -129,6 +133,7 @@ def build_app(export_dir: Path, settings: ServeConfig, api_key: str | None = Non
                 await self.model_free.wait()
                 results = await asyncio.gather(*(self.classify_batch(text) for text in texts))
                 response.headers[BATCH_SIZE_HEADER] = str(max(size for _, size, _ in results))
+                response.headers[REPLICA_HEADER] = self.replica
                 model_ms = max(ms for _, _, ms in results)
                 wait_ms = max(0.0, 1000 * (time.perf_counter() - started) - model_ms)
                 response.headers[SERVER_TIMING] = f"model;dur={model_ms:.2f}, wait;dur={wait_ms:.2f}"

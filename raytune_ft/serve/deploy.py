@@ -81,7 +81,7 @@ def deploy(export: Path, cfg: ExperimentConfig, log: Callable[[str], None] = pri
     if cfg.cluster.address is None and others:
         raise ServeError(f"a raytune-ft server already listens on port {cfg.serve.port}; `raytune-ft serve stop`")
     app = build_app(export, cfg.serve, api_key_of(cfg))
-    ensure_ray(cfg)
+    ensure_ray(cfg)  # ClusterError when cluster.address cannot be joined
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
     serve.run(app, name=APP_NAME, route_prefix=cfg.serve.route_prefix)
     url = url_of(cfg)
@@ -161,13 +161,14 @@ def _healthy(url: str) -> bool:
 def stop(address: str | None, log: Callable[[str], None] = print, timeout_s: float = 60.0) -> int:
     """Stop the local servers (or delete the app from the cluster at ADDRESS); how many were stopped."""
     if address is not None:
-        import ray
         from ray import serve
 
+        from raytune_ft.train.trainer import ClusterError, join_cluster
+
         try:
-            ray.init(address=address, logging_level="ERROR")
-        except ConnectionError as exc:
-            raise ServeError(f"no Ray cluster at {address}: {exc}") from None
+            join_cluster(address, logging_level="ERROR")
+        except ClusterError as exc:
+            raise ServeError(str(exc)) from None
         if APP_NAME not in serve.status().applications:
             return 0
         serve.delete(APP_NAME)

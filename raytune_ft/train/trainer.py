@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,6 +39,27 @@ def score_of(cfg: ExperimentConfig) -> tuple[str, str]:
     return "eval_loss", "min"
 
 
+class ClusterError(RuntimeError):
+    """The Ray cluster at the configured address could not be joined."""
+
+
+def join_cluster(address: str, **init_args: Any) -> None:
+    """`ray.init(address=ADDRESS)`, failing with one line that says why instead of Ray's traceback."""
+    import ray
+
+    try:
+        ray.init(address=address, **init_args)
+    except (ConnectionError, RuntimeError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        hint = ""
+        if "auth" in repr(exc.__cause__).lower() + str(exc).lower() or os.environ.get("RAY_AUTH_MODE") != "token":
+            hint = (
+                " If the cluster uses token authentication, set RAY_AUTH_MODE=token and give its token in"
+                " RAY_AUTH_TOKEN or ~/.ray/auth_token."
+            )
+        raise ClusterError(f"cannot join the Ray cluster at {address}: {reason}.{hint}") from None
+
+
 def ensure_ray(cfg: ExperimentConfig) -> None:
     import ray
 
@@ -51,7 +73,7 @@ def ensure_ray(cfg: ExperimentConfig) -> None:
     if cfg.cluster.runtime_env.working_dir:
         runtime_env["working_dir"] = cfg.cluster.runtime_env.working_dir
     if cfg.cluster.address is not None:
-        ray.init(address=cfg.cluster.address, runtime_env=runtime_env or None)
+        join_cluster(cfg.cluster.address, runtime_env=runtime_env or None)
         return
     # An embedded local Ray instance. Its dashboard stays on (bound to 127.0.0.1): Ray Train V2 cleans up a dead
     # run's placement group through the state API the dashboard serves.
