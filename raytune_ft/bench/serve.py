@@ -394,7 +394,7 @@ def noop_baseline(url: str, body: bytes, requests: int, warmup: int, address: st
 
     if not ray.is_initialized():
         try:
-            join_cluster(address, logging_level="ERROR")
+            join_cluster(address, logging_level="ERROR", log_to_driver=False)  # the replicas' logs stay there
         except ClusterError as exc:
             raise BenchServeError(str(exc)) from None
     serve.run(build_noop_app(), name=NOOP_APP, route_prefix=NOOP_ROUTE)
