@@ -337,17 +337,10 @@ def _export_config(export: Path, overrides: list[str]) -> ExperimentConfig:
 
 
 @app.command()
-def submit(config: ConfigArg, overrides: OverridesArg = None) -> None:
-    """Submit an experiment as a Ray job to a cluster."""
-    load_experiment(config, overrides)
-    not_yet("submit", "Clusters, jobs and autoscaling")
-
-
-@app.command()
 def run(config: ConfigArg, overrides: OverridesArg = None) -> None:
     """Run the whole pipeline: data, tune, test, export, serve, bench, report."""
     load_experiment(config, overrides)
     not_yet("run", "One command, end to end")
 
 
-from raytune_ft.cli import bench  # noqa: E402,F401  (registers `raytune-ft bench ...`)
+from raytune_ft.cli import bench, jobs  # noqa: E402,F401  (register `raytune-ft bench|submit|jobs ...`)

@@ -331,6 +331,8 @@ def _resolve_paths(cfg: ExperimentConfig, base_dir: Path, issues: list[ConfigIss
         update={
             "data": cfg.data.model_copy(update={"path": str(data_path.resolve())}),
             "model": cfg.model.model_copy(update={"name_or_path": model_ref}),
+            # `~/...` as in a shell (a submitted job writes to ~/raytune_ft/... on the head node)
+            "output_dir": str(Path(cfg.output_dir).expanduser()),
         }
     )
 

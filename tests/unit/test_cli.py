@@ -85,17 +85,21 @@ def test_data_command_names_bad_row(tmp_path):
     assert "reviews.tsv:12: label '7' is not one of data.labels" in result.stderr
 
 
-@pytest.mark.parametrize(
-    ("command", "issue"),
-    [
-        ("submit", "Clusters"),
-        ("run", "One command"),
-    ],
-)
-def test_commands_still_to_come_say_so(tmp_path, command, issue):
-    result = runner.invoke(app, [command, str(experiment(tmp_path, balanced_rows(4)))])
+def test_commands_still_to_come_say_so(tmp_path):
+    result = runner.invoke(app, ["run", str(experiment(tmp_path, balanced_rows(4)))])
     assert result.exit_code == 2
-    assert "not available yet" in result.stderr and issue in result.stderr
+    assert "not available yet" in result.stderr and "One command" in result.stderr
+
+
+def test_submit_refuses_before_contacting_a_cluster(tmp_path, monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    path = experiment(tmp_path, balanced_rows(4))
+    result = runner.invoke(app, ["submit", str(path)])
+    assert result.exit_code == 2 and "no 'tune' section; submit it with --command train" in result.stderr
+    result = runner.invoke(app, ["submit", str(path), "--command", "serve"])
+    assert result.exit_code == 2 and "--command must be one of train, tune" in result.stderr
+    result = runner.invoke(app, ["submit", str(path), "--command", "train"])
+    assert result.exit_code == 1 and "no cluster: pass --address http://HEAD:8265" in result.stderr
 
 
 def test_train_resume_needs_a_run_directory(tmp_path):
