@@ -6,8 +6,9 @@ experiment file: `cluster.runtime_env.working_dir` when set, else the file's own
 resolve on the cluster, against that uploaded copy, and `${VAR:-default}` values from the cluster's environment
 (`cluster.runtime_env.env_vars`), so a data path that exists only on this machine is named before submitting.
 A relative `output_dir` would land in the job's throw-away copy of the working_dir, so the job writes to
-`cluster.storage_path` when set, else to `~/raytune_ft/OUTPUT_DIR` on the head node. Token authentication
-(RAY_AUTH_MODE=token, with RAY_AUTH_TOKEN or ~/.ray/auth_token) is Ray's own: the token is never put in the job.
+`cluster.storage_path` (a directory every node mounts) when set, else to `~/raytune_ft/OUTPUT_DIR` on the head.
+Token authentication (RAY_AUTH_MODE=token, with RAY_AUTH_TOKEN or ~/.ray/auth_token) is Ray's own: the token is
+never put in the job.
 """
 
 from __future__ import annotations

@@ -323,17 +323,13 @@ def serve(
 
 def _export_config(export: Path, overrides: list[str]) -> ExperimentConfig:
     """The experiment an export was trained with (its raytune_ft.json), with command-line overrides."""
-    from raytune_ft.config.loader import validate_raw
     from raytune_ft.export import METADATA
+    from raytune_ft.serve.model import export_config
 
-    origin = str(export / METADATA)
-    raw = json.loads((export / METADATA).read_text()).get("experiment")
-    if not isinstance(raw, dict):
-        fail(f"{origin}: no experiment recorded", EXIT_CONFIG)
     try:
-        return validate_raw(raw, None, origin, overrides, base_dir=export)
+        return export_config(export, overrides)
     except ConfigError as exc:
-        config_errors(exc, origin)
+        config_errors(exc, export / METADATA)
 
 
 @app.command()

@@ -379,8 +379,19 @@ class ClusterConfig(Section):
     address: str | None = Field(
         default=None, description="None starts an embedded local Ray; 'auto' or ray://host:10001 joins a cluster."
     )
-    storage_path: str | None = None
+    storage_path: str | None = Field(
+        default=None, description="A directory every node mounts: where submitted jobs write their run directories."
+    )
     runtime_env: RuntimeEnvConfig = RuntimeEnvConfig()
+
+    @field_validator("storage_path")
+    @classmethod
+    def _a_directory(cls, value: str | None) -> str | None:
+        if value is not None and "://" in value:
+            raise ValueError(
+                f"is a directory every node mounts, got the URI {value!r}; object storage goes in tune.storage_path"
+            )
+        return value
 
 
 class ExperimentConfig(Section):

@@ -44,6 +44,19 @@ def api_key_of(cfg: ExperimentConfig) -> str | None:
     return key
 
 
+def app_from_args(args: dict[str, Any]) -> Any:
+    """Ray Serve application builder, for `serve run` / `serve deploy` / KubeRay's RayService (`import_path:
+    raytune_ft.serve.deploy:app_from_args`): args `export` (an export or a run directory holding one) and
+    optionally `overrides` (["serve.KEY=VALUE", ...]), validated like `raytune-ft serve`'s."""
+    from raytune_ft.serve.model import export_config, find_export
+
+    if "export" not in args:
+        raise ServeError("app_from_args needs args.export: the export directory (or a run directory holding one)")
+    export = find_export(Path(args["export"]))
+    cfg = export_config(export, args.get("overrides") or [])
+    return build_app(export, cfg.serve, api_key_of(cfg))
+
+
 def url_of(cfg: ExperimentConfig) -> str:
     host = cfg.serve.host
     if host in ("0.0.0.0", "::"):

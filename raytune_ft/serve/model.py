@@ -32,6 +32,18 @@ def find_export(path: Path) -> Path:
     )
 
 
+def export_config(export: Path, overrides: list[str] | None = None) -> Any:
+    """The ExperimentConfig an export was trained with (its raytune_ft.json), with OVERRIDES applied; ConfigError
+    (every problem at once) when they do not validate."""
+    from raytune_ft.config.loader import ConfigError, ConfigIssue, validate_raw
+
+    origin = str(export / METADATA)
+    raw = json.loads((export / METADATA).read_text()).get("experiment")
+    if not isinstance(raw, dict):
+        raise ConfigError([ConfigIssue("", "no experiment recorded", origin)])
+    return validate_raw(raw, None, origin, list(overrides or []), base_dir=export)
+
+
 class LoadedModel:
     """Tokenizer and model of one export, with the metadata the API shows at GET /v1/models."""
 

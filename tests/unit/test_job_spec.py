@@ -69,3 +69,11 @@ def test_the_export_path_is_the_last_one_the_job_printed():
     log = "trials...\nexport: /runs/a/export\nmore\nexport: /runs/a/tune/winner\nbye\n"
     assert export_path(log) == "/runs/a/tune/winner"
     assert export_path("no export here") is None
+
+
+def test_cluster_storage_is_a_mounted_directory_not_an_object_store(tmp_path):
+    from raytune_ft.config import ConfigError
+
+    path = experiment(tmp_path, cluster={"storage_path": "s3://bucket/runs"})
+    with pytest.raises(ConfigError, match="cluster.storage_path: is a directory every node mounts"):
+        load_config(path)
