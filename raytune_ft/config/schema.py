@@ -293,7 +293,8 @@ class TuneConfig(Section):
     mode: Literal["min", "max"] = "min"
     num_samples: PositiveInt = 4
     max_concurrent_trials: PositiveInt | None = Field(
-        default=None, description="Trials running at once; default: what the cluster's CPUs/GPUs fit."
+        default=None,
+        description="Trials running at once; default: what the embedded Ray's CPUs/GPUs fit, no cap on a cluster.",
     )
     time_budget_s: PositiveFloat | None = None
     max_failures: Annotated[int, Field(ge=0)] = 1

@@ -45,8 +45,12 @@ def default_run_dir(cfg: ExperimentConfig) -> Path:
     return (Path(cfg.output_dir) / cfg.name / "tune").resolve()
 
 
-def concurrent_trials(cfg: ExperimentConfig, cluster: dict[str, float]) -> int:
-    """Trials that fit side by side: each is a Ray Train run holding its workers' CPUs (and GPUs)."""
+def concurrent_trials(cfg: ExperimentConfig, cluster: dict[str, float]) -> int | None:
+    """Trials that fit side by side: each is a Ray Train run holding its workers' CPUs (and GPUs). On a cluster
+    joined by address there is no cap (None): what it holds now says nothing of what its autoscaler can add, and
+    trials that wait for workers are the demand that makes it add nodes."""
+    if cfg.cluster.address is not None:
+        return None
     fits = [cluster.get("CPU", 1) // (cfg.scaling.num_workers * cfg.scaling.cpus_per_worker)]
     if cfg.scaling.use_gpu:
         gpus = cfg.scaling.gpus_per_worker or 1.0

@@ -92,6 +92,9 @@ def test_trials_pack_by_the_cpus_and_gpus_a_trial_holds(tmp_path):
     assert concurrent_trials(cfg, {"CPU": 1}) == 1  # always at least one
     gpu = cfg_with(tmp_path, scaling={"num_workers": 2, "use_gpu": True, "gpus_per_worker": 1, "cpus_per_worker": 2})
     assert concurrent_trials(gpu, {"CPU": 64, "GPU": 4}) == 2
+    # a cluster joined by address may autoscale: no cap from what it holds now
+    joined = cfg_with(tmp_path, scaling={"num_workers": 2}, cluster={"address": "auto"})
+    assert concurrent_trials(joined, {"CPU": 0}) is None
 
 
 def _trial(path: Path, status: str = "RUNNING", checkpoint: str | None = None):
