@@ -1,0 +1,130 @@
+"""A tune experiment on the local autoscaling cluster (cluster/local-autoscaling.yaml: Ray's fake multi-node
+provider, a head with no CPUs, `trial_worker` nodes of 2 CPUs): two trials of 2 workers each make the autoscaler
+add two worker nodes, and once the search ends the idle nodes go away."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from test_serve import free_port
+from test_serve_cli import cli
+from test_train import make_cfg, write_reviews
+
+pytestmark = pytest.mark.integration
+
+CONFIG = Path(__file__).resolve().parents[2] / "cluster" / "local-autoscaling.yaml"
+
+
+def alive_nodes(address: str, env: dict) -> int | None:
+    probe = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import ray; ray.init(address=%r, logging_level='ERROR'); "
+            "print(sum(1 for n in ray.nodes() if n['Alive']))" % address,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    lines = probe.stdout.strip().splitlines()
+    return int(lines[-1]) if probe.returncode == 0 and lines and lines[-1].isdigit() else None
+
+
+@pytest.fixture
+def autoscaling_head(tmp_path):
+    tmp = tempfile.mkdtemp(prefix="rta", dir="/tmp")  # short: Ray's socket paths live under it
+    port = free_port()
+    bin_dir = str(Path(sys.executable).parent)
+    env = {
+        **os.environ,
+        "RAY_TMPDIR": tmp,
+        "PATH": os.pathsep.join([bin_dir, os.environ.get("PATH", "")]),
+        # the fake provider refuses to run without RAY_FAKE_CLUSTER; 1 s autoscaler updates keep the test short
+        "RAY_FAKE_CLUSTER": "1",
+        "AUTOSCALER_UPDATE_INTERVAL_S": "1",
+    }
+    env.pop("RAY_ADDRESS", None)
+    head = subprocess.Popen(
+        [f"{bin_dir}/ray", "start", "--head", f"--port={port}", "--num-cpus=0", f"--autoscaling-config={CONFIG}"]
+        + ["--disable-usage-stats", "--block"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    client_env = {**env, "RAY_AUTH_MODE": "token"}
+    address = f"127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while alive_nodes(address, client_env) != 1:
+            assert head.poll() is None, "ray start --head exited"
+            assert time.monotonic() < deadline, "the head never came up"
+            time.sleep(2)
+        yield address, client_env
+    finally:
+        head.terminate()
+        try:
+            head.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            head.kill()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def test_tune_makes_the_autoscaler_add_nodes_that_leave_when_idle(autoscaling_head, tiny_bert, tmp_path):
+    address, env = autoscaling_head
+    data = write_reviews(tmp_path / "reviews.tsv", rows=60)
+    cfg = make_cfg(
+        tmp_path / "runs",
+        "autoscaled",
+        tiny_bert,
+        data,
+        train={"max_steps": 6, "eval_every_steps": 3, "checkpoint_every_steps": 3},
+        scaling={"num_workers": 2, "cpus_per_worker": 1},  # 2 CPUs: a whole trial_worker node per trial
+        tune={"algorithm": "random", "num_samples": 2, "metric": "eval_loss", "mode": "min"},
+    )
+    raw = cfg.model_dump(mode="json", by_alias=True)
+    raw["tune"]["search_space"] = {"train.lr": {"type": "choice", "values": [0.01, 0.02]}}
+    experiment = tmp_path / "exp.yaml"
+    experiment.write_text(yaml.safe_dump(raw))
+
+    before = alive_nodes(address, env)
+    seen: list[int] = []
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            count = alive_nodes(address, env)
+            if count is not None:
+                seen.append(count)
+            time.sleep(1)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        # no max_concurrent_trials: on a cluster joined by address both trials start and wait for workers
+        tuned = cli("tune", str(experiment), f"cluster.address={address}", env=env, timeout=900)
+    finally:
+        done.set()
+        watcher.join()
+    assert tuned.returncode == 0, tuned.stderr[-3000:]
+    assert "export:" in tuned.stdout
+    during = max(seen)
+    deadline = time.monotonic() + 180
+    after = alive_nodes(address, env)
+    while after != 1 and time.monotonic() < deadline:
+        time.sleep(3)
+        after = alive_nodes(address, env)
+    print(f"alive nodes: before {before}, during (max) {during}, after {after}")
+    assert before == 1  # the head alone
+    assert during == 3  # the head and two trial_worker nodes, one per trial
+    assert after == 1  # idle workers removed after idle_timeout_minutes
