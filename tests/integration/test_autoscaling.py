@@ -29,8 +29,8 @@ def alive_nodes(address: str, env: dict) -> int | None:
         [
             sys.executable,
             "-c",
-            "import ray; ray.init(address=%r, logging_level='ERROR'); "
-            "print(sum(1 for n in ray.nodes() if n['Alive']))" % address,
+            f"import ray; ray.init(address={address!r}, logging_level='ERROR'); "
+            "print(sum(1 for n in ray.nodes() if n['Alive']))",
         ],
         env=env,
         capture_output=True,
