@@ -77,3 +77,27 @@ def test_cluster_storage_is_a_mounted_directory_not_an_object_store(tmp_path):
     path = experiment(tmp_path, cluster={"storage_path": "s3://bucket/runs"})
     with pytest.raises(ConfigError, match="cluster.storage_path: is a directory every node mounts"):
         load_config(path)
+
+
+REPO = Path(__file__).resolve().parents[2]
+SPECS = sorted((REPO / "jobs" / "ray").glob("*.json"))
+
+
+@pytest.mark.parametrize("spec_file", SPECS, ids=[p.stem for p in SPECS])
+def test_shipped_ray_job_specs_are_what_submit_sends(spec_file):
+    import json
+
+    shipped = json.loads(spec_file.read_text())
+    path = REPO / "jobs" / f"{spec_file.stem}.yaml"
+    spec = job_spec(path, load_config(path), "tune", [])
+    working_dir = Path(spec.runtime_env["working_dir"]).relative_to(REPO)
+    assert shipped == {
+        "entrypoint": spec.entrypoint,
+        "runtime_env": {**spec.runtime_env, "working_dir": str(working_dir)},
+        "entrypoint_num_cpus": spec.entrypoint_num_cpus,
+        "metadata": spec.metadata,
+    }
+
+
+def test_every_main_example_has_a_shipped_job_spec():
+    assert sorted(p.stem for p in SPECS) == ["shakespeare-zero3", "sst2-minilm", "sst2-minilm-full-optuna"]
