@@ -55,8 +55,14 @@ def autoscaling_head(tmp_path):
         "AUTOSCALER_UPDATE_INTERVAL_S": "1",
     }
     env.pop("RAY_ADDRESS", None)
+    # the fake provider starts its nodes against GCS port 6379 unless the config names the head's address
+    config = yaml.safe_load(CONFIG.read_text())
+    config["provider"]["gcs_address"] = f"127.0.0.1:{port}"
+    config_file = tmp_path / "local-autoscaling.yaml"
+    config_file.write_text(yaml.safe_dump(config))
     head = subprocess.Popen(
-        [f"{bin_dir}/ray", "start", "--head", f"--port={port}", "--num-cpus=0", f"--autoscaling-config={CONFIG}"]
+        [f"{bin_dir}/ray", "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=0"]
+        + [f"--autoscaling-config={config_file}"]
         + ["--disable-usage-stats", "--block"],
         env=env,
         stdout=subprocess.DEVNULL,
