@@ -17,7 +17,7 @@ import os
 import re
 import shlex
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -161,27 +161,18 @@ def logs(jobs: Any, job_id: str) -> str:
         raise JobError(f"no logs for job {job_id}: {_first_line(exc)}") from None
 
 
-def follow(jobs: Any, job_id: str) -> Iterator[str]:
-    """The job's log as it is written, until the job ends."""
+def follow(jobs: Any, job_id: str, write: Callable[[str], Any]) -> None:
+    """Hand the job's log to WRITE as it is written, until the job ends."""
     import asyncio
 
-    async def chunks(queue: list[str]) -> None:
+    async def tail() -> None:
         async for chunk in jobs.tail_job_logs(job_id):
-            queue.append(chunk)
+            write(chunk)
 
-    queue: list[str] = []
-    loop = asyncio.new_event_loop()
     try:
-        task = loop.create_task(chunks(queue))
-        while not task.done():
-            loop.run_until_complete(asyncio.wait([task], timeout=0.5))
-            while queue:
-                yield queue.pop(0)
-        if task.exception() is not None:
-            raise JobError(f"lost the log stream of job {job_id}: {_first_line(task.exception())}")
-        yield from queue
-    finally:
-        loop.close()
+        asyncio.run(tail())
+    except Exception as exc:
+        raise JobError(f"lost the log stream of job {job_id}: {_first_line(exc)}") from None
 
 
 def stop(jobs: Any, job_id: str) -> bool:

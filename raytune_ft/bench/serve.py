@@ -108,18 +108,15 @@ class Client:
 
     async def send(self, body: bytes | None) -> tuple[bool, int | None, dict[str, float], str]:
         """(ok, server batch size, Server-Timing, error text) for one request; GET when BODY is None."""
+        request = self.session.get(self.url) if body is None else self.session.post(self.url, data=body)
         try:
-            if body is None:
-                async with self.session.get(self.url) as response:
-                    await response.read()
-                    ok = response.status == 200
-                    return ok, None, server_timing(response.headers.getall("server-timing", [])), _error(response)
-            async with self.session.post(self.url, data=body) as response:
+            async with request as response:
                 await response.read()
                 batch = response.headers.get("x-batch-size")
                 timings = server_timing(response.headers.getall("server-timing", []))
                 size = int(batch) if batch and batch.isdigit() else None
-                return response.status == 200, size, timings, _error(response)
+                ok = response.status == 200
+                return ok, size, timings, "" if ok else str(response.status)
         except Exception as exc:  # a refused or dropped connection is an error of the level, not of the benchmark
             return False, None, {}, type(exc).__name__
 
@@ -190,10 +187,6 @@ async def open_loop(
     await asyncio.gather(*tasks)
     wall = time.perf_counter() - measured_from
     return {"rate": rate, **level_stats(latencies, wall, len(errors), batches, timings), "error_kinds": _kinds(errors)}
-
-
-def _error(response: Any) -> str:
-    return "" if response.status == 200 else str(response.status)
 
 
 def _split(total: int, parts: int) -> list[int]:

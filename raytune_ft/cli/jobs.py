@@ -144,12 +144,15 @@ def _follow(jobs: object, job_id: str) -> None:
     from raytune_ft.jobs import JobError, follow, status
 
     try:
-        for chunk in follow(jobs, job_id):
-            sys.stdout.write(chunk)
-            sys.stdout.flush()
+        follow(jobs, job_id, _write)
         info = status(jobs, job_id)
     except JobError as exc:
         fail(str(exc), EXIT_RUNTIME)
     err.print(f"job {job_id}: {info['status']}" + (f"; export: {info['export']}" if info["export"] else ""))
     if info["status"] != "SUCCEEDED":
         raise typer.Exit(EXIT_RUNTIME)
+
+
+def _write(chunk: str) -> None:
+    sys.stdout.write(chunk)
+    sys.stdout.flush()

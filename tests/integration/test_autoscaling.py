@@ -4,17 +4,13 @@ add two worker nodes, and once the search ends the idle nodes go away."""
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 
 import pytest
 import yaml
+from ray_head import alive_nodes, ray_head
 from test_serve import free_port
 from test_serve_cli import cli
 from test_train import make_cfg, write_reviews
@@ -24,66 +20,20 @@ pytestmark = pytest.mark.integration
 CONFIG = Path(__file__).resolve().parents[2] / "cluster" / "local-autoscaling.yaml"
 
 
-def alive_nodes(address: str, env: dict) -> int | None:
-    probe = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            f"import ray; ray.init(address={address!r}, logging_level='ERROR'); "
-            "print(sum(1 for n in ray.nodes() if n['Alive']))",
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    lines = probe.stdout.strip().splitlines()
-    return int(lines[-1]) if probe.returncode == 0 and lines and lines[-1].isdigit() else None
-
-
 @pytest.fixture
 def autoscaling_head(tmp_path):
-    tmp = tempfile.mkdtemp(prefix="rta", dir="/tmp")  # short: Ray's socket paths live under it
     port = free_port()
-    bin_dir = str(Path(sys.executable).parent)
-    env = {
-        **os.environ,
-        "RAY_TMPDIR": tmp,
-        "PATH": os.pathsep.join([bin_dir, os.environ.get("PATH", "")]),
-        # the fake provider refuses to run without RAY_FAKE_CLUSTER; 1 s autoscaler updates keep the test short
-        "RAY_FAKE_CLUSTER": "1",
-        "AUTOSCALER_UPDATE_INTERVAL_S": "1",
-    }
-    env.pop("RAY_ADDRESS", None)
+    address = f"127.0.0.1:{port}"
     # the fake provider starts its nodes against GCS port 6379 unless the config names the head's address
     config = yaml.safe_load(CONFIG.read_text())
-    config["provider"]["gcs_address"] = f"127.0.0.1:{port}"
+    config["provider"]["gcs_address"] = address
     config_file = tmp_path / "local-autoscaling.yaml"
     config_file.write_text(yaml.safe_dump(config))
-    head = subprocess.Popen(
-        [f"{bin_dir}/ray", "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=0"]
-        + [f"--autoscaling-config={config_file}"]
-        + ["--disable-usage-stats", "--block"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    client_env = {**env, "RAY_AUTH_MODE": "token"}
-    address = f"127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while alive_nodes(address, client_env) != 1:
-            assert head.poll() is None, "ray start --head exited"
-            assert time.monotonic() < deadline, "the head never came up"
-            time.sleep(2)
-        yield address, client_env
-    finally:
-        head.terminate()
-        try:
-            head.wait(timeout=90)
-        except subprocess.TimeoutExpired:
-            head.kill()
-        shutil.rmtree(tmp, ignore_errors=True)
+    # the fake provider refuses to run without RAY_FAKE_CLUSTER; 1 s autoscaler updates keep the test short
+    env = {"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"}
+    args = ["--num-cpus=0", f"--autoscaling-config={config_file}"]
+    with ray_head(port, args, ready=lambda client_env: alive_nodes(address, client_env) == 1, env=env) as client:
+        yield address, client
 
 
 def test_tune_makes_the_autoscaler_add_nodes_that_leave_when_idle(autoscaling_head, tiny_bert, tmp_path):

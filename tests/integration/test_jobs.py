@@ -5,16 +5,12 @@ fails on the cluster (FAILED, the error in its log), and a job stopped while it 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
 import yaml
+from ray_head import ray_head
 from test_serve import free_port
 from test_serve_cli import cli
 from test_train import make_cfg, write_reviews
@@ -25,35 +21,15 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def head_with_dashboard():
     """A head node with its dashboard (the Job Submission API lives there), found only by its address."""
-    tmp = tempfile.mkdtemp(prefix="rtj", dir="/tmp")  # short: Ray's socket paths live under it
     port, dashboard = free_port(), free_port()
-    bin_dir = str(Path(sys.executable).parent)
-    # the job's driver runs `raytune-ft` from the head's PATH, as on a cluster whose image installed the project
-    env = {**os.environ, "RAY_TMPDIR": tmp, "PATH": os.pathsep.join([bin_dir, os.environ.get("PATH", "")])}
-    env.pop("RAY_ADDRESS", None)
-    head = subprocess.Popen(
-        [f"{bin_dir}/ray", "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2"]
-        + [f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1", "--disable-usage-stats", "--block"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
     address = f"http://127.0.0.1:{dashboard}"
-    client_env = {**env, "RAY_AUTH_MODE": "token"}  # new clusters use token auth; the token is in ~/.ray
-    try:
-        deadline = time.monotonic() + 120
-        while cli("jobs", "list", "--address", address, env=client_env, timeout=60).returncode != 0:
-            assert head.poll() is None, "ray start --head exited"
-            assert time.monotonic() < deadline, f"no Job Submission API at {address}"
-            time.sleep(2)
+    args = ["--num-cpus=2", f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1"]
+
+    def ready(env: dict) -> bool:
+        return cli("jobs", "list", "--address", address, env=env, timeout=60).returncode == 0
+
+    with ray_head(port, args, ready) as client_env:
         yield address, client_env
-    finally:
-        head.terminate()
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            head.kill()
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def experiment(tmp_path: Path, tiny_bert: Path, name: str, max_steps: int = 4, **sections) -> Path:

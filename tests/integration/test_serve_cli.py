@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import urllib.request
+from pathlib import Path
 
 import pytest
 from test_serve import free_port
@@ -22,24 +23,24 @@ def cli(*args: str, env: dict, timeout: int = 600) -> subprocess.CompletedProces
     )
 
 
-def test_detached_server_is_benchmarked_then_stopped(tiny_bert, tmp_path):
+def train_tiny_classifier(tmp_path: Path, tiny_bert: Path, name: str, env: dict, *overrides: str) -> Path:
+    """`raytune-ft train` (2 steps, 1 worker) of the tiny BERT on the toy reviews; its run directory."""
     import yaml
 
     data = write_reviews(tmp_path / "reviews.tsv", rows=60)
     cfg = make_cfg(
-        tmp_path,
-        "cli-served",
-        tiny_bert,
-        data,
-        train={"max_steps": 2, "eval_every_steps": 2},
-        scaling={"num_workers": 1},
+        tmp_path, name, tiny_bert, data, train={"max_steps": 2, "eval_every_steps": 2}, scaling={"num_workers": 1}
     )
     experiment = tmp_path / "exp.yaml"
     experiment.write_text(yaml.safe_dump(cfg.model_dump(mode="json", by_alias=True)))
-    env = {**os.environ, "RAYTUNE_FT_STATE_DIR": str(tmp_path / "state")}
-    trained = cli("train", str(experiment), env=env)
+    trained = cli("train", str(experiment), *overrides, env=env)
     assert trained.returncode == 0, trained.stderr[-3000:]
-    run_dir = tmp_path / "cli-served"
+    return tmp_path / name
+
+
+def test_detached_server_is_benchmarked_then_stopped(tiny_bert, tmp_path):
+    env = {**os.environ, "RAYTUNE_FT_STATE_DIR": str(tmp_path / "state")}
+    run_dir = train_tiny_classifier(tmp_path, tiny_bert, "cli-served", env)
     port = free_port()
 
     started = cli("serve", str(run_dir), f"serve.port={port}", "serve.batch_wait_timeout_s=0.005", "--detach", env=env)

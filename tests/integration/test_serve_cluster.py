@@ -5,90 +5,32 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import sys
-import tempfile
 import threading
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import pytest
+from ray_head import alive_nodes, ray_head
 from test_serve import free_port
-from test_serve_cli import cli
-from test_train import make_cfg, write_reviews
+from test_serve_cli import cli, train_tiny_classifier
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
 def head_node():
-    """A Ray head started by `ray start --head --block` in its own temp dir (so no other Ray finds it), stopped
-    with SIGTERM, which shuts down this cluster's processes only. New clusters use token authentication: a
-    driver that joins by address says so with RAY_AUTH_MODE=token."""
-    ray_bin = Path(sys.executable).parent / "ray"
-    tmp = tempfile.mkdtemp(prefix="rtc", dir="/tmp")  # short: Ray's socket paths live under it
     port = free_port()
-    env = {**os.environ, "RAY_TMPDIR": tmp}
-    env.pop("RAY_ADDRESS", None)
-    head = subprocess.Popen(
-        [str(ray_bin), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=3"]
-        + ["--include-dashboard=false", "--disable-usage-stats", "--block"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
     address = f"127.0.0.1:{port}"
-    client_env = {**env, "RAY_AUTH_MODE": "token"}
-    try:
-        _wait_for_cluster(address, client_env, head)
+    args = ["--num-cpus=3", "--include-dashboard=false"]
+    with ray_head(port, args, ready=lambda env: alive_nodes(address, env) is not None) as client_env:
         yield address, client_env
-    finally:
-        head.terminate()
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            head.kill()
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _wait_for_cluster(address: str, env: dict, head: subprocess.Popen) -> None:
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        assert head.poll() is None, "ray start --head exited"
-        probe = subprocess.run(
-            [sys.executable, "-c", f"import ray; ray.init(address='{address}', logging_level='ERROR')"],
-            env=env,
-            capture_output=True,
-            timeout=120,
-        )
-        if probe.returncode == 0:
-            return
-        time.sleep(2)
-    raise AssertionError(f"no Ray cluster answered at {address}")
 
 
 def test_train_and_serve_on_a_cluster_that_scales_out_then_delete(tiny_bert, tmp_path, head_node):
-    import yaml
-
     address, env = head_node
     env = {**env, "RAYTUNE_FT_STATE_DIR": str(tmp_path / "state")}
-    data = write_reviews(tmp_path / "reviews.tsv", rows=60)
-    cfg = make_cfg(
-        tmp_path,
-        "on-cluster",
-        tiny_bert,
-        data,
-        train={"max_steps": 2, "eval_every_steps": 2},
-        scaling={"num_workers": 1},
-    )
-    experiment = tmp_path / "exp.yaml"
-    experiment.write_text(yaml.safe_dump(cfg.model_dump(mode="json", by_alias=True)))
-    trained = cli("train", str(experiment), f"cluster.address={address}", env=env)
-    assert trained.returncode == 0, trained.stderr[-3000:]
+    train_tiny_classifier(tmp_path, tiny_bert, "on-cluster", env, f"cluster.address={address}")
 
     port = free_port()
     deployed = cli(
