@@ -1,0 +1,95 @@
+"""Each shipped quick variant (jobs/*-quick.yaml) runs end to end as a user runs it, `raytune-ft tune FILE`, on the
+real data beside the project: search, DeepSpeed, export, the test split read once. The Shakespeare variant trains a
+tiny local Llama (SHAKESPEARE_MODEL) since nothing can be downloaded here; the SST-2 ones the packaged MiniLM."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+from pathlib import Path
+
+import pytest
+from test_serve_cli import cli
+
+from raytune_ft.config import load_config
+
+pytestmark = pytest.mark.integration
+
+JOBS = Path(__file__).resolve().parents[2] / "jobs"
+SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
+
+
+def run_quick(name: str, output_dir: Path, **env_vars: str) -> tuple[Path, dict]:
+    """`raytune-ft tune jobs/NAME.yaml output_dir=...`; the run directory and the export's test metrics."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"the shared data ({SHARED_DATA}) is not beside this checkout")
+    env = {**os.environ, **env_vars}
+    done = cli("tune", str(JOBS / f"{name}.yaml"), f"output_dir={output_dir}", env=env, timeout=900)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    [export] = re.findall(r"^export: (.+)$", done.stdout, re.MULTILINE)
+    export = Path(export)
+    assert export == output_dir / name / "tune" / "winner"
+    assert (export / "model.safetensors").is_file() and (export / "tokenizer_config.json").is_file()
+    tested = json.loads((export / "test_metrics.json").read_text())
+    assert tested["test_rows"] > 0
+    reads = (output_dir / name / "data" / "test_reads.jsonl").read_text().splitlines()
+    assert len(reads) == 1  # the test split was read once, after the search
+    return output_dir / name / "tune", tested
+
+
+def trials(run_dir: Path) -> list[dict]:
+    return list(csv.DictReader(open(run_dir / "trials.csv")))
+
+
+def deepspeed_files(run_dir: Path) -> set[str]:
+    return {p.name for p in (run_dir / "train-runs").rglob("ds/*.pt")}
+
+
+def test_sst2_lora_pbt_quick_exploits_and_exports(tmp_path):
+    run_dir, tested = run_quick("sst2-minilm-quick", tmp_path)
+    cfg = load_config(JOBS / "sst2-minilm-quick.yaml")
+    rows = trials(run_dir)
+    assert len(rows) == cfg.tune.num_samples and {r["status"] for r in rows} == {"TERMINATED"}
+    exploits = [json.loads(line) for line in (run_dir / "exploits.jsonl").read_text().splitlines()]
+    assert exploits, "the quick PBT run never exploited"
+    for e in exploits:
+        assert e["donor"] != e["trial"] and e["restored_step"] == e["donor_step"] > 0
+        # LoRA: the exploit moves the adapter and its optimizer state, not MiniLM's 22M frozen weights (~90 MB)
+        assert 0 < e["bytes_moved"] < 20_000_000
+    assert "zero_pp_rank_0_mp_rank_00_optim_states.pt" in deepspeed_files(run_dir)  # ZeRO-2 on one worker
+    assert 0 <= tested["test_accuracy"] <= 1 and "confusion_matrix" in tested
+
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(run_dir / "winner")  # LoRA merged: a plain model
+    assert model.config.num_labels == 2
+
+
+def test_sst2_full_optuna_quick_searches_and_exports(tmp_path):
+    run_dir, tested = run_quick("sst2-minilm-full-optuna-quick", tmp_path)
+    rows = trials(run_dir)
+    assert len(rows) == load_config(JOBS / "sst2-minilm-full-optuna-quick.yaml").tune.num_samples
+    assert len({r["train.lr"] for r in rows}) == len(rows)  # Optuna proposed different points
+    assert {r["status"] for r in rows} <= {"TERMINATED", "STOPPED"}
+    assert "zero_pp_rank_0_mp_rank_00_optim_states.pt" in deepspeed_files(run_dir)
+    assert 0 <= tested["test_accuracy"] <= 1
+
+
+def test_shakespeare_zero3_quick_shards_over_two_workers_and_exports(tmp_path, tiny_llama):
+    text = SHARED_DATA / "tinyshakespeare" / "input.txt"
+    run_dir, tested = run_quick(
+        "shakespeare-zero3-quick", tmp_path, SHAKESPEARE_MODEL=str(tiny_llama), SHAKESPEARE_PATH=str(text)
+    )
+    rows = trials(run_dir)
+    assert len(rows) == 1 and rows[0]["status"] == "TERMINATED"
+    files = deepspeed_files(run_dir)
+    # ZeRO-3: each of the two workers saved its own shard of the parameters and of the optimizer state
+    assert {"zero_pp_rank_0_mp_rank_00_model_states.pt", "zero_pp_rank_1_mp_rank_00_model_states.pt"} <= files
+    assert {"zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"} <= files
+    assert tested["test_perplexity"] > 1
+
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(run_dir / "winner").config.model_type == "llama"
