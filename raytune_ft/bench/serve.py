@@ -60,6 +60,7 @@ def level_stats(
         "rps": done / wall_s if wall_s > 0 else 0.0,
         "p50_ms": percentile(ms, 50) if ms else None,
         "p90_ms": percentile(ms, 90) if ms else None,
+        "p95_ms": percentile(ms, 95) if ms else None,
         "p99_ms": percentile(ms, 99) if ms else None,
         "max_ms": max(ms) if ms else None,
         "mean_ms": statistics.fmean(ms) if ms else None,

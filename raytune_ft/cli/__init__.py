@@ -21,7 +21,6 @@ from raytune_ft.cli.common import (
     err,
     fail,
     load_experiment,
-    not_yet,
     out,
 )
 from raytune_ft.config import ConfigError, ExperimentConfig, config_to_yaml
@@ -333,10 +332,79 @@ def _export_config(export: Path, overrides: list[str]) -> ExperimentConfig:
 
 
 @app.command()
-def run(config: ConfigArg, overrides: OverridesArg = None) -> None:
-    """Run the whole pipeline: data, tune, test, export, serve, bench, report."""
-    load_experiment(config, overrides)
-    not_yet("run", "One command, end to end")
+def run(
+    config: ConfigArg,
+    overrides: OverridesArg = None,
+    start: Annotated[
+        str | None, typer.Option("--from", help="Start at this stage (earlier stages' outputs must exist).")
+    ] = None,
+    until: Annotated[str | None, typer.Option("--until", help="Stop after this stage.")] = None,
+    address: Annotated[
+        str | None,
+        typer.Option("--address", envvar="RAY_ADDRESS", help="Ray cluster to run on (default: an embedded local Ray)."),
+    ] = None,
+    stop_server: Annotated[
+        bool, typer.Option("--stop-server", help="Stop the server after the benchmark instead of leaving it up.")
+    ] = False,
+) -> None:
+    """The whole job: data → tune (or train) → test once → export → promote → serve → bench → report.
+
+    Stages: data, tune, promote, serve, bench, report. A rerun skips what is complete; a winner that misses a
+    `promote` threshold is not served (exit code 3)."""
+    from raytune_ft.data import DataError
+    from raytune_ft.model_source import ModelSourceError
+    from raytune_ft.run import STAGES, NotPromoted, StageError, run_pipeline, select
+    from raytune_ft.serve.deploy import ServeError
+    from raytune_ft.train import CheckpointError
+    from raytune_ft.train.trainer import ClusterError
+    from raytune_ft.tune import MissingExtraError
+
+    extra = [*(overrides or []), *([f"cluster.address={address}"] if address else [])]
+    cfg = load_experiment(config, extra)
+    try:
+        stages = select(start, until)
+    except ValueError as exc:
+        fail(f"{exc} (stages: {', '.join(STAGES)})", EXIT_CONFIG)
+    log = lambda m: err.print(m, highlight=False, soft_wrap=True)  # noqa: E731
+    serve_overrides = [o for o in overrides or [] if o.startswith("serve.")]
+    try:
+        summary = run_pipeline(cfg, stages, serve_overrides=serve_overrides, stop_server=stop_server, log=log)
+    except NotPromoted as exc:
+        fail(str(exc), EXIT_NOT_PROMOTED)
+    except MissingExtraError as exc:
+        fail(str(exc), EXIT_CONFIG)
+    except (DataError, ModelSourceError, CheckpointError, ClusterError, ServeError, StageError, RuntimeError) as exc:
+        fail(str(exc), EXIT_RUNTIME)
+    _print_run_summary(summary)
+
+
+EXIT_NOT_PROMOTED = 3
+
+
+def _print_run_summary(summary: dict[str, Any]) -> None:
+    table = Table(title="Run", title_justify="left", show_header=False)
+    table.add_column("what")
+    table.add_column("value", overflow="fold")
+    for key, value in (summary.get("hyperparameters") or {}).items():
+        table.add_row(key, _short(value))
+    for part in ("validation", "test"):
+        for key, value in (summary.get(part) or {}).items():
+            if key.endswith(("_accuracy", "_f1_macro", "_loss", "_perplexity")):
+                table.add_row(key, _short(value))
+    promotion = summary.get("promotion")
+    if promotion is not None:
+        table.add_row("promoted", "yes" if promotion["promoted"] else "no")
+    for level in summary.get("latency") or []:
+        table.add_row(
+            f"serve c={level['concurrency']}",
+            f"p50 {level['p50_ms']:.1f} ms, p99 {level['p99_ms']:.1f} ms, {level['rps']:.1f} req/s",
+        )
+    if summary.get("serve"):
+        table.add_row("served at", summary["serve"]["url"])
+    for key in ("export", "report", "run_dir"):
+        if summary.get(key):
+            table.add_row(key.replace("_", " "), summary[key])
+    out.print(table)
 
 
 from raytune_ft.cli import bench, jobs  # noqa: E402,F401  (register `raytune-ft bench|submit|jobs ...`)

@@ -9,7 +9,6 @@ from typing import Annotated, Any, NoReturn
 import typer
 from rich.console import Console
 
-from raytune_ft import __version__
 from raytune_ft.config import ConfigError, ExperimentConfig, load_config
 
 app = typer.Typer(
@@ -49,10 +48,6 @@ def config_errors(exc: ConfigError, origin: Path | str) -> NoReturn:
     for issue in exc.issues:
         err.print(f"  {issue}", highlight=False, markup=False, soft_wrap=True)
     raise typer.Exit(EXIT_CONFIG) from None
-
-
-def not_yet(command: str, issue: str) -> NoReturn:
-    fail(f"'raytune-ft {command}' is not available yet in {__version__}: it arrives with '{issue}'.", EXIT_CONFIG)
 
 
 def num(value: Any, digits: int = 1) -> str:

@@ -98,6 +98,27 @@ def consistency_errors(cfg: ExperimentConfig) -> list[tuple[str, str]]:
 
     if tune is not None:
         errors.extend(_tune_errors(cfg))
+    errors.extend(_promote_errors(cfg))
+    return errors
+
+
+def _promote_errors(cfg: ExperimentConfig) -> list[tuple[str, str]]:
+    promote, classification = cfg.promote, cfg.model.task == "sequence-classification"
+    errors = []
+    for key in ("min_test_accuracy", "min_test_f1", "min_worst_slice_f1"):
+        if getattr(promote, key) is not None and not classification:
+            errors.append((f"promote.{key}", "is a classification threshold; causal-lm has no labels"))
+    if promote.max_test_perplexity is not None and classification:
+        errors.append(("promote.max_test_perplexity", "is a causal-lm threshold; use min_test_accuracy/min_test_f1"))
+    if promote.min_worst_slice_f1 is not None and cfg.data.columns.slice is None:
+        errors.append(("promote.min_worst_slice_f1", "needs data.columns.slice: the column that defines the slices"))
+    if promote.max_p95_latency_ms is not None and promote.latency_concurrency not in cfg.bench.concurrency:
+        errors.append(
+            (
+                "promote.latency_concurrency",
+                f"must be one of bench.concurrency {cfg.bench.concurrency}, got {promote.latency_concurrency}",
+            )
+        )
     return errors
 
 

@@ -15,6 +15,7 @@ Task = Literal["sequence-classification", "causal-lm"]
 PositiveInt = Annotated[int, Field(gt=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
 Fraction = Annotated[float, Field(ge=0, lt=1)]
+Score = Annotated[float, Field(ge=0, le=1)]
 
 
 def nested_models(annotation: Any) -> list[type[BaseModel]]:
@@ -370,6 +371,21 @@ class BenchConfig(Section):
     warmup_requests: Annotated[int, Field(ge=0)] = 20
 
 
+class PromoteConfig(Section):
+    """Thresholds a winner must meet to be served by `raytune-ft run`; unset ones are not checked."""
+
+    min_test_accuracy: Score | None = None
+    min_test_f1: Score | None = Field(default=None, description="Macro F1 on the test split.")
+    min_worst_slice_f1: Score | None = Field(
+        default=None, description="The lowest macro F1 of any test slice (needs data.columns.slice)."
+    )
+    max_test_perplexity: PositiveFloat | None = None
+    max_p95_latency_ms: PositiveFloat | None = Field(
+        default=None, description="p95 latency at bench concurrency `latency_concurrency`, measured by the run."
+    )
+    latency_concurrency: PositiveInt = Field(default=1, description="The bench level the latency threshold reads.")
+
+
 class RuntimeEnvConfig(Section):
     working_dir: str | None = None
     pip: list[str] = Field(default_factory=list)
@@ -408,4 +424,5 @@ class ExperimentConfig(Section):
     tune: TuneConfig | None = None
     serve: ServeConfig = ServeConfig()
     bench: BenchConfig = BenchConfig()
+    promote: PromoteConfig = PromoteConfig()
     cluster: ClusterConfig = ClusterConfig()

@@ -7,6 +7,7 @@ file can be mailed or attached to a ticket.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from raytune_ft.report.load import RunData, RunDirError, load_run
@@ -15,8 +16,9 @@ from raytune_ft.report.plots import MissingMatplotlibError
 __all__ = ["MissingMatplotlibError", "RunData", "RunDirError", "load_run", "write_report"]
 
 
-def write_report(run_dir: Path, out: Path | None = None) -> Path:
-    """Write the report of RUN_DIR to `out` (default RUN_DIR/report.html) and return its path.
+def write_report(run_dir: Path, out: Path | None = None, extras: Path | None = None) -> Path:
+    """Write the report of RUN_DIR to `out` (default RUN_DIR/report.html) and return its path. EXTRAS: the
+    directory of a `raytune-ft run`, whose promotion.json, serve.json and bench/ add their sections.
 
     Raises RunDirError when RUN_DIR is missing or holds none of a run's files, MissingMatplotlibError without
     matplotlib. Missing parts of a run (no winner yet, an empty progress.csv) are named in the report instead.
@@ -38,7 +40,23 @@ def write_report(run_dir: Path, out: Path | None = None) -> Path:
             )
         except (TypeError, ValueError):
             figures["confusion"] = None  # the page says the matrix is malformed
+    extra = _run_sections(Path(extras)) if extras is not None else ""
     path = Path(out) if out is not None else Path(run_dir) / "report.html"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(html.page(run, figures), encoding="utf-8")
+    path.write_text(html.page(run, figures, extra), encoding="utf-8")
     return path
+
+
+def _run_sections(root: Path) -> str:
+    from raytune_ft.report import html
+
+    def read(name: str) -> dict | None:
+        try:
+            return json.loads((root / name).read_text())
+        except (OSError, ValueError):
+            return None
+
+    plot = root / "bench" / "serve.png"
+    return html.promotion_section(read("promotion.json")) + html.serving_section(
+        read("serve.json"), read("bench/serve.json"), plot.read_bytes() if plot.is_file() else None
+    )

@@ -144,7 +144,7 @@ def header(run: RunData) -> str:
     if run.notes:
         items = "".join(f"<li>{escape(n)}</li>" for n in run.notes)
         notes = f'<div class="notes"><strong>Missing or incomplete</strong><ul>{items}</ul></div>'
-    return f"<h1>Tune report: {escape(str(name))}</h1><table class='meta'>{meta}</table>{notes}"
+    return f"<h1>Report: {escape(str(name))}</h1><table class='meta'>{meta}</table>{notes}"
 
 
 def winner(run: RunData, confusion_png: bytes | None) -> str:
@@ -303,9 +303,50 @@ def search_space(run: RunData) -> str:
     return "<h2>Search space</h2>" + table(["key", "type", "values or [low, high]"], rows)
 
 
-def page(run: RunData, figures: dict[str, bytes | None]) -> str:
-    """The whole page. `figures`: curves, schedule, search and confusion, each PNG bytes or None."""
-    body = [header(run), winner(run, figures.get("confusion")), "<h2>Learning curves</h2>"]
+def promotion_section(promotion: dict[str, Any] | None) -> str:
+    if promotion is None:
+        return ""
+    verdict = "promoted" if promotion.get("promoted") else "NOT promoted"
+    rows = [
+        [c.get("threshold"), c.get("limit"), c.get("value"), "pass" if c.get("passed") else "FAIL"]
+        for c in promotion.get("checks") or []
+    ]
+    body = table(["threshold", "limit", "value", "verdict"], rows) if rows else _p("No thresholds set.", "muted")
+    return f"<h2>Promotion: {escape(verdict)}</h2>{body}"
+
+
+def serving_section(served: dict[str, Any] | None, bench: dict[str, Any] | None, plot_png: bytes | None) -> str:
+    if served is None and bench is None:
+        return ""
+    parts = ["<h2>Serving</h2>"]
+    if served is not None:
+        check = _dict(served.get("check"))
+        parts.append(
+            _p(
+                f"Served at {served.get('url')} from {served.get('export')}; {check.get('agree')}/{check.get('texts')} "
+                "validation texts got the same answer from the app as from the export in-process."
+            )
+        )
+    if bench is not None:
+        keys = ("concurrency", "rps", "p50_ms", "p95_ms", "p99_ms", "errors", "server_batch_mean")
+        rows = [[lv.get(k) for k in keys] for lv in bench.get("levels") or []]
+        parts.append(table(["clients", "req/s", "p50 ms", "p95 ms", "p99 ms", "errors", "mean batch"], rows))
+        if plot_png:
+            parts.append(
+                figure(
+                    plot_png,
+                    "latency against throughput",
+                    "p50 (solid) and p99 (dashed) latency "
+                    "against requests per second, one point per closed-loop concurrency level.",
+                )
+            )
+    return "".join(parts)
+
+
+def page(run: RunData, figures: dict[str, bytes | None], extra: str = "") -> str:
+    """The whole page. `figures`: curves, schedule, search and confusion, each PNG bytes or None; EXTRA: the
+    promotion and serving sections of a `raytune-ft run`."""
+    body = [header(run), winner(run, figures.get("confusion")), extra, "<h2>Learning curves</h2>"]
     if figures.get("curves"):
         body.append(
             figure(
@@ -344,7 +385,7 @@ def page(run: RunData, figures: dict[str, bytes | None]) -> str:
     else:
         body.append(_p("Nothing to plot: no trial has a best metric, or the search space is empty.", "muted"))
     body += [trials_table(run), exploits_table(run), search_space(run)]
-    title = escape(f"Tune report: {run.config.get('name') or run.run_dir.name}")
+    title = escape(f"Report: {run.config.get('name') or run.run_dir.name}")
     return (
         f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
         f"<style>{STYLE}</style></head><body>{''.join(body)}</body></html>\n"

@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-EXPECTED = ("config.yaml", "trials.csv", "trials/", "exploits.jsonl", "winner/")
+EXPECTED = ("config.yaml", "trials.csv", "trials/", "exploits.jsonl", "winner/", "export/")
 PBT_ALGORITHMS = ("pbt", "pb2")
 # run_trial_<id>_<index>[_<short config>]_<date>; Ray's ids are "<5 hex>_<5 digits>" or 8 hex characters
 FOLDER = re.compile(
@@ -387,6 +387,8 @@ def _step_at(trial: Trial | None, iteration: Any) -> float | None:
 
 def _read_winner(run: RunData) -> None:
     winner = run.run_dir / "winner"
+    if not winner.is_dir() and (run.run_dir / "export").is_dir():
+        winner = run.run_dir / "export"  # a single `raytune-ft train` run: its export is the winner
     meta = winner / "raytune_ft.json"
     if not meta.is_file():
         run.notes.append(

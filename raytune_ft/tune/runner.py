@@ -169,7 +169,9 @@ def tune_experiment(
     *,
     resume: bool = False,
     log: Callable[[str], None] = print,
+    progress: Callable[[list[Any], dict[str, Any]], None] | None = None,
 ) -> TuneRun:
+    """PROGRESS, when given, is called on the driver after every trial report with Tune's trials and the report."""
     import ray
     from ray import tune
 
@@ -208,7 +210,7 @@ def tune_experiment(
                 time_budget_s=settings.time_budget_s,
                 reuse_actors=False,
             ),
-            run_config=_run_config(cfg, run_dir, storage, trial_scheduler),
+            run_config=_run_config(cfg, run_dir, storage, trial_scheduler, progress),
         )
     results = tuner.fit()
     return _finish(cfg, run_dir, results, worker_data, log)
@@ -310,6 +312,11 @@ def storage_of(cfg: ExperimentConfig, run_dir: Path) -> str:
     return (cfg.tune.storage_path or str(run_dir)).rstrip("/")
 
 
+def search_started(cfg: ExperimentConfig, run_dir: Path) -> bool:
+    """Whether RUN_DIR's search has begun (Tune's experiment folder exists), finished or not."""
+    return _exists(f"{storage_of(cfg, run_dir)}/{EXPERIMENT}")
+
+
 def _exists(uri: str) -> bool:
     fs, path = filesystem_of(uri)
     return fs.get_file_info(path).type != FileType.NotFound
@@ -361,12 +368,14 @@ def _mlflow_callback(uri: str, experiment: str) -> Any:
     return ParamsOnce(tracking_uri=uri, experiment_name=experiment, save_artifact=False)
 
 
-def _run_config(cfg: ExperimentConfig, run_dir: Path, storage: str, trial_scheduler: Any) -> Any:
+def _run_config(
+    cfg: ExperimentConfig, run_dir: Path, storage: str, trial_scheduler: Any, progress: Callable | None = None
+) -> Any:
     from ray import tune
 
     settings = cfg.tune
     assert settings is not None
-    callbacks = [_callback(run_dir, settings, trial_scheduler)]
+    callbacks = [_callback(run_dir, settings, trial_scheduler, progress)]
     if settings.mlflow:
         # MLflow 3's plain file store refuses to start (and would abort Tuner.fit); a SQLite file needs no server
         uri = settings.mlflow_tracking_uri or f"sqlite:///{run_dir / 'mlflow.db'}"
@@ -397,7 +406,7 @@ def _evaluations_per_trial(cfg: ExperimentConfig, n_train: int) -> int:
     return max(1, math.ceil(plan.total_steps / max(1, every)))
 
 
-def _callback(run_dir: Path, settings: Any, trial_scheduler: Any) -> Any:
+def _callback(run_dir: Path, settings: Any, trial_scheduler: Any, progress: Callable | None = None) -> Any:
     from ray import tune
 
     log = ExperimentLog(run_dir, settings.keep_checkpoints, settings.metric, settings.mode, trial_scheduler)
@@ -405,6 +414,8 @@ def _callback(run_dir: Path, settings: Any, trial_scheduler: Any) -> Any:
     class Callback(tune.Callback):
         def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
             log.on_trial_result(trials, trial, result)
+            if progress is not None:
+                progress(trials, result)
 
         def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             log.on_trial_start(trial)

@@ -51,7 +51,8 @@ def tuner_space(tune: TuneConfig) -> dict[str, Any]:
 
 
 def search_algorithm(tune: TuneConfig, seed: int) -> Any:
-    """None for random and grid (Tune's own variant generator samples param_space), and for PBT/PB2."""
+    """Random, grid, PBT and PB2 sample param_space with Tune's own variant generator, seeded by the experiment's
+    seed so that a rerun starts from the same points."""
     require_extra(tune.algorithm)
     if tune.algorithm == "optuna":
         import optuna
@@ -70,7 +71,9 @@ def search_algorithm(tune: TuneConfig, seed: int) -> Any:
         from ray.tune.search.bohb import TuneBOHB
 
         return TuneBOHB(seed=seed)
-    return None
+    from ray.tune.search import BasicVariantGenerator
+
+    return BasicVariantGenerator(random_state=seed)
 
 
 def scheduler(tune: TuneConfig, max_reports: int) -> Any:

@@ -85,10 +85,20 @@ def test_data_command_names_bad_row(tmp_path):
     assert "reviews.tsv:12: label '7' is not one of data.labels" in result.stderr
 
 
-def test_commands_still_to_come_say_so(tmp_path):
-    result = runner.invoke(app, ["run", str(experiment(tmp_path, balanced_rows(4)))])
-    assert result.exit_code == 2
-    assert "not available yet" in result.stderr and "One command" in result.stderr
+def test_run_refuses_an_unknown_or_reversed_stage_before_doing_anything(tmp_path):
+    path = experiment(tmp_path, balanced_rows(4))
+    result = runner.invoke(app, ["run", str(path), "--from", "deploy"])
+    assert result.exit_code == 2 and "unknown stage 'deploy'" in result.stderr and "data, tune" in result.stderr
+    result = runner.invoke(app, ["run", str(path), "--from", "bench", "--until", "tune"])
+    assert result.exit_code == 2 and "--from bench comes after --until tune" in result.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_run_from_a_later_stage_names_the_missing_output(tmp_path):
+    path = experiment(tmp_path, balanced_rows(4))
+    result = runner.invoke(app, ["run", str(path), f"output_dir={tmp_path / 'out'}", "--from", "promote"])
+    assert result.exit_code == 1
+    assert "test_metrics.json is missing: run the 'tune' stage first" in result.stderr
 
 
 def test_submit_refuses_before_contacting_a_cluster(tmp_path, monkeypatch):

@@ -135,6 +135,13 @@ def test_missing_required_sections_and_bad_top_level(tmp_path):
             "serve: {autoscaling: {min_replicas: 3, max_replicas: 2}}",
             "serve.autoscaling.max_replicas: must be >= min_replicas (3), got 2",
         ),
+        ("promote: {max_test_perplexity: 20}", "promote.max_test_perplexity: is a causal-lm threshold"),
+        ("promote: {min_worst_slice_f1: 0.7}", "promote.min_worst_slice_f1: needs data.columns.slice"),
+        ("promote: {min_test_accuracy: 1.5}", "promote.min_test_accuracy: must be <= 1, got 1.5"),
+        (
+            "promote: {max_p95_latency_ms: 50, latency_concurrency: 4}",
+            "promote.latency_concurrency: must be one of bench.concurrency [1, 8, 32], got 4",
+        ),
     ],
 )
 def test_contradictory_settings_are_named(tmp_path, model_dir, extra, expected):

@@ -10,7 +10,7 @@ from test_train_parts import cfg_with
 
 from raytune_ft.config import ConfigError
 from raytune_ft.tune.runner import ExperimentLog, concurrent_trials
-from raytune_ft.tune.search import MissingExtraError, require_extra, scheduler, search_algorithm
+from raytune_ft.tune.search import MissingExtraError, require_extra, scheduler, search_algorithm, tuner_space
 from raytune_ft.tune.space import param_space, trial_experiment
 
 SPACE = {
@@ -64,7 +64,21 @@ def test_algorithms_and_schedulers(tmp_path):
     def settings(**tune):
         return cfg_with(tmp_path, tune={"search_space": {"train.lr": SPACE["train.lr"]}, **tune}).tune
 
-    assert search_algorithm(settings(), 0) is None
+    from ray.tune.search import BasicVariantGenerator
+    from ray.tune.search.variant_generator import generate_variants
+
+    def first_points(algorithm: str, seed: int) -> list[float]:
+        searcher = search_algorithm(settings(algorithm=algorithm, perturbation_interval=20), seed)
+        assert isinstance(searcher, BasicVariantGenerator)
+        space = tuner_space(settings())
+        return [
+            v["train.lr"]
+            for _ in range(3)
+            for _, v in generate_variants(space, random_state=searcher._random_state.rng)
+        ]
+
+    # random search (and PBT's first population) samples with the experiment's seed: a rerun starts the same
+    assert first_points("random", 7) == first_points("pbt", 7) != first_points("random", 8)
     assert isinstance(scheduler(settings(), 5), FIFOScheduler)
     assert isinstance(scheduler(settings(scheduler="asha"), 5), ASHAScheduler)
     assert isinstance(scheduler(settings(scheduler="median"), 5), MedianStoppingRule)

@@ -1,0 +1,129 @@
+"""`raytune-ft run` end to end, as a user runs it: a tiny BERT on a slice of the real SST-2 data, through data,
+a 2-trial search, the winner tested once, the promotion gate, a detached server, the benchmark and the report; then
+a rerun that skips what is complete, and a gate that refuses a winner."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+from test_serve import free_port
+from test_serve_cli import cli
+
+from raytune_ft.data import load_split, reads_of_test_split
+from raytune_ft.run import STAGES
+
+pytestmark = pytest.mark.integration
+
+SST2 = Path(__file__).resolve().parents[3] / "shared" / "data" / "sst2" / "train.tsv"
+
+
+def experiment(tmp_path: Path, tiny_bert: Path, port: int) -> Path:
+    raw = {
+        "name": "e2e",
+        "seed": 3,
+        "output_dir": str(tmp_path / "runs"),
+        "model": {"name_or_path": str(tiny_bert), "task": "sequence-classification"},
+        "data": {
+            "path": str(SST2),
+            "format": "tsv",
+            "columns": {"text": "sentence", "label": "label"},
+            "labels": [0, 1],
+            "label_names": ["negative", "positive"],
+            "max_rows": 400,
+            "max_length": 32,
+            "curation": {"dedupe": "normalized", "conflicts": "drop"},
+            "split": {"validation": 0.2, "test": 0.2, "seed": 3},
+        },
+        "train": {"batch_size": 8, "max_steps": 6, "eval_every_steps": 3, "checkpoint_every_steps": 3},
+        "scaling": {"num_workers": 1, "cpus_per_worker": 1},
+        "tune": {
+            "algorithm": "random",
+            "metric": "eval_accuracy",
+            "mode": "max",
+            "num_samples": 2,
+            "search_space": {"train.lr": {"type": "grid", "values": [1e-2, 1e-3]}},
+        },
+        "serve": {"port": port, "max_batch_size": 8},
+        "bench": {"concurrency": [1, 4], "requests": 40, "warmup_requests": 4},
+        "promote": {"min_test_accuracy": 0.0, "min_test_f1": 0.0, "max_p95_latency_ms": 60_000},
+    }
+    path = tmp_path / "e2e.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_run_goes_from_data_to_report_and_a_rerun_skips_what_is_done(tiny_bert, tmp_path):
+    if not SST2.is_file():
+        pytest.skip(f"the shared SST-2 data ({SST2}) is not beside this checkout")
+    env = {**os.environ, "RAYTUNE_FT_STATE_DIR": str(tmp_path / "state")}
+    port = free_port()
+    exp = experiment(tmp_path, tiny_bert, port)
+    root = tmp_path / "runs" / "e2e"
+    try:
+        done = cli("run", str(exp), env=env, timeout=900)
+        assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+        # live progress: the stage, and after each trial report the trials and the best metric so far
+        assert "[2/6] tune" in done.stderr and "trials finished" in done.stderr and "best eval_accuracy" in done.stderr
+        state = json.loads((root / "run.json").read_text())
+        assert {s: state["stages"][s]["state"] for s in STAGES} == {
+            "data": "done",
+            "tune": "done",
+            "promote": "passed",
+            "serve": "done",
+            "bench": "done",
+            "report": "done",
+        }
+
+        # the winner is one of the trials, tested once on the test split
+        summary = state["summary"]
+        trials = list(csv.DictReader(open(root / "tune" / "trials.csv")))
+        assert len(trials) == 2
+        assert float(summary["hyperparameters"]["train.lr"]) in {float(t["train.lr"]) for t in trials}
+        winner = root / "tune" / "winner"
+        tested = json.loads((winner / "test_metrics.json").read_text())
+        assert summary["test"]["test_accuracy"] == tested["test_accuracy"] and "test_f1_macro" in tested
+        assert len(reads_of_test_split(root / "data")) == 1
+        assert json.loads((root / "promotion.json").read_text())["promoted"] is True
+
+        # the served app answers like the export does in this process, on texts the run never sent
+        from raytune_ft.serve.model import LoadedModel
+
+        texts = load_split(root / "data", "validation").column("text").to_pylist()[32:64]
+        url = json.loads((root / "serve.json").read_text())["url"]
+        assert url == f"http://127.0.0.1:{port}"
+        request = urllib.request.Request(
+            f"{url}/v1/classify", json.dumps({"texts": texts}).encode(), {"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(request, timeout=60) as response:
+            served = [p["label_id"] for p in json.loads(response.read())["predictions"]]
+        assert served == [p["label_id"] for p in LoadedModel(winner).classify(texts)]
+
+        # the benchmark measured every configured level, without errors
+        bench = json.loads((root / "bench" / "serve.json").read_text())
+        assert [lv["concurrency"] for lv in bench["levels"]] == [1, 4]
+        assert all(lv["errors"] == 0 and lv["requests"] == 40 and lv["p95_ms"] > 0 for lv in bench["levels"])
+        html = (root / "report.html").read_text()
+        assert "Promotion: promoted" in html and "Serving" in html and html.count("data:image/png;base64,") >= 3
+        assert "served at" in done.stdout and str(root) in done.stdout.replace("\n", "")
+
+        # a rerun: data, tune and serve are complete, so they are reused; the test split is not read again
+        again = cli("run", str(exp), "--until", "serve", env=env, timeout=600)
+        assert again.returncode == 0, (again.stdout + again.stderr)[-4000:]
+        stages = json.loads((root / "run.json").read_text())["stages"]
+        assert [stages[s]["state"] for s in ("data", "tune", "serve")] == ["reused", "reused", "reused"]
+        assert len(reads_of_test_split(root / "data")) == 1
+    finally:
+        cli("serve", "stop", env=env)
+
+    # a stricter gate: the winner is refused with the threshold named, and nothing is served
+    refused = cli("run", str(exp), "promote.min_test_accuracy=1.0", "--from", "promote", env=env, timeout=600)
+    assert refused.returncode == 3, refused.stderr[-3000:]
+    assert "not promoted: min_test_accuracy (limit 1" in refused.stderr
+    assert json.loads((root / "run.json").read_text())["stages"]["promote"]["state"] == "not promoted"
+    assert not list((tmp_path / "state").glob("serve-*.json"))

@@ -1,0 +1,77 @@
+"""`raytune-ft run`'s own decisions, without Ray: which stages run, and the promotion gate's verdict."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from raytune_ft.config import load_config
+from raytune_ft.run import STAGES, NotPromoted, Run, _verdict, latency_check, quality_checks, select
+
+
+@pytest.fixture
+def cfg(tmp_path):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    (tmp_path / "d.tsv").write_text("text\tlabel\na\t0\n")
+    path = tmp_path / "exp.yaml"
+    path.write_text(
+        "name: gate\nmodel: {name_or_path: ./model, task: sequence-classification}\n"
+        "data: {path: d.tsv, columns: {slice: source}}\n"
+        "promote: {min_test_accuracy: 0.9, min_test_f1: 0.8, min_worst_slice_f1: 0.7, max_p95_latency_ms: 50}\n"
+    )
+    return load_config(path)
+
+
+def test_stages_run_in_order_between_from_and_until():
+    assert select(None, None) == list(STAGES)
+    assert select("serve", None) == ["serve", "bench", "report"]
+    assert select(None, "tune") == ["data", "tune"]
+    assert select("bench", "bench") == ["bench"]
+    with pytest.raises(ValueError, match="unknown stage 'export'"):
+        select("export", None)
+    with pytest.raises(ValueError, match="--from report comes after --until data"):
+        select("report", "data")
+
+
+def test_quality_gate_reads_each_threshold_from_the_test_metrics(cfg):
+    tested = {
+        "test_accuracy": 0.91,
+        "test_f1_macro": 0.79,
+        "slices": {"slices": {"web": {"f1_macro": 0.9}, "mail": {"f1_macro": 0.65}}, "worst_slice": "mail"},
+    }
+    checks = {c["threshold"]: c for c in quality_checks(cfg, tested)}
+    assert checks["min_test_accuracy"]["passed"] and checks["min_test_accuracy"]["value"] == 0.91
+    assert not checks["min_test_f1"]["passed"]
+    assert not checks["min_worst_slice_f1"]["passed"] and checks["min_worst_slice_f1"]["slice"] == "mail"
+    # a metric the run did not produce fails its threshold instead of passing silently
+    missing = {c["threshold"]: c for c in quality_checks(cfg, {"test_accuracy": 0.95})}
+    assert missing["min_test_f1"] == {"threshold": "min_test_f1", "limit": 0.8, "value": None, "passed": False}
+
+
+def test_latency_gate_reads_p95_at_its_bench_level(cfg):
+    bench = {"levels": [{"concurrency": 1, "p95_ms": 42.0}, {"concurrency": 8, "p95_ms": 95.0}]}
+    [check] = latency_check(cfg, bench)
+    assert check["passed"] and check["value"] == 42.0 and check["concurrency"] == 1
+    [slow] = latency_check(cfg, {"levels": [{"concurrency": 1, "p95_ms": 61.0}]})
+    assert not slow["passed"]
+
+
+def test_verdict_is_written_and_a_miss_names_the_threshold(cfg, tmp_path):
+    run = Run(cfg, tmp_path, log=lambda m: None)
+    quality = quality_checks(cfg, {"test_accuracy": 0.95, "test_f1_macro": 0.9, "slices": {}})
+    with pytest.raises(NotPromoted, match=r"min_worst_slice_f1 \(limit 0.7, got None\)"):
+        _verdict(run, quality, "quality")
+    saved = json.loads((tmp_path / "promotion.json").read_text())
+    assert saved["promoted"] is False and [c["passed"] for c in saved["checks"]] == [True, True, False]
+
+    passing = [c for c in quality if c["passed"]]
+    assert _verdict(run, passing, "quality") == "passed"
+    # the latency verdict is added to the quality one, and replaces an earlier latency verdict
+    _verdict(run, latency_check(cfg, {"levels": [{"concurrency": 1, "p95_ms": 10.0}]}), "latency")
+    with pytest.raises(NotPromoted, match="max_p95_latency_ms"):
+        _verdict(run, latency_check(cfg, {"levels": [{"concurrency": 1, "p95_ms": 80.0}]}), "latency")
+    saved = json.loads((tmp_path / "promotion.json").read_text())
+    assert [c["threshold"] for c in saved["checks"]] == ["min_test_accuracy", "min_test_f1", "max_p95_latency_ms"]
+    assert saved["promoted"] is False
