@@ -154,9 +154,14 @@ def stage_tune(run: Run) -> str:
 
 def _train_once(run: Run) -> str:
     from raytune_ft.train import train
+    from raytune_ft.train.checkpoint import list_checkpoints, newest_whole_checkpoint
     from raytune_ft.tune.winner import test_metrics
 
-    result = train(run.cfg, log=run.log)
+    newest = newest_whole_checkpoint(list_checkpoints(run.root / "train"), log=run.log)
+    resume = newest is not None and not newest[1].get("finished")  # an interrupted run continues where it stopped
+    if resume:
+        run.log(f"train: continuing the interrupted run from step {newest[1].get('step')}")
+    result = train(run.cfg, resume=resume, log=run.log)
     assert result.export_dir is not None
     meta = json.loads((result.export_dir / "raytune_ft.json").read_text())
     run.log("evaluating the export once on the test split")
