@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -179,6 +180,13 @@ class TuneProgress:
         self.best: tuple[float, str, Any] | None = None
         self.started = time.monotonic()
 
+    def __getstate__(self) -> dict[str, Any]:
+        # Tune pickles its callbacks into the experiment state; the console behind `log` holds a lock
+        return {k: v for k, v in self.__dict__.items() if k != "log"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state, log=print)
+
     def __call__(self, trials: list[Any], result: dict[str, Any]) -> None:
         value = result.get(self.metric)
         if isinstance(value, (int, float)):
@@ -321,7 +329,7 @@ def check_served(url: str, export: Path, texts: list[str], api_key: str | None) 
             if served != local.complete(text, 8, 0.0, 1.0, None)["text"]:
                 disagree.append(text)
     else:
-        served = _post(f"{url}/v1/classify", {"texts": texts}, headers)["predictions"]
+        served = _post(f"{url}/v1/classify", {"text": texts}, headers)["predictions"]
         for text, got, want in zip(texts, served, local.classify(texts), strict=True):
             if got["label_id"] != want["label_id"]:
                 disagree.append(text)
@@ -330,8 +338,14 @@ def check_served(url: str, export: Path, texts: list[str], api_key: str | None) 
 
 def _post(url: str, body: dict[str, Any], headers: dict[str, str]) -> dict[str, Any]:
     request = urllib.request.Request(url, data=json.dumps(body).encode(), headers=headers, method="POST")
-    with urllib.request.urlopen(request, timeout=120) as response:
-        return json.loads(response.read())
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        detail = exc.read()[:500].decode(errors="replace")
+        raise StageError(f"the served app answered {url} with {exc.code}: {detail}") from None
+    except OSError as exc:
+        raise StageError(f"the served app did not answer {url}: {exc}") from None
 
 
 def _validation_texts(run: Run, limit: int = CHECK_TEXTS) -> list[str]:

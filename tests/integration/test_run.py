@@ -46,7 +46,7 @@ def experiment(tmp_path: Path, tiny_bert: Path, port: int) -> Path:
             "algorithm": "random",
             "metric": "eval_accuracy",
             "mode": "max",
-            "num_samples": 2,
+            "num_samples": 1,  # once through the grid: 2 trials
             "search_space": {"train.lr": {"type": "grid", "values": [1e-2, 1e-3]}},
         },
         "serve": {"port": port, "max_batch_size": 8},
@@ -98,7 +98,7 @@ def test_run_goes_from_data_to_report_and_a_rerun_skips_what_is_done(tiny_bert, 
         url = json.loads((root / "serve.json").read_text())["url"]
         assert url == f"http://127.0.0.1:{port}"
         request = urllib.request.Request(
-            f"{url}/v1/classify", json.dumps({"texts": texts}).encode(), {"Content-Type": "application/json"}
+            f"{url}/v1/classify", json.dumps({"text": texts}).encode(), {"Content-Type": "application/json"}
         )
         with urllib.request.urlopen(request, timeout=60) as response:
             served = [p["label_id"] for p in json.loads(response.read())["predictions"]]
