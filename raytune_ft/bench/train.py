@@ -102,6 +102,7 @@ def bare_loop(payload: dict[str, Any], queue: Any) -> None:
         epochs=cfg.train.epochs,
         max_steps=cfg.train.max_steps,
         seed=cfg.seed,
+        lengths=tuple(len(ids) for ids in train["input_ids"]) if cfg.train.group_by_length else None,
     )
     pad_id = payload["pad_token_id"]
     ewc = None

@@ -215,6 +215,9 @@ class TrainConfig(Section):
     weight_decay: Annotated[float, Field(ge=0)] = 0.01
     warmup_ratio: Fraction = 0.0
     lr_schedule: Literal["linear", "cosine", "constant"] = "linear"
+    group_by_length: bool = Field(
+        default=False, description="Batch rows of similar token length together (less padding, faster steps)."
+    )
     eval_every_steps: PositiveInt | None = None
     checkpoint_every_steps: PositiveInt | None = None
     keep_checkpoints: PositiveInt = 2

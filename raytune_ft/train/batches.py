@@ -3,6 +3,11 @@
 A step's global batch is a contiguous slice of a seeded per-epoch permutation, cut into one micro-batch per
 worker and accumulation step. So the same rows make up step s whatever the number of workers (1 worker x 8 rows
 and 2 workers x 4 rows train on the same 8), and a resumed run re-reads exactly the rows it would have read.
+
+With `lengths` (train.group_by_length), each run of GROUP_BATCHES global batches of the permutation is sorted by
+length before it is cut into batches, and the batches are then shuffled: rows of similar length share a batch, so
+little of a batch is padding (short texts with a long tail, like SST-2, pad to a few times their length otherwise),
+while which rows meet and the order of batches stay random.
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ import torch
 
 from raytune_ft.data.tokenize import tokenize_causal_blocks, tokenize_classification
 
+GROUP_BATCHES = 50  # global batches sorted together by train.group_by_length
+
 
 @dataclass(frozen=True)
 class StepPlan:
@@ -24,6 +31,7 @@ class StepPlan:
     epochs: int
     max_steps: int | None
     seed: int
+    lengths: tuple[int, ...] | None = None
 
     @property
     def global_batch(self) -> int:
@@ -48,7 +56,16 @@ class StepPlan:
 
     def permutation(self, epoch: int) -> torch.Tensor:
         generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-        return torch.randperm(self.n_train, generator=generator)
+        perm = torch.randperm(self.n_train, generator=generator)
+        if self.lengths is None:
+            return perm
+        batches = self.steps_per_epoch
+        used = batches * self.global_batch  # the rest (fewer rows than a batch) is left out of this epoch
+        lengths = torch.tensor(self.lengths)
+        group = GROUP_BATCHES * self.global_batch
+        grouped = torch.cat([chunk[torch.argsort(lengths[chunk], stable=True)] for chunk in perm[:used].split(group)])
+        order = torch.randperm(batches, generator=generator)
+        return torch.cat([grouped.view(batches, self.global_batch)[order].reshape(-1), perm[used:]])
 
     def micro_batches(self, step: int, rank: int, perm: torch.Tensor | None = None) -> list[list[int]]:
         """Row indices of each micro-batch this rank runs for optimizer step `step` (0-based)."""

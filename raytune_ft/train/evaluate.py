@@ -66,7 +66,8 @@ def evaluate(
     the same number of forward passes (ZeRO-3 gathers weights collectively), padding its slice if shorter."""
     engine.eval()
     n = len(val["input_ids"])
-    rows = list(range(rank, n, world))
+    # by length, so that each batch pads little; the metrics are sums over rows and do not depend on the order
+    rows = sorted(range(n), key=lambda i: len(val["input_ids"][i]))[rank::world]
     per_rank = math.ceil(n / world)
     batch_size = cfg.train.eval_batch_size or cfg.train.batch_size
     loss_sum, count = 0.0, 0

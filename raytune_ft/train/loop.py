@@ -125,6 +125,7 @@ def train_loop(config: dict[str, Any]) -> None:
         epochs=cfg.train.epochs,
         max_steps=cfg.train.max_steps,
         seed=cfg.seed,
+        lengths=tuple(len(ids) for ids in train["input_ids"]) if cfg.train.group_by_length else None,
     )
     plan.check()
     total = plan.total_steps

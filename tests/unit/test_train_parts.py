@@ -71,6 +71,30 @@ def test_same_rows_per_step_whatever_the_worker_count():
     assert one.micro_batches(5, 0) != one.micro_batches(0, 0)  # and a new permutation per epoch
 
 
+def test_group_by_length_batches_similar_lengths_in_random_order():
+    import random
+
+    rng = random.Random(0)
+    lengths = tuple(int(rng.lognormvariate(2.3, 0.8)) + 2 for _ in range(2000))  # a long tail, like SST-2
+    plain = StepPlan(2000, 16, 1, 1, 2, None, 5)
+    grouped = StepPlan(2000, 16, 1, 1, 2, None, 5, lengths=lengths)
+
+    def padded_tokens(plan: StepPlan, epoch: int) -> int:
+        steps = range(epoch * plan.steps_per_epoch, (epoch + 1) * plan.steps_per_epoch)
+        return sum(len(rows) * max(lengths[r] for r in rows) for s in steps for rows in plan.micro_batches(s, 0))
+
+    for epoch in range(2):
+        rows = [r for s in range(125) for r in grouped.micro_batches(epoch * 125 + s, 0)[0]]
+        assert sorted(rows) == list(range(2000))  # still every row once per epoch
+        assert padded_tokens(grouped, epoch) < 0.6 * padded_tokens(plain, epoch)
+    # the batches themselves come in random order (not shortest first), the same on every run and resume
+    longest = [max(lengths[r] for r in grouped.micro_batches(s, 0)[0]) for s in range(125)]
+    assert longest != sorted(longest)
+    again = StepPlan(2000, 16, 1, 1, 2, None, 5, lengths=lengths)
+    assert all(again.micro_batches(s, 0) == grouped.micro_batches(s, 0) for s in range(250))
+    assert grouped.micro_batches(125, 0) != grouped.micro_batches(0, 0)
+
+
 def test_plan_limits_and_too_small_data():
     assert StepPlan(100, 10, 1, 1, 3, 7, 0).total_steps == 7
     with pytest.raises(ValueError, match="fewer than one global batch of 32"):
