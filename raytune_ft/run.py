@@ -178,7 +178,7 @@ class TuneProgress:
         assert cfg.tune is not None
         self.metric, self.mode, self.samples, self.log = cfg.tune.metric, cfg.tune.mode, cfg.tune.num_samples, log
         self.best: tuple[float, str, Any] | None = None
-        self.started = time.monotonic()
+        self.first: tuple[float, int] | None = None  # (time, steps done) at the first report
 
     def __getstate__(self) -> dict[str, Any]:
         # Tune pickles its callbacks into the experiment state; the console behind `log` holds a lock
@@ -199,10 +199,14 @@ class TuneProgress:
         if self.best is not None:
             line += f" | best {self.metric} {self.best[0]:.4f} (trial {self.best[1]}, step {self.best[2]})"
         done, total = self.steps(trials, result)
-        if total and done:
-            elapsed = time.monotonic() - self.started
-            eta = elapsed * (total - done) / done
-            line += f" | {done / total:.0%} of steps, ETA {eta / 60:.0f} min (at most: early stopping shortens it)"
+        if total:
+            line += f" | {done / total:.0%} of steps"
+            now = time.monotonic()
+            if self.first is None:
+                self.first = (now, done)  # start-up is behind us: the rate is measured from here
+            elif done > self.first[1]:
+                rate = (done - self.first[1]) / (now - self.first[0])
+                line += f", ETA {(total - done) / rate / 60:.0f} min (at most: early stopping shortens it)"
         self.log(line)
 
     def steps(self, trials: list[Any], result: dict[str, Any]) -> tuple[int, int]:
@@ -211,9 +215,10 @@ class TuneProgress:
             return 0, 0
         done = 0
         for t in trials:
-            last = (t.last_result or {}).get("step") or 0
+            # Tune calls back before it files this result under its trial
+            last = result if t.trial_id == result.get("trial_id") else (t.last_result or {})
             # a stopped or finished trial will train no more: its remaining steps are spent
-            done += per_trial if t.status in ("TERMINATED", "ERROR") else min(per_trial, last)
+            done += per_trial if t.status in ("TERMINATED", "ERROR") else min(per_trial, last.get("step") or 0)
         return int(done), int(per_trial * self.samples)
 
 

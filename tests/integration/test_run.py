@@ -70,6 +70,7 @@ def test_run_goes_from_data_to_report_and_a_rerun_skips_what_is_done(tiny_bert, 
         assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
         # live progress: the stage, and after each trial report the trials and the best metric so far
         assert "[2/6] tune" in done.stderr and "trials finished" in done.stderr and "best eval_accuracy" in done.stderr
+        assert "% of steps, ETA" in done.stderr
         state = json.loads((root / "run.json").read_text())
         assert {s: state["stages"][s]["state"] for s in STAGES} == {
             "data": "done",
