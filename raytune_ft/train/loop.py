@@ -329,6 +329,8 @@ def train_loop(config: dict[str, Any]) -> None:
         metrics["early_stopped"] = should_stop
         metrics["total_steps"] = config["total_steps"]  # so a reader can tell a finished run from a stopped one
         history.append({k: v for k, v in metrics.items() if "/" not in k})
+        if rank == 0:
+            _log(rank, progress_line(metrics, total, plan.global_batch))
         if done % ckpt_every == 0 or last or should_stop:
             _save_and_report(
                 engine, metrics, config, cfg, rank, world, done, stopper, ewc, val, pad_id, device, save_file, history
@@ -451,6 +453,19 @@ def _save_and_report(
         metrics, checkpoint=ray.train.Checkpoint.from_directory(str(tmp)), checkpoint_dir_name=checkpoint_name(step)
     )
     shutil.rmtree(tmp, ignore_errors=True)
+
+
+def progress_line(metrics: dict[str, Any], total: int, global_batch: int) -> str:
+    """What a person follows during a run: step, losses, the headline metrics, speed and time left."""
+    done = metrics["step"]
+    shown = [f"step {done}/{total}", f"train_loss {metrics['train_loss']:.4f}"]
+    for key in ("eval_loss", "eval_accuracy", "eval_f1_macro", "eval_perplexity"):
+        if key in metrics:
+            shown.append(f"{key} {metrics[key]:.4f}")
+    rate = metrics.get("samples_per_s") or 0
+    if rate > 0:
+        shown.append(f"{rate:.1f} samples/s, ETA {(total - done) * global_batch / rate / 60:.1f} min")
+    return " | ".join(shown)
 
 
 def _log(rank: int, message: str) -> None:

@@ -144,6 +144,7 @@ def test_run_without_a_search_trains_once_and_stops_its_server_when_asked(tiny_b
 
     done = cli("run", str(exp), "--stop-server", env=env, timeout=900)
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    assert "step 3/6 | train_loss" in done.stdout + done.stderr  # the worker's line after each evaluation
     tested = json.loads((root / "export" / "test_metrics.json").read_text())
     assert tested["test_rows"] > 0 and len(reads_of_test_split(root / "data")) == 1
     summary = json.loads((root / "run.json").read_text())["summary"]

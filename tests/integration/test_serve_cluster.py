@@ -97,3 +97,30 @@ def classify(url: str, text: str) -> tuple[int, dict]:
         return exc.code, dict(exc.headers)
     except OSError:
         return 0, {}
+
+
+def test_run_with_address_searches_and_serves_on_the_cluster(tiny_bert, tmp_path, head_node):
+    """`raytune-ft run --address`: the whole job against the cluster; the app it deploys outlives the command."""
+    import yaml
+    from test_run import SST2, experiment
+
+    if not SST2.is_file():
+        pytest.skip(f"the shared SST-2 data ({SST2}) is not beside this checkout")
+    address, env = head_node
+    env = {**env, "RAYTUNE_FT_STATE_DIR": str(tmp_path / "state")}
+    port = free_port()
+    exp = experiment(tmp_path, tiny_bert, port)
+    raw = yaml.safe_load(exp.read_text())
+    raw["bench"] = {"concurrency": [1], "requests": 20, "warmup_requests": 2}
+    exp.write_text(yaml.safe_dump(raw))
+
+    done = cli("run", str(exp), "--address", address, env=env, timeout=900)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    root = tmp_path / "runs" / "e2e"
+    stages = json.loads((root / "run.json").read_text())["stages"]
+    assert all(stage["state"] in ("done", "passed") for stage in stages.values()), stages
+    assert not list((tmp_path / "state").glob("serve-*.json"))  # nothing local: the app is on the cluster
+    status, _ = classify(f"http://127.0.0.1:{port}", "the good film")
+    assert status == 200
+    stopped = cli("serve", "stop", "--address", address, env=env)
+    assert stopped.returncode == 0 and "deleted the Serve app" in stopped.stderr

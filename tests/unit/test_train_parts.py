@@ -16,7 +16,7 @@ from raytune_ft.train.checkpoint import (
     write_manifest,
 )
 from raytune_ft.train.ds_config import deepspeed_config, resolved_precision
-from raytune_ft.train.loop import EarlyStopping, lr_factor
+from raytune_ft.train.loop import EarlyStopping, lr_factor, progress_line
 
 
 def cfg_with(tmp_path, **sections):
@@ -168,3 +168,14 @@ def test_verify_checkpoint_and_fallback(tmp_path):
     (old / "manifest.rank1.json").unlink()
     with pytest.raises(CheckpointError, match="write did not finish"):
         verify_checkpoint(old)
+
+
+def test_progress_line_says_where_the_run_is_and_how_long_is_left():
+    metrics = {"step": 300, "train_loss": 0.4512, "eval_loss": 0.33, "eval_accuracy": 0.8518, "samples_per_s": 16.0}
+    line = progress_line(metrics, total=1200, global_batch=16)
+    # 900 steps of 16 rows at 16 rows/s: 15 minutes
+    assert (
+        line
+        == "step 300/1200 | train_loss 0.4512 | eval_loss 0.3300 | eval_accuracy 0.8518 | 16.0 samples/s, ETA 15.0 min"
+    )
+    assert "ETA" not in progress_line({"step": 1, "train_loss": 1.0}, total=2, global_batch=4)
