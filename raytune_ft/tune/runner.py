@@ -174,6 +174,7 @@ def tune_experiment(
     """PROGRESS, when given, is called on the driver after every trial report with Tune's trials and the report."""
     import ray
     from ray import tune
+    from ray.tune.search import BasicVariantGenerator
 
     if cfg.tune is None:
         raise ValueError("the experiment has no tune section")
@@ -197,6 +198,8 @@ def tune_experiment(
         log(f"resuming the search in {storage}/{EXPERIMENT}")
         tuner = tune.Tuner.restore(f"{storage}/{EXPERIMENT}", trainable, resume_errored=True)
     else:
+        at_once = settings.max_concurrent_trials or concurrent_trials(cfg, ray.cluster_resources())
+        search = search_algorithm(settings, cfg.seed, at_once)
         tuner = tune.Tuner(
             trainable,
             param_space=tuner_space(settings),
@@ -204,9 +207,10 @@ def tune_experiment(
                 metric=settings.metric,
                 mode=settings.mode,
                 num_samples=settings.num_samples,
-                search_alg=search_algorithm(settings, cfg.seed),
+                search_alg=search,
                 scheduler=trial_scheduler,
-                max_concurrent_trials=settings.max_concurrent_trials or concurrent_trials(cfg, ray.cluster_resources()),
+                # a variant generator carries the limit itself (Tune would ignore this one beside it, with a warning)
+                max_concurrent_trials=None if isinstance(search, BasicVariantGenerator) else at_once,
                 time_budget_s=settings.time_budget_s,
                 reuse_actors=False,
             ),

@@ -50,9 +50,10 @@ def tuner_space(tune: TuneConfig) -> dict[str, Any]:
     return {} if searcher_holds_space(tune) else param_space(tune.search_space)
 
 
-def search_algorithm(tune: TuneConfig, seed: int) -> Any:
+def search_algorithm(tune: TuneConfig, seed: int, max_concurrent: int | None = None) -> Any:
     """Random, grid, PBT and PB2 sample param_space with Tune's own variant generator, seeded by the experiment's
-    seed so that a rerun starts from the same points."""
+    seed so that a rerun starts from the same points. It must carry MAX_CONCURRENT itself: Tune ignores
+    `max_concurrent_trials` when it is handed a variant generator."""
     require_extra(tune.algorithm)
     if tune.algorithm == "optuna":
         import optuna
@@ -73,7 +74,7 @@ def search_algorithm(tune: TuneConfig, seed: int) -> Any:
         return TuneBOHB(seed=seed)
     from ray.tune.search import BasicVariantGenerator
 
-    return BasicVariantGenerator(random_state=seed)
+    return BasicVariantGenerator(random_state=seed, max_concurrent=max_concurrent or 0)
 
 
 def scheduler(tune: TuneConfig, max_reports: int) -> Any:

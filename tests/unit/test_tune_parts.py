@@ -79,6 +79,8 @@ def test_algorithms_and_schedulers(tmp_path):
 
     # random search (and PBT's first population) samples with the experiment's seed: a rerun starts the same
     assert first_points("random", 7) == first_points("pbt", 7) != first_points("random", 8)
+    # Tune ignores max_concurrent_trials beside a variant generator: the generator carries the limit
+    assert search_algorithm(settings(), 7, max_concurrent=1).max_concurrent == 1
     assert isinstance(scheduler(settings(), 5), FIFOScheduler)
     assert isinstance(scheduler(settings(scheduler="asha"), 5), ASHAScheduler)
     assert isinstance(scheduler(settings(scheduler="median"), 5), MedianStoppingRule)
