@@ -283,7 +283,7 @@ def _verdict(run: Run, checks: list[dict[str, Any]], kind: str) -> str:
 
 
 def stage_serve(run: Run) -> str:
-    from raytune_ft.serve.deploy import local_servers, start_detached
+    from raytune_ft.serve.deploy import api_key_of, local_servers, start_detached
     from raytune_ft.serve.model import export_config
 
     _require(run, run.export / "test_metrics.json", "tune")
@@ -297,7 +297,7 @@ def stage_serve(run: Run) -> str:
     else:
         url = start_detached(run.export, cfg, _serving_overrides(run), log=run.log)
         state = "done"
-    agreement = check_served(url, run.export, _validation_texts(run), _api_key(cfg))
+    agreement = check_served(url, run.export, _validation_texts(run), api_key_of(cfg))
     (run.root / "serve.json").write_text(
         json.dumps({"url": url, "export": str(run.export), "check": agreement}, indent=2) + "\n"
     )
@@ -310,12 +310,6 @@ def stage_serve(run: Run) -> str:
 def _serving_overrides(run: Run) -> list[str]:
     address = run.cfg.cluster.address
     return [*run.serve_overrides, *([f"cluster.address={address}"] if address else [])]
-
-
-def _api_key(cfg: ExperimentConfig) -> str | None:
-    from raytune_ft.serve.deploy import api_key_of
-
-    return api_key_of(cfg)
 
 
 def check_served(url: str, export: Path, texts: list[str], api_key: str | None) -> dict[str, Any]:
@@ -363,7 +357,7 @@ def _validation_texts(run: Run, limit: int = CHECK_TEXTS) -> list[str]:
 
 def stage_bench(run: Run) -> str:
     from raytune_ft.bench.serve import bench_serve, plot
-    from raytune_ft.serve.deploy import stop
+    from raytune_ft.serve.deploy import api_key_of, stop
     from raytune_ft.serve.model import export_config
 
     served = json.loads(_require(run, run.root / "serve.json", "serve").read_text())
@@ -374,7 +368,7 @@ def stage_bench(run: Run) -> str:
         rates=[],
         requests=run.cfg.bench.requests,
         warmup=run.cfg.bench.warmup_requests,
-        api_key=_api_key(cfg),
+        api_key=api_key_of(cfg),
         texts=_validation_texts(run, 1000),
         model=run.export,
         baseline_noop=False,

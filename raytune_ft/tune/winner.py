@@ -33,7 +33,7 @@ def test_metrics(export_dir: Path, cfg: ExperimentConfig, data_dir: Path, classe
     model = auto.from_pretrained(export_dir, dtype=torch.float32).eval()
     # by length, so that each batch pads little; predictions go back to their rows below
     rows = sorted(range(len(test["input_ids"])), key=lambda i: len(test["input_ids"][i]))
-    preds_by_row = [0] * len(rows)
+    preds = [0] * len(rows)  # by row index
     loss_sum, count = 0.0, 0
     for start in range(0, len(rows), BATCH):
         batch = collate(test, rows[start : start + BATCH], tokenizer.pad_token_id, torch.device("cpu"))
@@ -42,7 +42,7 @@ def test_metrics(export_dir: Path, cfg: ExperimentConfig, data_dir: Path, classe
             loss_sum += float(torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="sum"))
             count += len(batch["labels"])
             for row, pred in zip(rows[start : start + BATCH], logits.argmax(-1).tolist(), strict=True):
-                preds_by_row[row] = pred
+                preds[row] = pred
         else:
             loss, tokens = next_token_loss(logits, batch["input_ids"], batch["attention_mask"], "sum")
             loss_sum += float(loss)
@@ -52,7 +52,6 @@ def test_metrics(export_dir: Path, cfg: ExperimentConfig, data_dir: Path, classe
         out["test_perplexity"] = perplexity(out["test_loss"])
         return out
     names = list(cfg.data.label_names or classes or [])
-    preds = preds_by_row
     confusion = confusion_matrix(torch.tensor(preds), torch.tensor(test["labels"]), len(names))
     out.update({f"test_{k}": v for k, v in classification_metrics(confusion, names).items()})
     out["confusion_matrix"] = {"labels": names, "counts": confusion.tolist()}
