@@ -145,6 +145,7 @@ def train(
     from raytune_ft.model_source import ModelSourceError
     from raytune_ft.train import CONFIG_FILE, CheckpointError
     from raytune_ft.train import train as run_train
+    from raytune_ft.train.storage import StorageError
     from raytune_ft.train.trainer import ClusterError
 
     if resume is not None:
@@ -162,7 +163,7 @@ def train(
         result = run_train(
             cfg, resume=resume is not None, export=not no_export, log=lambda m: err.print(m, highlight=False)
         )
-    except (DataError, ModelSourceError, CheckpointError, ClusterError) as exc:
+    except (DataError, ModelSourceError, CheckpointError, ClusterError, StorageError) as exc:
         fail(str(exc), EXIT_RUNTIME)
     table = Table(title="Best checkpoint", title_justify="left")
     table.add_column("metric")

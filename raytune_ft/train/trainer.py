@@ -15,6 +15,7 @@ from raytune_ft.model_source import load_tokenizer
 from raytune_ft.train.batches import tokenize_splits
 from raytune_ft.train.checkpoint import CheckpointError, list_checkpoints, newest_whole_checkpoint, read_state
 from raytune_ft.train.loop import train_loop
+from raytune_ft.train.storage import bytes_needed, check_storage
 
 CONFIG_FILE = "config.yaml"
 
@@ -201,6 +202,7 @@ def train(
             f"continue it with `raytune-ft train --resume {run_dir}` or choose a new experiment name"
         )
 
+    check_storage(run_dir, bytes_needed(cfg))  # before any data work or worker: StorageError names the problem
     log("preparing data")
     worker_data = prepare_worker_data(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -22,6 +22,7 @@ from typing import Any
 from pyarrow.fs import FileSelector, FileType
 
 from raytune_ft.config import ExperimentConfig, config_to_yaml
+from raytune_ft.train.storage import bytes_needed, check_storage
 from raytune_ft.tune.search import require_extra, scheduler, search_algorithm, tuner_space
 from raytune_ft.tune.space import trial_experiment
 from raytune_ft.tune.trial import EXPLOIT_KEY, HP_PREFIX, filesystem_of, run_trial
@@ -188,6 +189,13 @@ def tune_experiment(
         raise FileExistsError(f"{run_dir} holds an unfinished search: continue it with `raytune-ft tune --resume`")
     if resume and not _exists(f"{storage}/{EXPERIMENT}"):
         raise FileNotFoundError(f"nothing to resume: {storage}/{EXPERIMENT} does not exist")
+    local_storage = "://" not in storage or storage.startswith("file://")
+    concurrent = settings.max_concurrent_trials or (2 if cfg.cluster.address is None else 1)
+    need = bytes_needed(cfg, concurrent) if local_storage else None
+    if local_storage and storage.removeprefix("file://") != str(run_dir):
+        check_storage(Path(storage.removeprefix("file://")), need, "tune.storage_path")
+        need = None
+    check_storage(run_dir, need)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(config_to_yaml(cfg))
 

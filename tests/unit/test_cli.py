@@ -136,3 +136,12 @@ def test_tune_resume_needs_a_tune_run_directory(tmp_path):
     result = runner.invoke(app, ["tune", "--resume", str(tmp_path)])
     assert result.exit_code == 2
     assert "not a tune run directory" in result.stderr
+
+
+@pytest.mark.parametrize("command", ["train", "tune"])
+def test_an_unwritable_output_is_refused_before_anything_starts(tmp_path, command):
+    extra = "tune: {search_space: {train.lr: {type: choice, values: [0.01]}}}\n" if command == "tune" else ""
+    path = experiment(tmp_path, balanced_rows(10), extra)
+    result = runner.invoke(app, [command, str(path), "output_dir=/proc/raytune-ft-runs"])
+    assert result.exit_code == 1
+    assert "/proc/raytune-ft-runs/cli-test" in result.stderr and "cannot be written" in result.stderr
