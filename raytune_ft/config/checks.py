@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from pydantic import BaseModel
 
 from raytune_ft.config.schema import (
@@ -99,6 +101,7 @@ def consistency_errors(cfg: ExperimentConfig) -> list[tuple[str, str]]:
     if tune is not None:
         errors.extend(_tune_errors(cfg))
     errors.extend(_promote_errors(cfg))
+    errors.extend(deepspeed_override_errors(cfg))
     return errors
 
 
@@ -181,3 +184,178 @@ def _tune_errors(cfg: ExperimentConfig) -> list[tuple[str, str]]:
     if tune.algorithm == "bohb" and tune.scheduler != "hyperband":
         errors.append(("tune.scheduler", "bohb runs with its own HyperBand scheduler: set scheduler: hyperband"))
     return errors
+
+
+# Keys of the DeepSpeed JSON that the typed settings own: the loop plans batches, builds the model (ZeRO-3:
+# partitioned at construction) and gathers checkpoints from them, so an override that disagrees would break those.
+OWNED_DEEPSPEED_KEYS = {
+    "train_micro_batch_size_per_gpu": "train.batch_size",
+    "gradient_accumulation_steps": "train.grad_accum",
+    "train_batch_size": "train.batch_size × scaling.num_workers × train.grad_accum",
+}
+
+
+def deepspeed_override_errors(cfg: ExperimentConfig) -> list[tuple[str, str]]:
+    """`deepspeed.overrides` that contradict the typed settings or ask DeepSpeed for what its stage cannot do."""
+    ds = cfg.deepspeed
+    errors: list[tuple[str, str]] = []
+    where = "deepspeed.overrides"
+    for key, owner in OWNED_DEEPSPEED_KEYS.items():
+        if key in ds.overrides:
+            errors.append((f"{where}.{key}", f"is set from {owner}; set that instead of overriding it"))
+    zero = ds.overrides.get("zero_optimization")
+    if not isinstance(zero, dict):
+        return errors
+    stage = ds.zero_stage
+    if "stage" in zero and zero["stage"] != stage:
+        errors.append(
+            (
+                f"{where}.zero_optimization.stage",
+                f"{zero['stage']!r} contradicts deepspeed.zero_stage {stage}; set deepspeed.zero_stage instead "
+                "(the model build, checkpoint gathering and the ZeRO checks follow it)",
+            )
+        )
+    param = zero.get("offload_param")
+    if isinstance(param, dict) and param.get("device", "none") not in (None, "none") and stage != 3:
+        errors.append(
+            (
+                f"{where}.zero_optimization.offload_param",
+                f"parameter offload needs ZeRO stage 3 (only ZeRO-3 partitions parameters), got deepspeed.zero_stage "
+                f"{stage}; use deepspeed.offload_params with zero_stage: 3",
+            )
+        )
+    optimizer = zero.get("offload_optimizer")
+    if isinstance(optimizer, dict) and optimizer.get("device", "none") not in (None, "none"):
+        if stage == 0:
+            errors.append(
+                (
+                    f"{where}.zero_optimization.offload_optimizer",
+                    "optimizer offload needs deepspeed.zero_stage 1, 2 or 3, got 0",
+                )
+            )
+        ratio = optimizer.get("ratio", 1.0)
+        if isinstance(ratio, (int, float)) and ratio < 1 and stage != 3:
+            errors.append(
+                (
+                    f"{where}.zero_optimization.offload_optimizer.ratio",
+                    f"partial optimizer offload (ratio {ratio:g}) needs deepspeed.zero_stage 3, got {stage}",
+                )
+            )
+    return errors
+
+
+def _largest(cfg: ExperimentConfig, key: str, value: float) -> tuple[float, str]:
+    """The largest value `key` can take in a run or any trial of the search, and the field that asks for it."""
+    largest, field = value, key
+    dim = cfg.tune.search_space.get(key) if cfg.tune is not None else None
+    if isinstance(dim, (ChoiceDim, GridDim)):
+        numbers = [v for v in dim.values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        candidate = max(numbers, default=value)
+    elif isinstance(dim, (UniformDim, LogUniformDim, IntDim)):
+        candidate = dim.high
+    else:
+        candidate = value
+    if candidate > largest:
+        largest, field = candidate, f"tune.search_space.{key}"
+    return largest, field
+
+
+def embedded_ray_errors(cfg: ExperimentConfig) -> list[tuple[str, str]]:
+    """Workers that the embedded Ray (no cluster.address) can never place: it has this machine's CPUs and GPUs, and
+    Ray Train would wait for them forever. A cluster joined by address may autoscale, so it is not checked."""
+    if cfg.cluster.address is not None:
+        return []
+    scaling = cfg.scaling
+    errors: list[tuple[str, str]] = []
+    workers, workers_field = _largest(cfg, "scaling.num_workers", scaling.num_workers)
+    cpus, cpus_field = _largest(cfg, "scaling.cpus_per_worker", scaling.cpus_per_worker)
+    have_cpus = os.cpu_count() or 1
+    if workers * cpus > have_cpus:
+        field = cpus_field if cpus_field.startswith("tune.") else workers_field
+        errors.append(
+            (
+                field,
+                f"{workers:g} worker(s) × {cpus:g} CPU(s) (scaling.num_workers × scaling.cpus_per_worker) need "
+                f"{workers * cpus:g} CPUs, but the embedded Ray on this machine has {have_cpus}; use fewer workers, "
+                "or set cluster.address to run on a cluster",
+            )
+        )
+    if scaling.use_gpu:
+        import torch
+
+        have_gpus = torch.cuda.device_count()
+        per_worker, per_worker_field = _largest(cfg, "scaling.gpus_per_worker", scaling.gpus_per_worker or 1.0)
+        if workers * per_worker > have_gpus:
+            field = per_worker_field if per_worker_field.startswith("tune.") else workers_field
+            errors.append(
+                (
+                    field,
+                    f"{workers:g} worker(s) × {per_worker:g} GPU(s) (scaling.use_gpu) need {workers * per_worker:g} "
+                    f"GPUs, but the embedded Ray on this machine has {have_gpus}; set cluster.address to run on a "
+                    "cluster with GPUs",
+                )
+            )
+    return errors
+
+
+# Module types peft can wrap with a LoRA adapter (by class name, so transformers' GPT-2 Conv1D counts).
+LORA_WRAPPABLE = ("Linear", "Embedding", "Conv1d", "Conv2d", "Conv3d", "MultiheadAttention", "Conv1D")
+
+
+def lora_target_errors(cfg: ExperimentConfig, model_dir: str | None) -> list[tuple[str, str]]:
+    """LoRA target modules the model does not have, checked on a local model directory (`model_dir`) by building
+    the model from its config.json on the meta device (no weights read, no memory used). Hub ids are not checked
+    (that would need the network); neither is remote code, which would run here."""
+    lora = cfg.finetune.lora
+    if cfg.finetune.method != "lora" or lora.target_modules == "auto" or model_dir is None:
+        return []
+    if cfg.model.trust_remote_code:
+        return []
+    modules = _meta_modules(model_dir, cfg.model.task)
+    if modules is None:
+        return []  # not a config this transformers can build; building the model for training will say why
+    model_name, named = modules
+    # in model order, linear layers first: those are what LoRA is usually put on
+    wrappable = [(kind not in ("Linear", "Conv1D"), name) for name, kind in named if kind in LORA_WRAPPABLE]
+    leaves = list(dict.fromkeys(name.rsplit(".", 1)[-1] for _, name in sorted(wrappable, key=lambda w: w[0])))
+    field = "finetune.lora.target_modules"
+    missing, unwrappable = [], []
+    for target in lora.target_modules:
+        kinds = {kind for name, kind in named if name == target or name.endswith(f".{target}")}
+        if not kinds:
+            missing.append(target)
+        elif not kinds & set(LORA_WRAPPABLE):
+            unwrappable.append(f"{target} ({', '.join(sorted(kinds))})")
+    shown = ", ".join(leaves[:10]) + (", ..." if len(leaves) > 10 else "")
+    errors = []
+    if missing:
+        errors.append((field, f"{model_name} has no module named {', '.join(missing)}; modules LoRA can wrap: {shown}"))
+    if unwrappable:
+        errors.append(
+            (
+                field,
+                f"{', '.join(unwrappable)} in {model_name} cannot take a LoRA adapter; modules LoRA can wrap: {shown}",
+            )
+        )
+    return errors
+
+
+def _meta_modules(model_dir: str, task: str) -> tuple[str, list[tuple[str, str]]] | None:
+    """(model class, [(module name, module class name), ...]) of the model the task builds, or None."""
+    try:
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+        from transformers.utils import logging as hf_logging
+
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        try:
+            config = AutoConfig.from_pretrained(model_dir)
+            auto = AutoModelForSequenceClassification if task == "sequence-classification" else AutoModelForCausalLM
+            with torch.device("meta"):
+                net = auto.from_config(config)
+        finally:
+            hf_logging.set_verbosity(verbosity)
+    except Exception:  # any config transformers cannot build here: leave it to the training run's own error
+        return None
+    return type(net).__name__, [(name, type(module).__name__) for name, module in net.named_modules() if name]

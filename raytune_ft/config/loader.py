@@ -16,9 +16,9 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from raytune_ft.config.checks import consistency_errors
+from raytune_ft.config.checks import consistency_errors, embedded_ray_errors, lora_target_errors
 from raytune_ft.config.schema import ExperimentConfig, nested_models
-from raytune_ft.model_source import ModelSourceError, check_model_source
+from raytune_ft.model_source import PACKAGE_PREFIX, ModelSourceError, check_model_source, resolve_model_source
 
 
 @dataclass(frozen=True)
@@ -88,11 +88,23 @@ def _duplicate_keys(node: yaml.Node, prefix: str) -> Any:
 
 
 def _node_line(root: yaml.Node | None, parts: list[Any]) -> int | None:
-    """Line of the deepest node along `parts` that exists in the YAML."""
+    """Line of the deepest node along `parts` that exists in the YAML (a dotted key such as search_space's
+    'train.lr' is one key of its mapping)."""
     node, line = root, (root.start_mark.line + 1 if root else None)
-    for part in parts:
+    parts = list(parts)
+    while parts:
+        part = parts.pop(0)
         if isinstance(node, yaml.MappingNode):
-            match = next(((k, v) for k, v in node.value if k.value == str(part)), None)
+            keys: dict[str, tuple[yaml.Node, yaml.Node]] = {}
+            for key, value in node.value:
+                keys.setdefault(str(key.value), (key, value))
+            match = keys.get(str(part))
+            for n in range(1, len(parts) + 1):
+                if match is not None:
+                    break
+                joined = ".".join(map(str, [part, *parts[:n]]))
+                if joined in keys:
+                    match, parts = keys[joined], parts[n:]
             if match is None:
                 return line
             node, line = match[1], match[1].start_mark.line + 1
@@ -244,8 +256,13 @@ def _unknown_key_hint(parts: list[Any]) -> str:
     return f"unknown key (expected one of: {', '.join(known)}){hint}"
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
-    """Read, override, validate and resolve an experiment file; raise ConfigError listing every problem."""
+def load_config(
+    path: str | Path, overrides: list[str] | None = None, *, check_resources: bool = True
+) -> ExperimentConfig:
+    """Read, override, validate and resolve an experiment file; raise ConfigError listing every problem.
+
+    An experiment file is loaded to be run, so `check_resources` also refuses workers that the embedded Ray
+    (no cluster.address) could never place on this machine; see `validate_raw`."""
     path = Path(path)
     origin = str(path)
     if not path.is_file():
@@ -259,7 +276,9 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Experim
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError([ConfigIssue("", "the file must be a mapping of sections (model:, data:, ...)", origin)])
-    return validate_raw(raw, root, origin, overrides or [], base_dir=path.resolve().parent)
+    return validate_raw(
+        raw, root, origin, overrides or [], base_dir=path.resolve().parent, check_resources=check_resources
+    )
 
 
 def validate_raw(
@@ -268,7 +287,12 @@ def validate_raw(
     origin: str,
     overrides: list[str],
     base_dir: Path,
+    *,
+    check_resources: bool = False,
 ) -> ExperimentConfig:
+    """Validate a raw experiment mapping. `check_resources` adds the check that the workers fit the embedded Ray of
+    this machine when no cluster.address is set: on for files loaded to run here (`load_config`), off for a
+    recorded experiment read back (an export being served, which starts no training workers)."""
     issues: list[ConfigIssue] = []
     overridden: dict[str, str] = {}
     for text in overrides:
@@ -299,7 +323,12 @@ def validate_raw(
             issues.append(ConfigIssue(_dotted(parts), message, where(parts)))
         raise ConfigError(_ordered(issues)) from None
     issues += [ConfigIssue(p, m, where(p.split("."))) for p, m in consistency_errors(cfg)]
+    if check_resources:
+        issues += [ConfigIssue(p, m, where(p.split("."))) for p, m in embedded_ray_errors(cfg)]
     cfg = _resolve_paths(cfg, base_dir, issues, where)
+    if not any(issue.path == "model.name_or_path" for issue in issues):
+        model_dir = _local_model_dir(cfg.model.name_or_path)
+        issues += [ConfigIssue(p, m, where(p.split("."))) for p, m in lora_target_errors(cfg, model_dir)]
     if issues:
         raise ConfigError(_ordered(issues))
     return cfg
@@ -335,6 +364,16 @@ def _resolve_paths(cfg: ExperimentConfig, base_dir: Path, issues: list[ConfigIss
             "output_dir": str(Path(cfg.output_dir).expanduser()),
         }
     )
+
+
+def _local_model_dir(ref: str) -> str | None:
+    """The directory of a resolved local or `package:` model reference; None for a hub id."""
+    if not (ref.startswith(PACKAGE_PREFIX) or Path(ref).is_absolute()):
+        return None
+    try:
+        return resolve_model_source(ref)
+    except ModelSourceError:
+        return None
 
 
 def config_to_yaml(cfg: ExperimentConfig) -> str:

@@ -2,9 +2,10 @@
 
 Every worker writes its own files into a local temporary directory and, last, `manifest.rank<R>.json` with the
 SHA-256 of each of them; Ray Train merges the workers' directories into `RUN/train/step_NNNNNN/`. Rank 0 adds
-`state.json` (step, epoch, position in the epoch, metrics, config hash, world size). A checkpoint counts as whole
-only when every rank's manifest is there and every listed file matches its checksum, so a write cut short is
-never loaded, and resume falls back to the newest checkpoint that is whole.
+`state.json` (step, epoch, position in the epoch, metrics, config hash, world size, and which model wrote it). A
+checkpoint counts as whole only when every rank's manifest is there and every listed file matches its checksum, so
+a write cut short is never loaded, and resume falls back to the newest checkpoint that is whole. A whole checkpoint
+of another model is refused by name (`check_same_model`) instead of failing deep inside DeepSpeed's loader.
 """
 
 from __future__ import annotations
@@ -48,34 +49,110 @@ def write_manifest(directory: Path, rank: int) -> None:
 
 
 def read_state(directory: Path) -> dict[str, Any]:
+    path = directory / STATE
     try:
-        return json.loads((directory / STATE).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{directory}: no readable {STATE} ({exc})") from None
+        state = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing; the checkpoint write did not finish") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path}: unreadable ({exc})") from None
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(state).__name__}")
+    return state
 
 
-def verify_checkpoint(directory: str | Path) -> dict[str, Any]:
-    """Return the checkpoint's state if it is whole; raise CheckpointError naming the first bad file."""
+def _read_manifest(path: Path) -> dict[str, str]:
+    """The {file: sha256} of one rank's manifest; CheckpointError (one line) when it is missing or garbled."""
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing; the checkpoint write did not finish") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path}: unreadable ({exc}); the checkpoint write did not finish") from None
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(
+            f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg}); the checkpoint write did "
+            "not finish or the file was damaged"
+        ) from None
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
+        raise CheckpointError(f"{path}: not a checkpoint manifest (no 'files' mapping of file name to SHA-256)")
+    return files
+
+
+def verify_checkpoint(directory: str | Path, expected_model: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Return the checkpoint's state if it is whole; raise CheckpointError naming the first bad file. With
+    `expected_model` (a `model_record`), a checkpoint written by another model is refused as well."""
     directory = Path(directory)
     state = read_state(directory)
-    world = int(state.get("world_size", 0))
+    try:
+        world = int(state.get("world_size", 0))
+    except (TypeError, ValueError):
+        world = 0
     if world < 1:
         raise CheckpointError(f"{directory / STATE}: world_size missing")
     for rank in range(world):
         manifest_path = directory / f"manifest.rank{rank}.json"
-        try:
-            manifest = json.loads(manifest_path.read_text())
-        except (OSError, json.JSONDecodeError):
-            raise CheckpointError(
-                f"{manifest_path}: missing or unreadable; the checkpoint write did not finish"
-            ) from None
-        for name, digest in manifest["files"].items():
+        for name, digest in _read_manifest(manifest_path).items():
             path = directory / name
             if not path.is_file():
                 raise CheckpointError(f"{path}: listed in {manifest_path.name} but missing")
             if file_sha256(path) != digest:
-                raise CheckpointError(f"{path}: checksum mismatch (truncated or corrupted); refusing to load it")
+                raise CheckpointError(
+                    f"{path}: checksum mismatch with {manifest_path.name} ({path.stat().st_size} bytes; truncated or "
+                    "corrupted); refusing to load it"
+                )
+    if expected_model is not None:
+        check_same_model(directory, state, expected_model)
     return state
+
+
+# What identifies the model a checkpoint belongs to: the reference it was built from and its shape.
+MODEL_FIELDS = ("name_or_path", "architecture", "num_parameters", "trainable_names_sha")
+
+
+def model_record(model: Any, name_or_path: str) -> dict[str, Any]:
+    """Which model a checkpoint holds: what it was built from, its class, its size and which weights train.
+
+    Counts ZeRO-3 partitioned parameters by their full size (`ds_numel`), so every rank and stage agrees."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft model's own model
+    trainable = sorted(name for name, p in model.named_parameters() if p.requires_grad)
+    return {
+        "name_or_path": name_or_path,
+        "architecture": type(base).__name__,
+        "model_type": getattr(getattr(base, "config", None), "model_type", None),
+        "num_parameters": sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters()),
+        "num_trainable_tensors": len(trainable),
+        "trainable_names_sha": hashlib.sha256("\n".join(trainable).encode()).hexdigest(),
+    }
+
+
+def _describe_model(record: dict[str, Any]) -> str:
+    size = record.get("num_parameters")
+    parts = [str(record.get("architecture", "?"))]
+    if isinstance(size, int):
+        parts.append(f"{size:,} parameters")
+    if record.get("num_trainable_tensors") is not None:
+        parts.append(f"{record['num_trainable_tensors']} trainable tensors")
+    return f"'{record.get('name_or_path', '?')}' ({', '.join(parts)})"
+
+
+def check_same_model(directory: str | Path, state: dict[str, Any], expected: dict[str, Any]) -> None:
+    """Raise CheckpointError naming both models when the checkpoint's state records another model than
+    `expected`. Checkpoints written before the record existed carry none and pass."""
+    saved = state.get("model")
+    if not isinstance(saved, dict):
+        return
+    differ = [key for key in MODEL_FIELDS if key in saved and key in expected and saved[key] != expected[key]]
+    if differ:
+        what = ", ".join("trainable parameter names" if key == "trainable_names_sha" else key for key in differ)
+        raise CheckpointError(
+            f"{directory}: checkpoint of another model: it holds {_describe_model(saved)}, this run builds "
+            f"{_describe_model(expected)} (they differ in {what}); refusing to load it. Resume with the model and "
+            "finetune settings it was written with, or start a new run"
+        )
 
 
 def list_checkpoints(train_dir: Path) -> list[Path]:

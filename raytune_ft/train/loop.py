@@ -25,9 +25,11 @@ from raytune_ft.train.checkpoint import (
     STATE,
     TRAINABLE,
     CheckpointError,
+    check_same_model,
     checkpoint_name,
     config_hash,
     list_checkpoints,
+    model_record,
     newest_whole_checkpoint,
     verify_checkpoint,
     write_manifest,
@@ -117,6 +119,8 @@ def train_loop(config: dict[str, Any]) -> None:
         _zero3_init = HfDeepSpeedConfig(ds_config)
     torch.manual_seed(cfg.seed)  # identical initial heads on every rank
     model = build_model(cfg.model, cfg.finetune, len(classes) or None, cfg.data.label_names)
+    # which model this run trains: written into every checkpoint's state, compared before one is loaded
+    config["model_record"] = model_record(model, cfg.model.name_or_path)
     plan = StepPlan(
         n_train=len(train["input_ids"]),
         micro_batch=cfg.train.batch_size,
@@ -163,6 +167,8 @@ def train_loop(config: dict[str, Any]) -> None:
                 raise CheckpointError(f"no whole checkpoint to resume from in {local.parent}") from exc
             resume_dir, state = found
             _log(rank, f"resuming from the previous good checkpoint {resume_dir.name}")
+        # another model's checkpoint is refused by name here, not by a shape mismatch inside DeepSpeed's loader
+        check_same_model(resume_dir, state, config["model_record"])
         if state.get("world_size") != world:
             raise CheckpointError(
                 f"{resume_dir}: saved with {state.get('world_size')} workers, resumed with {world}; "
@@ -425,6 +431,7 @@ def _save_and_report(
             "world_size": world,
             "zero_stage": cfg.deepspeed.zero_stage,
             "config_hash": config_hash(config["experiment"]),
+            "model": config.get("model_record"),
             "metrics": metrics,
             "early_stopping": stopper.state(),
             "history": history,
