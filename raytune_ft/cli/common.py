@@ -35,9 +35,10 @@ def fail(message: str, code: int) -> NoReturn:
     raise typer.Exit(code)
 
 
-def load_experiment(config: Path, overrides: list[str] | None) -> ExperimentConfig:
+def load_experiment(config: Path, overrides: list[str] | None, *, runs_here: bool = True) -> ExperimentConfig:
+    """`runs_here=False` for an experiment that runs on a cluster (submit): this machine's CPUs do not bound it."""
     try:
-        return load_config(config, overrides or [])
+        return load_config(config, overrides or [], check_resources=runs_here)
     except ConfigError as exc:
         config_errors(exc, config)
 

@@ -47,7 +47,7 @@ def submit(
 
     if command not in COMMANDS:
         fail(f"--command must be one of {', '.join(COMMANDS)}, got {command!r}", EXIT_CONFIG)
-    cfg = load_experiment(config, overrides)
+    cfg = load_experiment(config, overrides, runs_here=False)
     if command == "tune" and cfg.tune is None:
         fail(f"{config}: the experiment has no 'tune' section; submit it with --command train", EXIT_CONFIG)
     try:

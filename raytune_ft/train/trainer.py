@@ -217,6 +217,7 @@ def train(
         "class_weights": worker_data["class_weights"],
         "pad_token_id": worker_data["pad_token_id"],
         "require_checkpoint": resume,
+        "run_storage": str(run_dir / "train"),
         "fault": fault or {},
     }
     trainer = torch_trainer(

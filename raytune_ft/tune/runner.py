@@ -539,8 +539,15 @@ def trial_id_of(folder: str) -> str | None:
 def root_cause(error: BaseException) -> str:
     """The line that says what went wrong: Ray wraps a worker's exception in several layers of its own."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    causes = [line for line in lines if re.match(r"^[\w.]*(Error|Exception|Exit)\b.*: ", line)]
-    return (causes[-1] if causes else lines[0] if lines else type(error).__name__)[:300]
+    causes = [line for line in lines if re.match(r"^[\w.]*(Error|Exception|Exit)\b.*:( |$)", line)]
+    cause = causes[-1] if causes else lines[0] if lines else type(error).__name__
+    if cause.endswith(":"):  # Ray Train's "failed due to worker errors:" heads what happened to the worker
+        after = lines[len(lines) - 1 - lines[::-1].index(cause) :]
+        told = [
+            line.split(". ")[0].rstrip(".") + "." for line in after if re.match(r"^(A worker|The actor is dead)", line)
+        ]
+        cause = " ".join([cause, *told])
+    return cause[:300]
 
 
 def write_trials(run_dir: Path, rows: list[dict[str, Any]], space: dict[str, Any]) -> None:

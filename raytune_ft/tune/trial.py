@@ -96,11 +96,14 @@ def run_trial(config: dict[str, Any], shared: dict[str, Any]) -> None:
     queue = Queue(actor_options={"num_cpus": 0})
     storage = f"{shared['train_storage']}/{trial_id}"
     attempt = _attempts(storage)
+    local = "://" not in storage or storage.startswith("file://")
     loop_config = {
         **shared["loop_config"],
         "experiment": cfg.model_dump(mode="json", by_alias=True),
         "trial": {"id": trial_id, "config": values},
         "restore_from": restore,
+        # this attempt's own checkpoints, which the loop prefers over `restore_from` (local storage only)
+        "run_storage": f"{storage}/run-{attempt}".removeprefix("file://") if local else None,
     }
     trainer = torch_trainer(
         cfg,

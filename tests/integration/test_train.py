@@ -168,8 +168,25 @@ def test_killed_worker_is_replaced_and_run_ends_the_same(baseline, tiny_bert, re
     marker = tmp_path / "killed.txt"
     killed = train(cfg, export=False, fault={"kill_at_step": 14, "rank": 1, "marker": str(marker)})
     assert marker.exists(), "the fault hook must really have killed a worker"
+    assert [h["resumed_step"] for h in killed.history if "resumed_step" in h] == [12]  # not a restart from 0
     assert curve(killed) == pytest.approx(curve(result), abs=1e-5)
     assert killed.history[-1]["eval_accuracy"] == result.history[-1]["eval_accuracy"]
+
+
+def test_worker_killed_while_writing_a_checkpoint_resumes_from_the_previous_one(baseline, tiny_bert, reviews, tmp_path):
+    """Rank 1 is SIGKILLed after writing its checkpoint files but before its manifest: step 12 is never whole, so
+    Ray Train restarts the workers from step 6 and the run still ends exactly like the baseline."""
+    result, root = baseline
+    cfg = make_cfg(root, "killed-in-checkpoint", tiny_bert, reviews)
+    marker = tmp_path / "killed.txt"
+    killed = train(cfg, export=False, fault={"kill_in_checkpoint_at_step": 12, "rank": 1, "marker": str(marker)})
+    assert "while writing checkpoint 12" in marker.read_text()
+    resumes = [h["resumed_step"] for h in killed.history if "resumed_step" in h]
+    assert resumes == [6], "training must restart from the last whole checkpoint, never the half-written one"
+    assert curve(killed) == pytest.approx(curve(result), abs=1e-5)
+    assert killed.history[-1]["eval_accuracy"] == result.history[-1]["eval_accuracy"]
+    for checkpoint in list_checkpoints(root / "killed-in-checkpoint" / "train"):
+        verify_checkpoint(checkpoint)  # what is left on disk is whole: step 12 was written again, in full
 
 
 def test_interrupted_run_resumes_to_the_same_end(baseline, tiny_bert, reviews):

@@ -6,7 +6,11 @@ from __future__ import annotations
 import csv
 import json
 import pickle
+import threading
+import time
+from pathlib import Path
 
+import psutil
 import pytest
 from test_train import write_reviews
 from test_tune import tune_cfg
@@ -113,4 +117,58 @@ def test_a_crashing_trial_is_retried_then_marked_failed_and_the_search_goes_on(t
     # tried twice (max_failures: 1), each try a Ray Train run of its own
     assert sorted(p.name for p in (tmp_path / "search" / "train-runs" / failed_id).iterdir()) == ["run-0", "run-1"]
     assert found.best_config == {"finetune.freeze.layers": 1}
+    assert (found.winner_dir / "model.safetensors").is_file()
+
+
+def kill_train_workers_of_one_trial(search: Path, kills: int, done: threading.Event, killed: list) -> None:
+    """A real fault from outside: SIGKILL the Ray Train workers of the first trial each time one of its Ray Train
+    runs has written a checkpoint (so it is mid-run, not starting up), `kills` times; other trials are left alone.
+    Only this test's Ray instance is touched: its workers are the raylet's children."""
+    import ray
+
+    raylet = psutil.Process(ray._private.worker._global_node.all_processes["raylet"][0].process.pid)
+    runs_killed: set[Path] = set()
+    while not done.is_set() and len(killed) < kills:
+        for run in sorted({step.parent for step in search.glob("train-runs/*/run-*/step_*")} - runs_killed):
+            if killed and run.parent.name != killed[0][0]:
+                continue  # another trial: it must finish
+            workers = [p for p in raylet.children(recursive=True) if "RayTrainWorker" in " ".join(p.cmdline())]
+            for worker in workers:
+                worker.kill()
+            if workers:
+                runs_killed.add(run)
+                killed.append((run.parent.name, run.name, len(workers)))
+        time.sleep(0.2)
+
+
+def test_a_trial_whose_workers_keep_dying_is_marked_failed_and_the_rest_finish(tiny_bert, tmp_path, local_ray):
+    data = write_reviews(tmp_path / "reviews.tsv", rows=120)
+    tune = {
+        "algorithm": "grid",
+        "num_samples": 1,
+        "max_failures": 1,
+        "max_concurrent_trials": 1,  # one trial at a time, so the worker processes alive are the killed trial's
+        "mlflow": False,
+        "search_space": {"train.lr": {"type": "grid", "values": [1e-2, 5e-3]}},
+    }
+    cfg = tune_cfg(tmp_path / "runs", "dying", tiny_bert, data, tune, train={"max_failures": 0})
+    done, killed = threading.Event(), []
+    killer = threading.Thread(target=kill_train_workers_of_one_trial, args=(tmp_path / "search", 2, done, killed))
+    killer.start()
+    try:
+        found = tune_experiment(cfg, tmp_path / "search")
+    finally:
+        done.set()
+        killer.join()
+
+    # its worker died in both tries (train.max_failures 0, tune.max_failures 1): two Ray Train runs, both killed
+    assert [(run, n) for _, run, n in killed] == [("run-0", 1), ("run-1", 1)]
+    dead_trial = killed[0][0]
+    rows = {r["trial_id"]: r for r in csv.DictReader(open(tmp_path / "search" / "trials.csv"))}
+    assert rows[dead_trial]["status"] == "ERROR" and "worker process has died" in rows[dead_trial]["error"], rows[
+        dead_trial
+    ]
+    [other] = [r for trial, r in rows.items() if trial != dead_trial]
+    assert other["status"] == "TERMINATED" and int(other["last_step"]) == 16
+    assert found.best_config == {"train.lr": float(other["train.lr"])}
     assert (found.winner_dir / "model.safetensors").is_file()

@@ -213,3 +213,26 @@ def test_trial_ids_come_from_the_trial_folder_names():
     assert trial_id_of("run_trial_20ef7_00001_1_train_lr=0.0000_2026-11-27_01-37-41") == "20ef7_00001"
     assert trial_id_of("run_trial_7a5c2e07_3_finetune_method=lora,train_lr=0.0003_2026-11-27_00-19-19") == "7a5c2e07"
     assert trial_id_of("something_else") is None
+
+
+def test_root_cause_of_a_dead_worker_says_the_worker_died():
+    from raytune_ft.tune.runner import root_cause
+
+    text = """ray.exceptions.RayTaskError(WorkerGroupError): ray::ImplicitFunc.train() (pid=2136, repr=run_trial)
+  File "x.py", line 1, in f
+ray.train.WorkerGroupError: Training failed due to worker errors:
+[Rank 0 Error Snippet]:
+A worker health check failed.
+Worker info: Worker(
+  actor=Actor(RayTrainWorker, a359),
+)
+The actor died unexpectedly before finishing this task.
+\tclass_name: RayTrainWorker
+The actor is dead because its worker process has died. Worker exit type: SYSTEM_ERROR Worker exit detail: EOF."""
+    assert root_cause(RuntimeError(text)) == (
+        "ray.train.WorkerGroupError: Training failed due to worker errors: A worker health check failed. "
+        "The actor is dead because its worker process has died."
+    )
+    assert root_cause(RuntimeError("Traceback\nValueError: finetune.freeze.layers is 5")) == (
+        "ValueError: finetune.freeze.layers is 5"
+    )
