@@ -18,7 +18,7 @@ import hmac
 import math
 import time
 from collections.abc import Awaitable, Callable
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
@@ -33,6 +33,7 @@ JSON_ROUTES = {CLASSIFY, COMPLETIONS}
 BATCH_SIZE_HEADER = "x-batch-size"  # the size of the server-side batch that served a classify request
 REPLICA_HEADER = "x-replica"  # the Serve replica that answered: load spread and autoscaling seen from outside
 SERVER_TIMING = "server-timing"  # W3C Server-Timing: where a request's time in the replica went
+GREEDY_BELOW = 1e-5  # a completion temperature under this is 0: greedy
 
 
 def error_body(status: int, message: str, kind: str, param: str | None = None) -> dict[str, Any]:
@@ -47,7 +48,11 @@ def _not_blank(text: str) -> str:
 
 def request_models(limits: RequestLimits) -> tuple[type[BaseModel], type[BaseModel]]:
     """The request schemas, with this deployment's limits in them (so the OpenAPI schema shows them too)."""
-    Text = Annotated[str, StringConstraints(min_length=1, max_length=limits.max_text_chars), AfterValidator(_not_blank)]
+    # not blank: checked by _not_blank (its own message), shown to schema readers as a pattern
+    not_blank = Field(json_schema_extra={"pattern": r"\S"})
+    Text = Annotated[
+        str, StringConstraints(min_length=1, max_length=limits.max_text_chars), AfterValidator(_not_blank), not_blank
+    ]
 
     class ClassifyRequest(BaseModel):
         model_config = ConfigDict(extra="forbid")
@@ -58,13 +63,104 @@ def request_models(limits: RequestLimits) -> tuple[type[BaseModel], type[BaseMod
         model_config = ConfigDict(extra="ignore")
         model: str | None = None
         prompt: Text
-        max_tokens: Annotated[int, Field(ge=1, le=limits.max_tokens)] = 16
-        temperature: Annotated[float, Field(ge=0.0, le=2.0)] = 1.0
+        max_tokens: Annotated[int, Field(ge=1, le=limits.max_tokens)] = min(16, limits.max_tokens)
+        temperature: Annotated[float, Field(ge=0.0, le=2.0), AfterValidator(_greedy_near_zero)] = 1.0
         top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
-        seed: int | None = None
-        stream: Annotated[bool, AfterValidator(_no_streaming)] = False
+        seed: Annotated[int, Field(ge=-(2**63), le=2**64 - 1)] | None = None  # what torch.manual_seed takes
+        stream: Annotated[bool, AfterValidator(_no_streaming), Field(json_schema_extra={"const": False})] = False
 
     return ClassifyRequest, CompletionRequest
+
+
+# The answers, for the OpenAPI schema only: the routes return plain dicts (no response validation per request)
+class Prediction(BaseModel):
+    label: str
+    label_id: int
+    probs: dict[str, float]
+
+
+class ClassifyResponse(BaseModel):
+    predictions: list[Prediction]
+
+
+class Choice(BaseModel):
+    text: str
+    index: int
+    logprobs: None
+    finish_reason: Literal["stop", "length"]
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[Choice]
+    usage: Usage
+
+
+class ModelInfo(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    id: str
+    object: Literal["model"]
+    task: str
+    labels: list[str] | None
+    base_model: str | None
+    checkpoint_step: int | None
+    metrics: dict[str, Any]
+    test_metrics: dict[str, Any] | None
+    exported: str | None
+    experiment: str | None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"]
+    data: list[ModelInfo]
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+    model: str
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: int
+    details: list[dict[str, Any]] | None = None  # 422: every schema error, with its location
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+_ERRORS = {
+    400: "the body is not JSON, or not UTF-8",
+    401: "missing or wrong API key (serve.api_key_env)",
+    413: "the body is over serve.limits.max_body_bytes",
+    415: "not Content-Type: application/json",
+    422: "valid JSON that breaks the request schema",
+    429: "overloaded: retry after Retry-After seconds",
+    500: "a bug (the replica keeps serving)",
+}
+
+
+def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """The `responses` of a route answering CODES, each with the error body (documented in its OpenAPI schema)."""
+    return {code: {"model": ErrorResponse, "description": _ERRORS[code]} for code in codes}
+
+
+def _greedy_near_zero(temperature: float) -> float:
+    # as vLLM does: sampling at a temperature this small is greedy decoding, and at 1e-300 the logits divided by
+    # it overflow to inf (a NaN distribution, which generate() refuses with an error)
+    return 0.0 if temperature < GREEDY_BELOW else temperature
 
 
 def _no_streaming(stream: bool) -> bool:
@@ -189,7 +285,9 @@ async def _never_receive() -> dict:  # a reply sent before the body is read neve
 
 def build_api(title: str, api_key: str | None, limits: RequestLimits, admission: Admission) -> FastAPI:
     """The FastAPI app with error handling; routes are added by the Serve deployment (serve/app.py)."""
-    api = FastAPI(title=title, version="1", docs_url="/docs", redoc_url=None)
+    # no redirect from /v1/classify/ to /v1/classify (an empty 307, which urllib does not follow for a POST): the
+    # unknown route gets its JSON 404 like any other
+    api = FastAPI(title=title, version="1", docs_url="/docs", redoc_url=None, redirect_slashes=False)
 
     @api.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:

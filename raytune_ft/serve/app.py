@@ -28,7 +28,12 @@ from raytune_ft.serve.api import (
     REPLICA_HEADER,
     SERVER_TIMING,
     Admission,
+    ClassifyResponse,
+    CompletionResponse,
+    Health,
+    ModelList,
     build_api,
+    error_responses,
     request_models,
 )
 from raytune_ft.serve.model import find_export
@@ -79,6 +84,8 @@ def build_app(export_dir: Path, settings: ServeConfig, api_key: str | None = Non
     admission = Admission(settings.max_ongoing_requests, settings.max_queued_requests, settings.retry_after_s)
     api = build_api(f"raytune-ft: {export_dir.name}", api_key, settings.limits, admission)
     ClassifyRequest, CompletionRequest = request_models(settings.limits)
+    # the answers in the OpenAPI schema (documentation only: the routes return dicts, not validated per request)
+    POST_ERRORS = error_responses(400, 401, 413, 415, 422, 429, 500)
 
     @serve.deployment(name="model", **deployment_options(settings))
     @serve.ingress(api)
@@ -110,11 +117,11 @@ def build_app(export_dir: Path, settings: ServeConfig, api_key: str | None = Non
             forward_ms = 1000 * (time.perf_counter() - started)
             return [(p, len(texts), forward_ms) for p in predictions]
 
-        @api.get(HEALTH)
+        @api.get(HEALTH, response_model=None, responses={200: {"model": Health}, **error_responses(500)})
         async def healthz(self) -> dict:
             return {"status": "ok", "model": self.model.name}
 
-        @api.get(MODELS)
+        @api.get(MODELS, response_model=None, responses={200: {"model": ModelList}, **error_responses(401, 500)})
         async def models(self) -> dict:
             info = self.model.info()
             info["experiment"] = self.model.meta.get("experiment", {}).get("name")
@@ -122,7 +129,7 @@ def build_app(export_dir: Path, settings: ServeConfig, api_key: str | None = Non
 
         if task != "causal-lm":
 
-            @api.post(CLASSIFY)
+            @api.post(CLASSIFY, response_model=None, responses={200: {"model": ClassifyResponse}, **POST_ERRORS})
             async def classify(self, body: ClassifyRequest, response: Response) -> dict:  # type: ignore[valid-type]
                 started = time.perf_counter()
                 texts = [body.text] if isinstance(body.text, str) else list(body.text)
@@ -141,7 +148,7 @@ def build_app(export_dir: Path, settings: ServeConfig, api_key: str | None = Non
 
         else:
 
-            @api.post(COMPLETIONS)
+            @api.post(COMPLETIONS, response_model=None, responses={200: {"model": CompletionResponse}, **POST_ERRORS})
             async def completions(self, body: CompletionRequest) -> dict:  # type: ignore[valid-type]
                 async with self.generating:  # one generate() at a time per replica
                     out = await asyncio.to_thread(
