@@ -266,9 +266,8 @@ def bench_serve(
 ) -> None:
     """Load-test a served model over HTTP: closed loop per concurrency, open loop per rate; p50/p90/p99/max,
     requests/s and errors per level, the in-process floor, serving overhead and batching gain."""
-    import os
 
-    from raytune_ft.bench.serve import SENTENCES, BenchServeError, plot
+    from raytune_ft.bench.serve import BenchServeError, plot
 
     try:
         levels = [int(c) for c in concurrency.split(",") if c.strip()]
@@ -277,18 +276,7 @@ def bench_serve(
         fail(f"--concurrency takes integers and --rates numbers, got '{concurrency}' and '{rates}'", EXIT_CONFIG)
     if not levels and not rate_list or any(c < 1 for c in levels) or any(r <= 0 for r in rate_list):
         fail("--concurrency levels must be >= 1 and --rates > 0, at least one level in all", EXIT_CONFIG)
-    texts = SENTENCES
-    if texts_file is not None:
-        if not texts_file.is_file():
-            fail(f"--texts: {texts_file} does not exist", EXIT_CONFIG)
-        texts = [line.strip() for line in texts_file.read_text(encoding="utf-8").splitlines() if line.strip()]
-        if not texts:
-            fail(f"--texts: {texts_file} has no non-empty line", EXIT_CONFIG)
-    key = None
-    if api_key_env:
-        key = os.environ.get(api_key_env, "").strip()
-        if not key:
-            fail(f"--api-key-env: {api_key_env} is not set", EXIT_CONFIG)
+    texts, key = request_texts(texts_file), api_key_from(api_key_env)
     from raytune_ft.bench.serve import bench_serve as run_bench
 
     log = lambda m: err.print(m, highlight=False)  # noqa: E731
@@ -314,6 +302,104 @@ def bench_serve(
     if json_path is not None:
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(result, indent=2) + "\n")
+
+
+def request_texts(texts_file: Path | None) -> list[str]:
+    from raytune_ft.bench.serve import SENTENCES
+
+    if texts_file is None:
+        return SENTENCES
+    if not texts_file.is_file():
+        fail(f"--texts: {texts_file} does not exist", EXIT_CONFIG)
+    texts = [line.strip() for line in texts_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not texts:
+        fail(f"--texts: {texts_file} has no non-empty line", EXIT_CONFIG)
+    return texts
+
+
+def api_key_from(api_key_env: str | None) -> str | None:
+    import os
+
+    if not api_key_env:
+        return None
+    key = os.environ.get(api_key_env, "").strip()
+    if not key:
+        fail(f"--api-key-env: {api_key_env} is not set", EXIT_CONFIG)
+    return key
+
+
+@bench_app.command("soak")
+def bench_soak(
+    url: Annotated[str, typer.Argument(help="The served app, e.g. http://127.0.0.1:8000.", show_default=False)],
+    rate: Annotated[float, typer.Option("--rate", min=0.1, help="Requests per second, on a fixed schedule.")] = 20.0,
+    duration: Annotated[float, typer.Option("--duration", min=1, help="Seconds of load.")] = 300.0,
+    window: Annotated[float, typer.Option("--window", min=0.5, help="Seconds per reported window.")] = 10.0,
+    kill_replica_at: Annotated[
+        float | None,
+        typer.Option("--kill-replica-at", help="SIGKILL one replica of the app this many seconds in (local server)."),
+    ] = None,
+    texts_file: Annotated[
+        Path | None, typer.Option("--texts", help="Request texts, one per line (default: built-in sentences).")
+    ] = None,
+    api_key_env: Annotated[
+        str | None, typer.Option("--api-key-env", help="Environment variable holding the API key.")
+    ] = None,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Write the figures to this JSON file.")] = None,
+) -> None:
+    """Hold a served model at a fixed request rate for a bounded time: errors, p50/p99 and the Serve replicas'
+    memory per window; with --kill-replica-at, what losing a replica costs and how fast Serve replaces it."""
+    import json as json_lib
+
+    from raytune_ft.bench.serve import classify_bodies
+    from raytune_ft.bench.soak import soak
+
+    if kill_replica_at is not None and not 0 < kill_replica_at < duration:
+        fail(f"--kill-replica-at must fall inside the run (0 < s < {duration:g}), got {kill_replica_at:g}", EXIT_CONFIG)
+    bodies = classify_bodies(request_texts(texts_file))
+    log = lambda m: err.print(m, highlight=False)  # noqa: E731
+    log(f"{rate:g} requests/s for {duration:g} s ({int(rate * duration)} requests) against {url}")
+    result = soak(url, bodies, rate, duration, window, kill_replica_at, api_key_from(api_key_env), log)
+    _print_soak(result)
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json_lib.dumps(result, indent=2) + "\n")
+    if result["requests"] and result["errors"] == result["requests"]:
+        fail(f"every request failed ({result['error_kinds']}): is the server at {url} up?", EXIT_RUNTIME)
+
+
+def _print_soak(r: dict[str, Any]) -> None:
+    table = Table(title=f"soak at {r['rate']:g} req/s for {r['duration_s']:g} s", title_justify="left")
+    for col in ("from s", "requests", "errors", "p50 ms", "p99 ms", "max ms", "replicas", "replica RSS MB"):
+        table.add_column(col, justify="right")
+    for w in r["windows"]:
+        row = [num(w[k], 1) for k in ("p50_ms", "p99_ms", "max_ms")]
+        rss = num(w["replica_rss_mb"], 0)
+        counts = [str(w["requests"]), str(w["errors"])]
+        table.add_row(num(w["from_s"], 0), *counts, *row, str(w["replicas_answering"]), rss)
+    out.print(table)
+    out.print(
+        f"{r['requests']} requests, {r['errors']} errors ({100 * r['error_rate']:.2f} %), "
+        f"p50 {num(r['p50_ms'])} ms, p99 {num(r['p99_ms'])} ms",
+        highlight=False,
+    )
+    if "replica_rss_slope_mb_per_min" in r:
+        out.print(
+            f"replica RSS {r['replica_rss_first_mb']:.0f} -> {r['replica_rss_last_mb']:.0f} MB "
+            f"(max {r['replica_rss_max_mb']:.0f}, {r['replica_rss_slope_mb_per_min']:+.2f} MB/min)",
+            highlight=False,
+        )
+    if "kill" in r:
+        k = r["kill"]
+        if "error" in k:
+            out.print(f"no replica was killed: {k['error']}", highlight=False)
+        else:
+            out.print(
+                f"killed replica pid {k['pid']} at {k['at_s']:.1f} s: {k['errors_after_kill']} errors after it; a new "
+                f"replica answered {num(k['new_replica_answered_after_s'])} s later; p50/p99 before "
+                f"{num(k['p50_ms_before'])}/{num(k['p99_ms_before'])} ms, after recovery "
+                f"{num(k['p50_ms_after_recovery'])}/{num(k['p99_ms_after_recovery'])} ms",
+                highlight=False,
+            )
 
 
 def _print_serve(r: dict[str, Any]) -> None:
