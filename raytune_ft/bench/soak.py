@@ -74,7 +74,7 @@ async def _soak(
     log: Any,
 ) -> dict[str, Any]:
     queue = itertools.cycle(bodies)
-    records: list[tuple[float, float | None, str, str]] = []  # (due, latency s or None, error, replica)
+    records: list[tuple[float, float | None, str, str, float]] = []  # (due, latency or None, error, replica, ended)
     memory: list[dict[str, Any]] = []
     killed: dict[str, Any] = {}
     start = time.perf_counter() + 0.05
@@ -89,9 +89,10 @@ async def _soak(
                 replica = response.headers.get(REPLICA_HEADER, "")
                 ok = response.status == 200
                 latency = time.perf_counter() - due if ok else None
-                records.append((due - start, latency, "" if ok else str(response.status), replica))
+                ended = time.perf_counter() - start
+                records.append((due - start, latency, "" if ok else str(response.status), replica, ended))
         except Exception as exc:  # a dropped connection is an error of the soak, not of the tool
-            records.append((due - start, None, type(exc).__name__, ""))
+            records.append((due - start, None, type(exc).__name__, "", time.perf_counter() - start))
 
     async def watch() -> None:
         """Memory every window; the replica kill when its time comes."""
@@ -125,7 +126,7 @@ async def _soak(
 
 
 def summarize(
-    records: list[tuple[float, float | None, str, str]],
+    records: list[tuple[float, float | None, str, str, float]],
     memory: list[dict[str, Any]],
     killed: dict[str, Any],
     rate: float,
@@ -179,7 +180,7 @@ def summarize(
 
 
 def recovery(
-    records: list[tuple[float, float | None, str, str]], memory: list[dict[str, Any]], killed: dict, window_s: float
+    records: list[tuple[float, float | None, str, str, float]], memory: list[dict], killed: dict, window_s: float
 ) -> dict[str, Any]:
     """What the kill cost: errors after it, when a new replica answered, latency before vs after recovery."""
     if "at_s" not in killed:
@@ -192,7 +193,8 @@ def recovery(
     after_from = replaced_at if replaced_at is not None else at
     after = [1000 * r[1] for r in records if r[0] >= after_from + window_s and r[1] is not None]
     return {
-        "errors_after_kill": sum(1 for r in records if r[0] >= at and r[1] is None),
+        # requests that ended after the kill, those in flight on the killed replica included
+        "errors_after_kill": sum(1 for r in records if r[4] >= at and r[1] is None),
         "new_replica_answered_after_s": None if replaced_at is None else replaced_at - at,
         "replica_pids_after": memory[-1]["replica_pids"] if memory else [],
         "p50_ms_before": percentile(before, 50) if before else None,

@@ -11,8 +11,12 @@ of another model is refused by name (`check_same_model`) instead of failing deep
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import os
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +83,10 @@ def _read_manifest(path: Path) -> dict[str, str]:
     files = manifest.get("files") if isinstance(manifest, dict) else None
     if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
         raise CheckpointError(f"{path}: not a checkpoint manifest (no 'files' mapping of file name to SHA-256)")
+    for name in files:
+        # a manifest names files inside its checkpoint; anything else was not written by a worker
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            raise CheckpointError(f"{path}: lists '{name}', which is outside the checkpoint directory")
     return files
 
 
@@ -170,3 +178,57 @@ def newest_whole_checkpoint(candidates: list[Path], log: Any = print) -> tuple[P
         except CheckpointError as exc:
             log(f"skipping checkpoint {directory.name}: {exc}")
     return None
+
+
+@contextmanager
+def weights_only_loads() -> Iterator[None]:
+    """Inside: every `torch.load` reads with `weights_only=True`.
+
+    DeepSpeed's checkpoint engine calls `torch.load(..., weights_only=False)`, so a pickle planted in a checkpoint
+    file would run code on every worker that resumes from it. Its optimizer files hold a few DeepSpeed state
+    classes (loss scaler, ZeRO stage, fragment addresses); classes defined in `deepspeed` are allowed, nothing
+    else: any other global is refused with a CheckpointError that names it and the file."""
+    import pickle
+
+    import torch
+
+    original = torch.load
+
+    def load(source: Any, *args: Any, **kwargs: Any) -> Any:
+        kwargs["weights_only"] = True
+        allowed: list[type] = []
+        while True:
+            with torch.serialization.safe_globals(allowed):
+                try:
+                    return original(source, *args, **kwargs)
+                except pickle.UnpicklingError as exc:
+                    name = _refused_global(str(exc))
+                    cls = _deepspeed_class(name) if name else None
+                    if cls is None or cls in allowed:
+                        raise CheckpointError(
+                            f"{source}: refused to unpickle {name or 'an object'} (only tensors, plain data and "
+                            "DeepSpeed's own state classes are read from a checkpoint)"
+                        ) from None
+                    allowed.append(cls)
+
+    torch.load = load
+    try:
+        yield
+    finally:
+        torch.load = original
+
+
+def _refused_global(message: str) -> str | None:
+    match = re.search(r"GLOBAL ([\w.]+)", message)
+    return match.group(1) if match else None
+
+
+def _deepspeed_class(name: str) -> type | None:
+    module_name, _, attr = name.rpartition(".")
+    if not module_name.startswith("deepspeed."):
+        return None
+    try:
+        found = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError):
+        return None
+    return found if isinstance(found, type) and found.__module__.startswith("deepspeed.") else None

@@ -32,6 +32,7 @@ from raytune_ft.train.checkpoint import (
     model_record,
     newest_whole_checkpoint,
     verify_checkpoint,
+    weights_only_loads,
     write_manifest,
 )
 from raytune_ft.train.ds_config import deepspeed_config, resolved_precision, stand_in_for_deepspeed_muon
@@ -239,9 +240,10 @@ def train_loop(config: dict[str, Any]) -> None:
     if resume_dir is not None:
         load_began = time.perf_counter()
         frozen = any(not p.requires_grad for p in engine.module.parameters())
-        load_path, _ = engine.load_checkpoint(
-            str(resume_dir), tag=DS_TAG, load_lr_scheduler_states=True, load_module_strict=not frozen
-        )
+        with weights_only_loads():  # DeepSpeed itself would unpickle anything in these files
+            load_path, _ = engine.load_checkpoint(
+                str(resume_dir), tag=DS_TAG, load_lr_scheduler_states=True, load_module_strict=not frozen
+            )
         if load_path is None:  # DeepSpeed returns quietly when it finds nothing
             raise CheckpointError(f"{resume_dir}: DeepSpeed found no checkpoint under tag '{DS_TAG}'")
         apply_configured_hyperparameters(scheduler, configured)

@@ -8,6 +8,7 @@ import socket
 import threading
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 from test_train import make_cfg, write_reviews
@@ -183,7 +184,7 @@ def test_concurrent_requests_share_server_side_batches(classifier):
     assert int(headers["x-batch-size"]) >= 3
 
 
-def test_api_key_guards_the_api_but_not_the_health_check(classifier, monkeypatch):
+def test_api_key_guards_the_api_but_not_the_health_check(classifier, monkeypatch, tmp_path):
     export, cfg = classifier
     monkeypatch.setenv("RAYTUNE_FT_TEST_KEY", "s3cret-key")
     url = deploy(export, with_serve(cfg, api_key_env="RAYTUNE_FT_TEST_KEY"))
@@ -193,6 +194,16 @@ def test_api_key_guards_the_api_but_not_the_health_check(classifier, monkeypatch
     status, _, body = post_json(f"{url}/v1/classify", {"text": "good"}, {"Authorization": "Bearer s3cret-key"})
     assert status == 200 and body["predictions"]
     assert request(f"{url}/healthz")[0] == 200
+    # the key is never written down: not in any log of this Ray session (Serve, replicas, proxy, workers), not in
+    # the server's state files, and a refused request's answer does not echo what was sent
+    import ray
+
+    session = Path(ray._private.worker._global_node.get_session_dir_path())
+    written = [
+        p for p in [*session.rglob("*"), *tmp_path.rglob("*")] if p.is_file() and b"s3cret-key" in p.read_bytes()
+    ]
+    assert written == []
+    assert "wrong" not in json.dumps(post_json(f"{url}/v1/classify", {"text": "x"}, {"Authorization": "Bearer wrong"}))
 
 
 def test_overload_is_refused_with_429_and_retry_after(classifier):

@@ -497,6 +497,14 @@ def _manifest_of_another_shape(d: Path) -> Path:
     return path
 
 
+def _manifest_pointing_outside(d: Path) -> Path:
+    path = d / "manifest.rank0.json"
+    manifest = json.loads(path.read_text())
+    manifest["files"]["../../etc/hostname"] = "0" * 64
+    path.write_text(json.dumps(manifest))
+    return path
+
+
 def _garble_state(d: Path) -> Path:
     path = d / STATE
     path.write_text('{"step": 4, "world_size": ')
@@ -533,6 +541,13 @@ CHECKPOINT_CASES: list[tuple[str, Callable[[Path], Path], str, type[Exception], 
         "bert-lora",
         CheckpointError,
         ["not a checkpoint manifest"],
+    ),
+    (
+        "manifest-path-escape",
+        _manifest_pointing_outside,
+        "bert-lora",
+        CheckpointError,
+        ["lists '../../etc/hostname', which is outside the checkpoint directory"],
     ),
     ("state-garbled", _garble_state, "bert-lora", CheckpointError, ["not valid JSON (line 1"]),
     ("state-missing", _drop_state, "bert-lora", CheckpointError, ["missing; the checkpoint write did not finish"]),

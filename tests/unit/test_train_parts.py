@@ -179,3 +179,38 @@ def test_progress_line_says_where_the_run_is_and_how_long_is_left():
         == "step 300/1200 | train_loss 0.4512 | eval_loss 0.3300 | eval_accuracy 0.8518 | 16.0 samples/s, ETA 15.0 min"
     )
     assert "ETA" not in progress_line({"step": 1, "train_loss": 1.0}, total=2, global_batch=4)
+
+
+class Planted:
+    """What a tampered checkpoint file could hold: unpickling it runs a command."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_checkpoint_files_are_read_weights_only_and_a_planted_pickle_never_runs(tmp_path):
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    from raytune_ft.train.checkpoint import CheckpointError, weights_only_loads
+
+    honest = tmp_path / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    torch.save({"loss_scaler": LossScaler(1.0), "zero_stage": ZeroStageEnum.gradients, "w": torch.ones(2)}, honest)
+    marker = tmp_path / "pwned"
+    planted = tmp_path / "mp_rank_00_model_states.pt"
+    torch.save({"module": {"w": torch.ones(2)}, "extra": Planted(str(marker))}, planted)
+
+    original = torch.load
+    with weights_only_loads():
+        # DeepSpeed asks for weights_only=False; its own state classes still load, as tensors and plain data do
+        state = torch.load(honest, map_location="cpu", weights_only=False)
+        assert state["zero_stage"] == ZeroStageEnum.gradients and torch.equal(state["w"], torch.ones(2))
+        with pytest.raises(CheckpointError, match=r"mp_rank_00_model_states.pt: refused to unpickle posix.system"):
+            torch.load(planted, map_location="cpu", weights_only=False)
+    assert not marker.exists()
+    assert torch.load is original  # restored on the way out
