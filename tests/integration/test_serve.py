@@ -203,7 +203,8 @@ def test_api_key_guards_the_api_but_not_the_health_check(classifier, monkeypatch
         p for p in [*session.rglob("*"), *tmp_path.rglob("*")] if p.is_file() and b"s3cret-key" in p.read_bytes()
     ]
     assert written == []
-    assert "wrong" not in json.dumps(post_json(f"{url}/v1/classify", {"text": "x"}, {"Authorization": "Bearer wrong"}))
+    status, _, refused = post_json(f"{url}/v1/classify", {"text": "x"}, {"Authorization": "Bearer guess-4711"})
+    assert status == 401 and "guess-4711" not in json.dumps(refused)
 
 
 def test_overload_is_refused_with_429_and_retry_after(classifier):
