@@ -123,6 +123,9 @@ def serve_until_interrupted(port: int, log: Callable[[str], None]) -> None:
         stopping = True
 
     signal.signal(signal.SIGTERM, interrupted)
+    # A process started in the background by a non-interactive shell (`... &` in a script) inherits SIGINT
+    # ignored, and Python then leaves it ignored: `serve stop`'s SIGINT would do nothing.
+    signal.signal(signal.SIGINT, interrupted)
     try:
         while not stopping:
             time.sleep(0.5)
@@ -194,8 +197,14 @@ def stop(address: str | None, log: Callable[[str], None] = print, timeout_s: flo
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline and _alive(pid):
             time.sleep(0.5)
-        if _alive(pid):
-            os.kill(pid, signal.SIGTERM)
+        for last_resort in (signal.SIGTERM, signal.SIGKILL):
+            if not _alive(pid):
+                break
+            os.kill(pid, last_resort)
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and _alive(pid):
+                time.sleep(0.5)
+        # returns only once the server is gone: a server started next must not meet this one still on the port
         Path(server["state_file"]).unlink(missing_ok=True)
         log(f"stopped the server at {server['url']} (pid {pid})")
         stopped += 1

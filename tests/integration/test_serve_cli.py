@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
 import urllib.request
@@ -17,9 +19,15 @@ from test_train import make_cfg, write_reviews
 pytestmark = pytest.mark.integration
 
 
-def cli(*args: str, env: dict, timeout: int = 600) -> subprocess.CompletedProcess:
+def cli(*args: str, env: dict, timeout: int = 600, sigint_ignored: bool = False) -> subprocess.CompletedProcess:
+    """Run raytune-ft; `sigint_ignored` as a script's `raytune-ft ... &` does (its children inherit that)."""
     return subprocess.run(
-        [sys.executable, "-m", "raytune_ft.cli", *args], capture_output=True, text=True, timeout=timeout, env=env
+        [sys.executable, "-m", "raytune_ft.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if sigint_ignored else None,
     )
 
 
@@ -43,8 +51,17 @@ def test_detached_server_is_benchmarked_then_stopped(tiny_bert, tmp_path):
     run_dir = train_tiny_classifier(tmp_path, tiny_bert, "cli-served", env)
     port = free_port()
 
-    started = cli("serve", str(run_dir), f"serve.port={port}", "serve.batch_wait_timeout_s=0.005", "--detach", env=env)
+    started = cli(
+        "serve",
+        str(run_dir),
+        f"serve.port={port}",
+        "serve.batch_wait_timeout_s=0.005",
+        "--detach",
+        env=env,
+        sigint_ignored=True,
+    )
     assert started.returncode == 0, started.stderr[-3000:]
+    server_pid = int(re.search(r"server pid (\d+)", started.stderr).group(1))
     url = started.stdout.strip().splitlines()[-1]
     assert url == f"http://127.0.0.1:{port}"
     with urllib.request.urlopen(f"{url}/healthz", timeout=10) as response:
@@ -88,6 +105,10 @@ def test_detached_server_is_benchmarked_then_stopped(tiny_bert, tmp_path):
         stopped = cli("serve", "stop", env=env)
     assert stopped.returncode == 0, stopped.stderr[-3000:]
     assert "stopped the server" in stopped.stderr
+    # gone when `serve stop` returns (it had SIGINT ignored: stop used to give up after 60 s, signal SIGTERM and
+    # return while the server still held the port, and a server started next joined the dying one)
+    with pytest.raises(ProcessLookupError):
+        os.kill(server_pid, 0)
     with pytest.raises(OSError):
         urllib.request.urlopen(f"{url}/healthz", timeout=5)
     assert not list((tmp_path / "state").glob("serve-*.json"))
