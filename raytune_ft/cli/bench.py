@@ -241,19 +241,23 @@ def _print_compare(r: dict[str, Any]) -> None:
     out.print(table)
 
 
+# What both HTTP load commands (serve, soak) take
+ServedUrlArg = Annotated[str, typer.Argument(help="The served app, e.g. http://127.0.0.1:8000.", show_default=False)]
+TextsOption = Annotated[
+    Path | None, typer.Option("--texts", help="Request texts, one per line (default: built-in sentences).")
+]
+ApiKeyEnvOption = Annotated[str | None, typer.Option("--api-key-env", help="Environment variable holding the API key.")]
+
+
 @bench_app.command("serve")
 def bench_serve(
-    url: Annotated[str, typer.Argument(help="The served app, e.g. http://127.0.0.1:8000.", show_default=False)],
+    url: ServedUrlArg,
     concurrency: Annotated[str, typer.Option("--concurrency", help="Closed-loop client counts.")] = "1,4,16,64",
     rates: Annotated[str, typer.Option("--rates", help="Open-loop request rates (Poisson), e.g. 20,50.")] = "",
     requests: Annotated[int, typer.Option("--requests", min=1, help="Measured requests per level.")] = 200,
     warmup: Annotated[int, typer.Option("--warmup", min=0, help="Unmeasured requests before each level.")] = 20,
-    texts_file: Annotated[
-        Path | None, typer.Option("--texts", help="Request texts, one per line (default: built-in sentences).")
-    ] = None,
-    api_key_env: Annotated[
-        str | None, typer.Option("--api-key-env", help="Environment variable holding the API key.")
-    ] = None,
+    texts_file: TextsOption = None,
+    api_key_env: ApiKeyEnvOption = None,
     model: Annotated[
         Path | None, typer.Option("--model", help="Export for the in-process floor (default: the server's).")
     ] = None,
@@ -330,7 +334,7 @@ def api_key_from(api_key_env: str | None) -> str | None:
 
 @bench_app.command("soak")
 def bench_soak(
-    url: Annotated[str, typer.Argument(help="The served app, e.g. http://127.0.0.1:8000.", show_default=False)],
+    url: ServedUrlArg,
     rate: Annotated[float, typer.Option("--rate", min=0.1, help="Requests per second, on a fixed schedule.")] = 20.0,
     duration: Annotated[float, typer.Option("--duration", min=1, help="Seconds of load.")] = 300.0,
     window: Annotated[float, typer.Option("--window", min=0.5, help="Seconds per reported window.")] = 10.0,
@@ -338,12 +342,8 @@ def bench_soak(
         float | None,
         typer.Option("--kill-replica-at", help="SIGKILL one replica of the app this many seconds in (local server)."),
     ] = None,
-    texts_file: Annotated[
-        Path | None, typer.Option("--texts", help="Request texts, one per line (default: built-in sentences).")
-    ] = None,
-    api_key_env: Annotated[
-        str | None, typer.Option("--api-key-env", help="Environment variable holding the API key.")
-    ] = None,
+    texts_file: TextsOption = None,
+    api_key_env: ApiKeyEnvOption = None,
     json_path: Annotated[Path | None, typer.Option("--json", help="Write the figures to this JSON file.")] = None,
 ) -> None:
     """Hold a served model at a fixed request rate for a bounded time: errors, p50/p99 and the Serve replicas'

@@ -52,16 +52,23 @@ def write_manifest(directory: Path, rank: int) -> None:
     os.replace(tmp, directory / f"manifest.rank{rank}.json")
 
 
-def read_state(directory: Path) -> dict[str, Any]:
-    path = directory / STATE
+def _read_json(path: Path, unreadable: str = "", garbled: str = "") -> Any:
+    """PATH's JSON; CheckpointError (one line, naming the file) when it is missing, unreadable or not JSON."""
     try:
-        state = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except FileNotFoundError:
         raise CheckpointError(f"{path}: missing; the checkpoint write did not finish") from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path}: unreadable ({exc})") from None
+        raise CheckpointError(f"{path}: unreadable ({exc}){unreadable}") from None
     except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
+        raise CheckpointError(
+            f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg}){garbled}"
+        ) from None
+
+
+def read_state(directory: Path) -> dict[str, Any]:
+    path = directory / STATE
+    state = _read_json(path)
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: expected a JSON object, got {type(state).__name__}")
     return state
@@ -69,17 +76,11 @@ def read_state(directory: Path) -> dict[str, Any]:
 
 def _read_manifest(path: Path) -> dict[str, str]:
     """The {file: sha256} of one rank's manifest; CheckpointError (one line) when it is missing or garbled."""
-    try:
-        manifest = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: missing; the checkpoint write did not finish") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path}: unreadable ({exc}); the checkpoint write did not finish") from None
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(
-            f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg}); the checkpoint write did "
-            "not finish or the file was damaged"
-        ) from None
+    manifest = _read_json(
+        path,
+        unreadable="; the checkpoint write did not finish",
+        garbled="; the checkpoint write did not finish or the file was damaged",
+    )
     files = manifest.get("files") if isinstance(manifest, dict) else None
     if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
         raise CheckpointError(f"{path}: not a checkpoint manifest (no 'files' mapping of file name to SHA-256)")

@@ -152,20 +152,21 @@ def train_loop(config: dict[str, Any]) -> None:
         # own checkpoints, written after it, win when Ray Train restarts the workers
         source = config["restore_from"]
         ckpt = source if isinstance(source, ray.train.Checkpoint) else ray.train.Checkpoint(source)
+    newest_own = None
     if config.get("run_storage"):
         # Ray Train registers a checkpoint when its controller next polls the workers (every 2 s): a worker that
         # dies sooner leaves a whole checkpoint in this run's storage that Ray does not hand back. Use the newest.
         known = Path(ckpt.path).name if ckpt is not None else ""  # Ray's latest, or the restore (always older)
         own = [p for p in list_checkpoints(Path(config["run_storage"])) if p.name > known]
-        found = newest_whole_checkpoint(own, log=lambda m: _log(rank, m))
-        if found is not None:
-            ckpt = ray.train.Checkpoint(str(found[0]))
+        newest_own = newest_whole_checkpoint(own, log=lambda m: _log(rank, m))
+        if newest_own is not None:
+            ckpt = ray.train.Checkpoint(str(newest_own[0]))
     resume_dir: Path | None = None
     state: dict[str, Any] = {}
     if ckpt is not None:
         local = Path(ckpt.to_directory()) if not Path(ckpt.path).is_dir() else Path(ckpt.path)
         try:
-            state = verify_checkpoint(local)
+            state = newest_own[1] if newest_own is not None else verify_checkpoint(local)  # verified once
             resume_dir = local
         except CheckpointError as exc:
             _log(rank, f"newest checkpoint is not whole ({exc}); looking for an older one")

@@ -25,7 +25,7 @@ from raytune_ft.config import ExperimentConfig, config_to_yaml
 from raytune_ft.train.storage import bytes_needed, check_storage
 from raytune_ft.tune.search import require_extra, scheduler, search_algorithm, tuner_space
 from raytune_ft.tune.space import trial_experiment
-from raytune_ft.tune.trial import EXPLOIT_KEY, HP_PREFIX, filesystem_of, run_trial
+from raytune_ft.tune.trial import EXPLOIT_KEY, HP_PREFIX, filesystem_of, is_local, run_trial
 
 EXPERIMENT = "trials"
 TRIAL_LOGS = ("progress.csv", "result.json")  # what Tune's CSV and JSON loggers write per trial
@@ -189,7 +189,7 @@ def tune_experiment(
         raise FileExistsError(f"{run_dir} holds an unfinished search: continue it with `raytune-ft tune --resume`")
     if resume and not _exists(f"{storage}/{EXPERIMENT}"):
         raise FileNotFoundError(f"nothing to resume: {storage}/{EXPERIMENT} does not exist")
-    local_storage = "://" not in storage or storage.startswith("file://")
+    local_storage = is_local(storage)
     concurrent = settings.max_concurrent_trials or (2 if cfg.cluster.address is None else 1)
     need = bytes_needed(cfg, concurrent) if local_storage else None
     if local_storage and storage.removeprefix("file://") != str(run_dir):

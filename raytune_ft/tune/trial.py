@@ -64,6 +64,11 @@ def filesystem_of(location: str) -> tuple[Any, str]:
     return FileSystem.from_uri(location if "://" in location else str(Path(location).resolve()))
 
 
+def is_local(location: str) -> bool:
+    """Whether a directory-or-URI storage location is on this machine's file system."""
+    return "://" not in location or location.startswith("file://")
+
+
 def _attempts(storage: str) -> int:
     """Ray Train runs this trial already started under STORAGE (a directory or a pyarrow URI)."""
     from pyarrow.fs import FileSelector
@@ -96,14 +101,13 @@ def run_trial(config: dict[str, Any], shared: dict[str, Any]) -> None:
     queue = Queue(actor_options={"num_cpus": 0})
     storage = f"{shared['train_storage']}/{trial_id}"
     attempt = _attempts(storage)
-    local = "://" not in storage or storage.startswith("file://")
     loop_config = {
         **shared["loop_config"],
         "experiment": cfg.model_dump(mode="json", by_alias=True),
         "trial": {"id": trial_id, "config": values},
         "restore_from": restore,
         # this attempt's own checkpoints, which the loop prefers over `restore_from` (local storage only)
-        "run_storage": f"{storage}/run-{attempt}".removeprefix("file://") if local else None,
+        "run_storage": f"{storage}/run-{attempt}".removeprefix("file://") if is_local(storage) else None,
     }
     trainer = torch_trainer(
         cfg,

@@ -22,8 +22,7 @@ import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis_jsonschema import from_schema
-from test_serve import free_port, with_serve
-from test_train import make_cfg, write_reviews
+from test_serve import classifier, own_state_dir, with_serve  # noqa: F401  (fixtures)
 
 from raytune_ft.config.loader import validate_raw
 from raytune_ft.serve.deploy import deploy
@@ -44,21 +43,11 @@ JSON_TYPES = ["application/json", "application/json; charset=utf-8", "Applicatio
 OTHER_TYPES = [None, "text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", "*/*"]
 
 
-@pytest.fixture(autouse=True)
-def own_state_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv("RAYTUNE_FT_STATE_DIR", str(tmp_path / "serve-state"))
-
-
 @pytest.fixture(scope="module")
-def served(tmp_path_factory, tiny_bert, local_ray):
-    """A real export of the tiny BERT, deployed with small request limits: (export, port, URL)."""
-    root = tmp_path_factory.mktemp("fuzz")
-    data = write_reviews(root / "reviews.tsv", rows=60)
-    train_settings = {"max_steps": 2, "eval_every_steps": 2, "checkpoint_every_steps": 2}
-    cfg = make_cfg(root, "fuzzed", tiny_bert, data, train=train_settings, scaling={"num_workers": 1})
-    export = train(cfg).export_dir
-    limits = {f"limits__{key}": value for key, value in LIMITS.items()}
-    cfg = with_serve(cfg, port=free_port(), **limits)
+def served(classifier):  # noqa: F811
+    """test_serve's tiny BERT export, deployed with small request limits: (export, port, URL)."""
+    export, cfg = classifier
+    cfg = with_serve(cfg, **{f"limits__{key}": value for key, value in LIMITS.items()})
     return export, cfg.serve.port, deploy(export, cfg)
 
 

@@ -19,6 +19,7 @@ import pytest
 import torch
 from modeling_fixtures import finetune_cfg, model_cfg, save_tiny_bert, save_tiny_llama
 from safetensors.torch import save_file
+from test_config import MINIMAL
 
 from raytune_ft.config import ConfigError, load_config
 from raytune_ft.config.loader import validate_raw
@@ -45,16 +46,8 @@ def one_line(message: str) -> None:
 
 # ============================================================================================ experiment config
 
-# The experiment every config case starts from; a case's text continues it at line 7 (an indented first line
-# continues the `data` section).
-MINIMAL = """\
-name: demo
-model:
-  name_or_path: {model}
-  task: sequence-classification
-data:
-  path: data.tsv
-"""
+# test_config's MINIMAL is the experiment every config case starts from; a case's text continues it at line 7 (an
+# indented first line continues the `data` section).
 
 
 @pytest.fixture(scope="module")
