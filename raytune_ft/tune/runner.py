@@ -23,7 +23,7 @@ from pyarrow.fs import FileSelector, FileType
 
 from raytune_ft.config import ExperimentConfig, config_to_yaml
 from raytune_ft.train.storage import bytes_needed, check_storage
-from raytune_ft.tune.search import require_extra, scheduler, search_algorithm, tuner_space
+from raytune_ft.tune.search import RestartsClean, require_extra, scheduler, search_algorithm, tuner_space
 from raytune_ft.tune.space import trial_experiment
 from raytune_ft.tune.trial import EXPLOIT_KEY, HP_PREFIX, filesystem_of, is_local, run_trial
 
@@ -279,20 +279,10 @@ def replay_schedule(
 
 
 def replay_scheduler(policy: str) -> Any:
-    from ray.tune.schedulers import PopulationBasedTrainingReplay, TrialScheduler
+    from ray.tune.schedulers import PopulationBasedTrainingReplay
 
-    class ScheduleReplay(PopulationBasedTrainingReplay):
-        """Ray's replay saves the trial and pauses it while that save is pending; Tune then caches a STOP for
-        the trial, to run 'once the save is processed', which nothing clears: the restarted trial was stopped
-        after its next report (seen: replays ending at step 12 of 16). The switch is made here, so that
-        decision is dropped."""
-
-        def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
-            decision = super().on_trial_result(tune_controller, trial, result)
-            if decision == TrialScheduler.NOOP:
-                controller = getattr(tune_controller, "_tune_controller", tune_controller)
-                controller._cached_trial_decisions.pop(trial.trial_id, None)
-            return decision
+    class ScheduleReplay(RestartsClean, PopulationBasedTrainingReplay):
+        pass
 
     return ScheduleReplay(policy)
 

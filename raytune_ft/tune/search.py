@@ -77,6 +77,24 @@ def search_algorithm(tune: TuneConfig, seed: int, max_concurrent: int | None = N
     return BasicVariantGenerator(random_state=seed, max_concurrent=max_concurrent or 0)
 
 
+class RestartsClean:
+    """Mixed into PBT, PB2 and their replay: a trial they start again begins without a decision Tune cached for
+    the run it replaces.
+
+    Tune caches a STOP for a trial that is stopped while a save is pending, to apply once the save is processed.
+    PBT and the replay stop (pause) a trial that way: PBT when it exploits a trial whose pause-save is still in
+    flight (synch mode: the other trials reached the perturbation point meanwhile), the replay on every switch.
+    Nothing clears that STOP, so the restarted trial was stopped at its next checkpoint (seen: a trial that
+    exploited at step 8 of 16 ended at step 12, marked STOPPED; replays ending at step 12 of 16)."""
+
+    def choose_trial_to_run(self, tune_controller: Any) -> Any:
+        trial = super().choose_trial_to_run(tune_controller)
+        if trial is not None:
+            controller = getattr(tune_controller, "_tune_controller", tune_controller)
+            controller._cached_trial_decisions.pop(trial.trial_id, None)
+        return trial
+
+
 def scheduler(tune: TuneConfig, max_reports: int) -> Any:
     """metric and mode are given to the Tuner, not here (Tune refuses them in both places)."""
     from ray.tune.schedulers import (
@@ -89,7 +107,11 @@ def scheduler(tune: TuneConfig, max_reports: int) -> Any:
     )
 
     if tune.algorithm == "pbt":
-        return PopulationBasedTraining(
+
+        class PBT(RestartsClean, PopulationBasedTraining):
+            pass
+
+        return PBT(
             time_attr=TIME_ATTR,
             perturbation_interval=tune.perturbation_interval,
             hyperparam_mutations={key: mutation(dim) for key, dim in tune.search_space.items()},
@@ -98,7 +120,10 @@ def scheduler(tune: TuneConfig, max_reports: int) -> Any:
             synch=tune.synch,
         )
     if tune.algorithm == "pb2":
-        from ray.tune.schedulers.pb2 import PB2
+        from ray.tune.schedulers.pb2 import PB2 as RayPB2
+
+        class PB2(RestartsClean, RayPB2):
+            pass
 
         return PB2(
             time_attr=TIME_ATTR,
