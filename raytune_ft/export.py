@@ -45,7 +45,9 @@ def export_checkpoint(
 
     state = verify_checkpoint(checkpoint_dir)
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model, cfg.finetune, len(classes) if classes else None, cfg.data.label_names)
+    # the attention kernel is a training choice: flash_attention_2 would need a GPU where exports are made
+    as_built = cfg.model.model_copy(update={"attn_implementation": "auto"})
+    model = build_model(as_built, cfg.finetune, len(classes) if classes else None, cfg.data.label_names)
     weights = load_file(str(checkpoint_dir / TRAINABLE))
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if unexpected:

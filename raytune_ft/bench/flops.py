@@ -19,10 +19,13 @@ PEAK_TFLOPS = {
 }
 
 
-def train_flops_per_token(params: int, trainable: int) -> int:
-    """Forward 2N, backward 2N for activation gradients through the whole network plus 2 per trainable weight;
-    6N for full fine-tuning. The attention score term (small at these sequence lengths) is left out."""
-    return 4 * params + 2 * trainable
+def train_flops_per_token(params: int, trainable: int, layers: int = 0, hidden: int = 0, seq_len: float = 0) -> float:
+    """Training FLOPs per token. Weights: forward 2N, backward 2N for activation gradients through the whole
+    network plus 2 per trainable weight: 6N for full fine-tuning, 4N + 2N_trainable for LoRA (N: matmul weights,
+    embedding tables left out). Attention: PaLM's count, 12 x layers x hidden x seq_len (QK^T and AV, 2 x 2 x
+    hidden x seq_len a layer forward, x3 with the backward; the full S x S scores, although a causal kernel computes
+    about half of them) - the attention backward is needed whether or not any weight trains."""
+    return 4 * params + 2 * trainable + 12 * layers * hidden * seq_len
 
 
 def peak_tflops_of(device_name: str) -> float | None:
@@ -32,13 +35,29 @@ def peak_tflops_of(device_name: str) -> float | None:
     return None
 
 
-def mfu(metrics: dict[str, Any], devices: int, peak_tflops: float | None = None) -> float | None:
-    """MFU of a Ray run's reported metrics on CUDA; None on CPU or on an accelerator of unknown peak."""
+def flops_per_token(metrics: dict[str, Any], attention: bool = True) -> float | None:
+    """From a run's reported sizes; the sequence length is the run's mean tokens per sample."""
+    params = metrics.get("n_matmul_params", metrics.get("n_params"))
+    trainable = metrics.get("n_matmul_trainable", metrics.get("n_trainable"))
+    if params is None or trainable is None:
+        return None
+    seq_len = 0.0
+    if attention and metrics.get("samples_per_s") and metrics.get("tokens_per_s"):
+        seq_len = metrics["tokens_per_s"] / metrics["samples_per_s"]
+    layers, hidden = (metrics.get("n_layers") or 0, metrics.get("hidden_size") or 0) if attention else (0, 0)
+    return train_flops_per_token(params, trainable, layers, hidden, seq_len)
+
+
+def mfu(
+    metrics: dict[str, Any], devices: int, peak_tflops: float | None = None, attention: bool = True
+) -> float | None:
+    """MFU of a run's reported metrics on CUDA; None on CPU or on an accelerator of unknown peak. `attention`:
+    count the attention FLOPs (train_flops_per_token) or the weights' alone (6N for full fine-tuning)."""
     if not str(metrics.get("device", "")).startswith("cuda") or not metrics.get("tokens_per_s"):
         return None
     if peak_tflops is None:
         peak_tflops = peak_tflops_of(str(metrics.get("device_name", "")))
-    if peak_tflops is None:
+    per_token = flops_per_token(metrics, attention)
+    if peak_tflops is None or per_token is None:
         return None
-    achieved = metrics["tokens_per_s"] * train_flops_per_token(metrics["n_params"], metrics["n_trainable"])
-    return achieved / (peak_tflops * 1e12 * devices)
+    return metrics["tokens_per_s"] * per_token / (peak_tflops * 1e12 * devices)

@@ -8,15 +8,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from raytune_ft.bench.lm import LM_SIZES
 from raytune_ft.bench.train import bench_config, run_on_ray
 from raytune_ft.config import ExperimentConfig
 
 # Llama shapes built from a config with random weights (memory does not depend on what the weights are).
-MEMORY_MODELS = {
-    "130m": {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 2048},
-    "350m": {"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16, "intermediate_size": 2816},
-    "tiny": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128},
-}
+MEMORY_MODELS = LM_SIZES
 BLOCK_SIZE = 128
 STEPS = 3
 TEXTS = 2000
@@ -27,10 +24,9 @@ def build_memory_model(size: str, tokenizer: Any, out_dir: Path, seed: int) -> t
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    shape = MEMORY_MODELS[size]
+    shape = {"num_key_value_heads": MEMORY_MODELS[size]["num_attention_heads"], **MEMORY_MODELS[size]}
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        num_key_value_heads=shape["num_attention_heads"],
         max_position_embeddings=BLOCK_SIZE,
         tie_word_embeddings=False,
         pad_token_id=tokenizer.pad_token_id,
@@ -112,6 +108,7 @@ def bench_memory(
                 "class_weights": None,
                 "pad_token_id": tokenizer.pad_token_id,
                 "bench": True,
+                "measure_model_state": True,
             }
             metrics, _ = run_on_ray(mcfg, train_loop, loop_config, str(Path(tmp) / "runs"), f"zero{stage}")
             out["stages"][str(stage)] = {

@@ -75,6 +75,7 @@ def bare_loop(payload: dict[str, Any], queue: Any) -> None:
     from raytune_ft.modeling import EWC, build_model, estimate_fisher, l1_penalty, param_groups
     from raytune_ft.train.batches import StepPlan, collate
     from raytune_ft.train.ds_config import resolved_precision
+    from raytune_ft.train.engine import enable_activation_checkpointing, make_optimizer
     from raytune_ft.train.evaluate import task_loss
     from raytune_ft.train.measure import SteadyClock
 
@@ -86,6 +87,8 @@ def bare_loop(payload: dict[str, Any], queue: Any) -> None:
     precision = resolved_precision(cfg, use_cuda)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, cfg.finetune, len(classes) or None, cfg.data.label_names).to(device)
+    if cfg.train.activation_checkpointing:
+        enable_activation_checkpointing(model)
     model.train()
     weights = payload["class_weights"]
     class_weights = torch.tensor([weights[c] for c in classes], device=device) if classes and weights else None
@@ -111,7 +114,7 @@ def bare_loop(payload: dict[str, Any], queue: Any) -> None:
         batches = [collate(train, sample[i : i + 8], pad_id, device) for i in range(0, len(sample), 8)]
         ewc = EWC(model, estimate_fisher(model, batches, loss_of, len(sample)), cfg.finetune.ewc.strength)
     groups = param_groups(model, cfg.train.lr, cfg.train.weight_decay, cfg.finetune.layerwise_lr_decay)
-    optimizer = torch.optim.AdamW(groups, lr=cfg.train.lr)
+    optimizer = make_optimizer(cfg, groups, use_cuda)
     params = [p for p in model.parameters() if p.requires_grad]
     mixed = use_cuda and precision in ("bf16", "fp16")
     half = torch.bfloat16 if precision == "bf16" else torch.float16
@@ -154,12 +157,13 @@ def bare_loop(payload: dict[str, Any], queue: Any) -> None:
     )
 
 
-def run_bare(payload: dict[str, Any], timeout_s: float = 3600) -> dict[str, Any]:
-    """The bare loop in a fresh process, so its start-up and peak memory are its own, not this driver's."""
+def run_in_fresh_process(target: Callable, payload: dict[str, Any], what: str, timeout_s: float = 3600) -> dict:
+    """TARGET(payload, queue) in a fresh process, so that its start-up and peak memory are its own, not this
+    driver's; what it put on the queue, with time_to_first_step_s from the process start."""
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
     started = time.time()
-    proc = ctx.Process(target=bare_loop, args=(payload, queue), daemon=True)
+    proc = ctx.Process(target=target, args=(payload, queue), daemon=True)
     proc.start()
     found = None
     while found is None and time.time() - started < timeout_s:
@@ -167,13 +171,11 @@ def run_bare(payload: dict[str, Any], timeout_s: float = 3600) -> dict[str, Any]
             found = queue.get(timeout=1)
         except queue_module.Empty:
             if not proc.is_alive():
-                raise RuntimeError(
-                    f"the bare PyTorch loop died (exit code {proc.exitcode}); see its error above"
-                ) from None
-    proc.join(30)
+                raise RuntimeError(f"the {what} died (exit code {proc.exitcode}); see its error above") from None
+    proc.join(60)
     if found is None:
         proc.kill()
-        raise RuntimeError(f"the bare PyTorch loop did not finish in {timeout_s:.0f} s")
+        raise RuntimeError(f"the {what} did not finish in {timeout_s:.0f} s")
     found["time_to_first_step_s"] = found.pop("first_step_at") - started
     return found
 
@@ -210,7 +212,7 @@ def bench_throughput(
         )
     threads = max(1, min(multiprocessing.cpu_count(), round(cfg.scaling.cpus_per_worker * cfg.scaling.num_workers)))
     log(f"bare PyTorch loop in one process ({threads} thread(s)): the same steps")
-    bare = run_bare({**shared, "data": data, "threads": threads})
+    bare = run_in_fresh_process(bare_loop, {**shared, "data": data, "threads": threads}, "bare PyTorch loop")
     ray_side = {k: ray_metrics.get(k) for k in ("samples_per_s", "tokens_per_s", "peak_rss_mb")}
     ray_side["time_to_first_step_s"] = ray_metrics["first_step_at"] - ray_started
     ray_side["startup_s"] = {

@@ -38,7 +38,7 @@ def bench_train(
         str | None, typer.Option("--zero-stages", help="Also measure memory per worker of ZeRO stages, e.g. 0,2,3.")
     ] = None,
     memory_model: Annotated[
-        str, typer.Option("--memory-model", help="Llama shape for the memory runs: 130m, 350m or tiny.")
+        str, typer.Option("--memory-model", help="Llama shape for the memory runs: 130m, 350m, 1b or tiny.")
     ] = "130m",
     skip_throughput: Annotated[
         bool, typer.Option("--memory-only", help="Only the ZeRO memory runs (needs --zero-stages).")
@@ -126,6 +126,112 @@ def _print_memory(m: dict[str, Any]) -> None:
             f"DeepSpeed estimator {m['estimator_zero3_vs_zero0']:.2f} (peak RSS {m['zero3_vs_zero0_peak_rss']:.2f})",
             highlight=False,
         )
+
+
+def _csv(value: str, option: str, allowed: tuple, cast: Any = str) -> list:
+    try:
+        items = [cast(v.strip()) for v in value.split(",") if v.strip()]
+    except ValueError:
+        fail(f"{option}: expected a comma-separated list of {', '.join(map(str, allowed))}, got '{value}'", EXIT_CONFIG)
+    bad = [v for v in items if v not in allowed]
+    if bad or not items:
+        fail(f"{option}: expected values from {', '.join(map(str, allowed))}, got '{value}'", EXIT_CONFIG)
+    return items
+
+
+@bench_app.command("lm")
+def bench_lm_command(
+    size: Annotated[str, typer.Option("--size", help="Llama shape: tiny, 130m, 350m or 1b (TinyLlama-1.1B).")] = "1b",
+    seq_len: Annotated[int, typer.Option("--seq-len", min=8, help="Tokens per packed block.")] = 2048,
+    micro_batch: Annotated[int, typer.Option("--micro-batch", min=1, help="Blocks per worker per step.")] = 4,
+    steps: Annotated[int, typer.Option("--steps", min=2, help="Optimizer steps (the first is untimed).")] = 20,
+    zero_stages: Annotated[str, typer.Option("--zero-stages", help="ZeRO stages to run, e.g. 2,3.")] = "2,3",
+    methods: Annotated[str, typer.Option("--methods", help="Fine-tuning methods: full, lora.")] = "full,lora",
+    workers: Annotated[int, typer.Option("--workers", min=1, help="Ray Train workers (the bare loop needs 1).")] = 1,
+    device: Annotated[str, typer.Option("--device", help="auto (GPU when there is one), gpu or cpu.")] = "auto",
+    precision: Annotated[str, typer.Option("--precision", help="auto (bf16 on GPU), bf16, fp16, fp32.")] = "auto",
+    attn: Annotated[str, typer.Option("--attn", help="auto, sdpa, eager or flash_attention_2.")] = "auto",
+    activation_checkpointing: Annotated[
+        bool, typer.Option("--activation-checkpointing", help="Recompute activations in the backward pass.")
+    ] = False,
+    compile_model: Annotated[bool, typer.Option("--compile", help="torch.compile the model (DeepSpeed).")] = False,
+    fused_adamw: Annotated[
+        bool | None, typer.Option("--fused-adamw/--no-fused-adamw", help="Default: fused on GPU.")
+    ] = None,
+    skip_bare: Annotated[bool, typer.Option("--no-bare", help="Only the Ray Train + DeepSpeed runs.")] = False,
+    peak_tflops: Annotated[
+        float | None, typer.Option("--peak-tflops", help="Accelerator peak for MFU when its name is not known.")
+    ] = None,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Also write the figures to this JSON file.")] = None,
+) -> None:
+    """A Llama-style causal LM from a config (random weights) on packed random tokens: tokens/s, MFU, peak
+    memory and time to first step, Ray Train + DeepSpeed against a bare one-process DeepSpeed loop."""
+    from raytune_ft.bench.lm import LM_SIZES, bench_lm
+
+    _csv(size, "--size", tuple(LM_SIZES))
+    stages = _csv(zero_stages, "--zero-stages", (0, 1, 2, 3), int)
+    method_list = _csv(methods, "--methods", ("full", "lora"))
+    _csv(device, "--device", ("auto", "gpu", "cpu"))
+    _csv(precision, "--precision", ("auto", "bf16", "fp16", "fp32"))
+    _csv(attn, "--attn", ("auto", "sdpa", "eager", "flash_attention_2"))
+    use_gpu = None if device == "auto" else device == "gpu"
+    log = lambda m: err.print(m, highlight=False)  # noqa: E731
+    try:
+        result = bench_lm(
+            size=size,
+            seq_len=seq_len,
+            micro_batch=micro_batch,
+            steps=steps,
+            stages=stages,
+            methods=method_list,
+            workers=workers,
+            use_gpu=use_gpu,
+            bare=not skip_bare,
+            peak_tflops=peak_tflops,
+            log=log,
+            precision=precision,
+            attn=attn,
+            activation_checkpointing=activation_checkpointing,
+            compile_model=compile_model,
+            fused_adamw=fused_adamw,
+        )
+    except ValueError as exc:
+        fail(str(exc), EXIT_CONFIG)
+    except RuntimeError as exc:
+        fail(str(exc), EXIT_RUNTIME)
+    _print_lm(result)
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(result, indent=2) + "\n")
+        err.print(f"wrote {json_path}", highlight=False)
+
+
+def _print_lm(r: dict[str, Any]) -> None:
+    first = r["runs"][0]["ray"] if r["runs"] else {}
+    table = Table(
+        title=f"Llama {r['size']} ({r['params'] / 1e6:.0f}M params), {r['seq_len']} tokens x {r['micro_batch']} "
+        f"per worker, {r['workers']} worker(s), {first.get('device_name')} {first.get('precision')}",
+        title_justify="left",
+    )
+    columns = ("ZeRO", "method", "tokens/s Ray", "tokens/s bare", "Ray/bare", "MFU", "MFU 6N", "peak GPU MB")
+    for col in (*columns, "peak RSS MB", "first step Ray s", "first step bare s"):
+        table.add_column(col, justify="right")
+    for run in r["runs"]:
+        ray_side, bare = run["ray"], run.get("bare", {})
+        table.add_row(
+            str(run["zero_stage"]),
+            run["method"],
+            num(ray_side["tokens_per_s"], 0),
+            num(bare.get("tokens_per_s"), 0),
+            num(run.get("ray_vs_bare"), 3),
+            "-" if ray_side["mfu"] is None else f"{ray_side['mfu']:.1%}",
+            "-" if ray_side["mfu_6n"] is None else f"{ray_side['mfu_6n']:.1%}",
+            num(ray_side["peak_device_mb"], 0),
+            num(ray_side["peak_rss_mb"], 0),
+            num(ray_side["time_to_first_step_s"], 1),
+            num(bare.get("time_to_first_step_s"), 1),
+        )
+    out.print(table)
 
 
 @bench_app.command("tune")

@@ -80,6 +80,9 @@ def consistency_errors(cfg: ExperimentConfig) -> list[tuple[str, str]]:
             ("deepspeed.precision", f"{cfg.deepspeed.precision} needs scaling.use_gpu: true; CPU trains in fp32")
         )
 
+    if cfg.model.attn_implementation == "flash_attention_2" and not cfg.scaling.use_gpu:
+        errors.append(("model.attn_implementation", "flash_attention_2 runs on CUDA GPUs: needs scaling.use_gpu: true"))
+
     if cfg.finetune.gradual_unfreeze is not None and cfg.finetune.method == "lora":
         errors.append(("finetune.gradual_unfreeze", "gradual unfreezing works with method full or partial"))
 

@@ -42,6 +42,11 @@ class ModelConfig(Section):
     task: Task
     revision: str | None = None
     trust_remote_code: bool = False
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
+        default="auto",
+        description="Attention kernel: auto (transformers' choice: SDPA where the model supports it), sdpa, eager, "
+        "or flash_attention_2 (needs the flash-attn package and a CUDA GPU).",
+    )
 
 
 class ColumnsConfig(Section):
@@ -224,6 +229,20 @@ class TrainConfig(Section):
     early_stopping: EarlyStoppingConfig | None = None
     max_failures: Annotated[int, Field(ge=-1)] = Field(
         default=3, description="Worker-group restarts from the last checkpoint after a crash (-1: no limit)."
+    )
+    activation_checkpointing: bool = Field(
+        default=False,
+        description="Recompute each layer's activations in the backward pass instead of keeping them: less memory "
+        "(longer sequences, larger batches), about a third more compute.",
+    )
+    fused_adamw: bool | None = Field(
+        default=None,
+        description="AdamW as one fused kernel per step; null: fused on GPU, PyTorch's default (foreach) on CPU. "
+        "Ignored with deepspeed.offload_optimizer (DeepSpeed's CPU Adam).",
+    )
+    compile: bool = Field(
+        default=False,
+        description="torch.compile the model inside DeepSpeed (the first steps are slower while it compiles).",
     )
 
 

@@ -64,6 +64,7 @@ def build_model(
         dtype=torch.float32,
         # A checkpoint with another number of classes gets a fresh head instead of a load error.
         ignore_mismatched_sizes=classification,
+        **({} if model.attn_implementation == "auto" else {"attn_implementation": model.attn_implementation}),
     )
     if finetune.method == "lora":
         net = apply_lora(net, finetune.lora, model.task)

@@ -35,10 +35,11 @@ from raytune_ft.train.checkpoint import (
     weights_only_loads,
     write_manifest,
 )
-from raytune_ft.train.ds_config import deepspeed_config, resolved_precision, stand_in_for_deepspeed_muon
+from raytune_ft.train.ds_config import deepspeed_config, resolved_precision
+from raytune_ft.train.engine import enable_activation_checkpointing, make_optimizer, start_engine
 from raytune_ft.train.evaluate import evaluate, over_ranks, probe_logits, task_loss
 from raytune_ft.train.figures import report_figures
-from raytune_ft.train.measure import SteadyClock, model_state_mb, peak_device_mb, peak_rss_mb, rss_mb
+from raytune_ft.train.measure import SteadyClock, model_sizes, model_state_mb, peak_device_mb, peak_rss_mb, rss_mb
 
 
 def lr_factor(step: int, total: int, warmup: int, kind: str) -> float:
@@ -82,7 +83,6 @@ class EarlyStopping:
 
 def train_loop(config: dict[str, Any]) -> None:
     loop_started_at = time.time()
-    import deepspeed
     import ray
     import ray.train
     import ray.train.torch
@@ -120,6 +120,8 @@ def train_loop(config: dict[str, Any]) -> None:
         _zero3_init = HfDeepSpeedConfig(ds_config)
     torch.manual_seed(cfg.seed)  # identical initial heads on every rank
     model = build_model(cfg.model, cfg.finetune, len(classes) or None, cfg.data.label_names)
+    if cfg.train.activation_checkpointing:
+        enable_activation_checkpointing(model)
     # which model this run trains: written into every checkpoint's state, compared before one is loaded
     config["model_record"] = model_record(model, cfg.model.name_or_path)
     plan = StepPlan(
@@ -207,12 +209,7 @@ def train_loop(config: dict[str, Any]) -> None:
 
     groups = param_groups(model, cfg.train.lr, cfg.train.weight_decay, cfg.finetune.layerwise_lr_decay)
     gate = unfreeze_gate(cfg.finetune.gradual_unfreeze, num_layers(model))
-    if cfg.deepspeed.offload_optimizer:
-        from deepspeed.ops.adam import DeepSpeedCPUAdam
-
-        optimizer = DeepSpeedCPUAdam(groups, lr=cfg.train.lr, adamw_mode=True)
-    else:
-        optimizer = torch.optim.AdamW(groups, lr=cfg.train.lr)
+    optimizer = make_optimizer(cfg, groups, device.type == "cuda")
     configured = [(g["lr"], g["weight_decay"]) for g in groups]  # before the scheduler scales lr
     warmup = round(cfg.train.warmup_ratio * total)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -222,16 +219,8 @@ def train_loop(config: dict[str, Any]) -> None:
             for g in groups
         ],
     )
-    stand_in_for_deepspeed_muon()
-    n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
-    n_trainable = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
-    engine, _, _, _ = deepspeed.initialize(
-        model=model,
-        optimizer=optimizer,
-        lr_scheduler=scheduler,
-        config=ds_config,
-        dist_init_required=False,
-    )
+    sizes = model_sizes(model)
+    engine = start_engine(cfg, model, optimizer, scheduler, ds_config)
 
     engine_ready_at = time.time()
     stopper = EarlyStopping(*_stop_settings(cfg))
@@ -285,14 +274,16 @@ def train_loop(config: dict[str, Any]) -> None:
             if ewc is not None:
                 loss = loss + ewc.penalty(engine.module)
             engine.backward(loss)
-            if config.get("bench") and step == total - 1 and state_mb is None:
+            if config.get("measure_model_state") and step == total - 1 and state_mb is None:
                 # gradients, parameters and optimizer states all exist now: the model-state peak of a step
                 state_mb = over_ranks(model_state_mb(engine), world, device, "max")
             engine.step()
-            running += loss.item()
+            running += loss.detach()  # a tensor: reading it (a device sync) waits until the next report
             micro_count += 1
             step_samples += len(rows)
             step_tokens += int(batch["attention_mask"].sum())
+        if device.type == "cuda":
+            torch.cuda.synchronize()  # a step's time is its kernels', not how fast Python queued them
         clock.step_done(step_began, step_samples, step_tokens)
         done = step + 1
         last = done == total
@@ -310,8 +301,7 @@ def train_loop(config: dict[str, Any]) -> None:
                     "rss_growth_mb": over_ranks(peak_rss_mb() - rss_at_start, world, device, "max"),
                     "model_state_mb": state_mb,
                     "peak_device_mb": peak_device_mb(device),
-                    "n_params": n_params,
-                    "n_trainable": n_trainable,
+                    **sizes,
                     "precision": precision,
                     "device": str(device),
                     "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -325,7 +315,7 @@ def train_loop(config: dict[str, Any]) -> None:
         metrics.update(
             step=done,
             epoch=round(done / plan.steps_per_epoch, 4),
-            train_loss=over_ranks(running / max(1, micro_count), world, device),
+            train_loss=over_ranks(float(running) / max(1, micro_count), world, device),
             lr=scheduler.get_last_lr()[0],
             samples_per_s=_per_second(clock.samples, clock.seconds, world, device),
             tokens_per_s=_per_second(clock.tokens, clock.seconds, world, device),

@@ -67,3 +67,29 @@ class SteadyClock:
             self.seconds += time.perf_counter() - began
             self.samples += samples
             self.tokens += tokens
+
+
+def model_sizes(model: torch.nn.Module) -> dict[str, int | None]:
+    """Parameter counts for throughput and MFU figures, ZeRO-3 partitions counted whole. `n_matmul*` leave out
+    embedding tables: a lookup does no multiply-adds, so they add no training FLOPs (the output head does)."""
+    embedding = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
+
+    def count(trainable_only: bool, matmul_only: bool) -> int:
+        return sum(
+            getattr(p, "ds_numel", p.numel())
+            for p in model.parameters()
+            if (p.requires_grad or not trainable_only) and (id(p) not in embedding or not matmul_only)
+        )
+
+    config = getattr(model, "config", None)
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
+    hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None)
+    return {
+        "n_params": count(False, False),
+        "n_trainable": count(True, False),
+        "n_matmul_params": count(False, True),
+        "n_matmul_trainable": count(True, True),
+        "n_layers": int(layers) if layers else None,
+        "hidden_size": int(hidden) if hidden else None,
+    }

@@ -9,8 +9,9 @@ import pytest
 import torch
 from test_cli import balanced_rows, experiment, runner
 from test_train_parts import cfg_with
+from transformers import AutoModelForCausalLM
 
-from raytune_ft.bench.flops import mfu, peak_tflops_of, train_flops_per_token
+from raytune_ft.bench.flops import flops_per_token, mfu, peak_tflops_of, train_flops_per_token
 from raytune_ft.bench.memory import estimator_mb
 from raytune_ft.bench.train import bench_config, bench_data, global_batch
 from raytune_ft.cli import app
@@ -21,6 +22,26 @@ from raytune_ft.train.measure import model_state_mb
 def test_flops_per_token_counts_backward_weight_gradients_only_for_trainable_weights():
     assert train_flops_per_token(1000, 1000) == 6000  # full fine-tuning: 6N
     assert train_flops_per_token(1000, 10) == 4020  # LoRA: forward 2N + activation gradients 2N + 2 per adapter
+
+
+def test_attention_flops_follow_layers_hidden_and_sequence_length():
+    # 12 x layers x hidden x seq_len per token on top of the weights' 6N, for LoRA as for full fine-tuning
+    assert train_flops_per_token(1000, 1000, layers=2, hidden=64, seq_len=128) == 6000 + 12 * 2 * 64 * 128
+    assert train_flops_per_token(1000, 10, layers=2, hidden=64, seq_len=128) == 4020 + 12 * 2 * 64 * 128
+    # a run's figures: matmul weights (embedding tables left out), mean tokens per sample as the sequence length
+    run = {"n_params": 5000, "n_trainable": 5000, "n_matmul_params": 1000, "n_matmul_trainable": 1000}
+    run.update(n_layers=2, hidden_size=64, tokens_per_s=2560.0, samples_per_s=10.0)
+    assert flops_per_token(run) == 6000 + 12 * 2 * 64 * 256
+    assert flops_per_token(run, attention=False) == 6000
+    assert flops_per_token({"tokens_per_s": 1.0}) is None
+
+
+def test_mfu_counts_attention_unless_asked_for_the_weights_alone():
+    run = {"device": "cuda:0", "device_name": "NVIDIA H100 80GB HBM3", "tokens_per_s": 1e4, "samples_per_s": 5.0}
+    run.update(n_matmul_params=10**9, n_matmul_trainable=10**9, n_layers=22, hidden_size=2048)
+    weights = 6e9 * 1e4 / 989e12
+    assert mfu(run, devices=1, attention=False) == pytest.approx(weights)
+    assert mfu(run, devices=1) == pytest.approx(weights + 12 * 22 * 2048 * 2000 * 1e4 / 989e12)
 
 
 def test_mfu_uses_the_device_peak_and_is_none_on_cpu():
@@ -118,7 +139,7 @@ def test_muon_stand_in_answers_isinstance_and_refuses_to_run():
     [
         (["--zero-stages", "0,x"], "expected numbers such as 0,2,3"),
         (["--zero-stages", "0,4"], "ZeRO stages are 0, 1, 2 and 3"),
-        (["--memory-model", "huge", "--zero-stages", "3"], "expected one of 130m, 350m, tiny"),
+        (["--memory-model", "huge", "--zero-stages", "3"], "expected one of tiny, 130m, 350m, 1b"),
         (["--memory-only"], "--memory-only needs --zero-stages"),
         (["--steps", "1"], "greater than or equal to 2"),
     ],
@@ -127,6 +148,58 @@ def test_bench_train_refuses_bad_arguments(tmp_path, args, message):
     result = runner.invoke(app, ["bench", "train", str(experiment(tmp_path, balanced_rows(4))), *args])
     assert result.exit_code == 2
     assert message in result.stderr.replace("\n", " ")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--size", "7b"], "--size: expected values from tiny, 130m, 350m, 1b"),
+        (["--zero-stages", "2,x"], "--zero-stages: expected a comma-separated list of 0, 1, 2, 3"),
+        (["--zero-stages", "5"], "--zero-stages: expected values from 0, 1, 2, 3"),
+        (["--methods", "full,qlora"], "--methods: expected values from full, lora, got 'full,qlora'"),
+        (["--attn", "flash"], "--attn: expected values from auto, sdpa, eager, flash_attention_2"),
+        (["--device", "tpu"], "--device: expected values from auto, gpu, cpu"),
+        (["--steps", "1"], "greater than or equal to 2"),
+    ],
+)
+def test_bench_lm_refuses_bad_arguments(args, message):
+    result = runner.invoke(app, ["bench", "lm", *args])
+    assert result.exit_code == 2
+    assert message in result.stderr.replace("\n", " ")
+
+
+def test_bench_lm_builds_the_llama_shapes_it_names(tmp_path):
+    from raytune_ft.bench.lm import build_lm, lm_config, random_blocks
+
+    params = build_lm("tiny", 32, tmp_path / "m")
+    assert params == sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(tmp_path / "m").parameters())
+    blocks = random_blocks(3, 32, seed=0)
+    assert len(blocks) == 3 and all(len(b) == 32 and min(b) >= 3 for b in blocks)  # packed: no padding, no specials
+    cfg = lm_config(
+        tmp_path / "m",
+        tmp_path,
+        stage=3,
+        method="lora",
+        steps=4,
+        micro_batch=2,
+        workers=1,
+        use_gpu=False,
+        cpus_per_worker=2,
+        activation_checkpointing=True,
+        compile_model=True,
+    )
+    assert (cfg.deepspeed.zero_stage, cfg.finetune.method, cfg.train.max_steps) == (3, "lora", 4)
+    assert cfg.train.activation_checkpointing and cfg.train.compile and cfg.model.task == "causal-lm"
+    # 1b is TinyLlama-1.1B's shape: built on the meta device here, its parameters counted, none allocated
+    from transformers import LlamaConfig
+
+    from raytune_ft.bench.lm import LM_SIZES, VOCAB
+
+    with torch.device("meta"):
+        big = AutoModelForCausalLM.from_config(
+            LlamaConfig(vocab_size=VOCAB, tie_word_embeddings=False, **LM_SIZES["1b"])
+        )
+    assert 1.09e9 < sum(p.numel() for p in big.parameters()) < 1.11e9
 
 
 def test_steps_trained_counts_what_each_trial_ran_not_where_it_ended(tmp_path):

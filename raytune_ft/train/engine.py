@@ -1,0 +1,55 @@
+"""The DeepSpeed engine around a built model, as `train` configures it: activation checkpointing, the AdamW
+kernel, torch.compile. The Ray Train loop and `bench lm`'s bare DeepSpeed loop both start their engine here, so
+that what the benchmark compares differs only by Ray."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from raytune_ft.config.schema import ExperimentConfig
+from raytune_ft.train.ds_config import stand_in_for_deepspeed_muon
+
+
+def enable_activation_checkpointing(model: torch.nn.Module) -> None:
+    """Hugging Face's per-layer checkpointing, non-reentrant: it needs no input that requires grad, so it works
+    with LoRA and frozen embeddings as it is, and under ZeRO-3's partitioned parameters."""
+    if not getattr(model, "supports_gradient_checkpointing", True):
+        raise ValueError(f"train.activation_checkpointing: {type(model).__name__} does not support it")
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers' name for it from 5.x on
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    config = getattr(model, "config", None)
+    if config is not None and getattr(config, "use_cache", False):
+        config.use_cache = False  # a KV cache is of no use in training and conflicts with recomputation
+
+
+def make_optimizer(cfg: ExperimentConfig, groups: list[dict[str, Any]], on_gpu: bool) -> torch.optim.Optimizer:
+    if cfg.deepspeed.offload_optimizer:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, lr=cfg.train.lr, adamw_mode=True)
+    fused = on_gpu if cfg.train.fused_adamw is None else cfg.train.fused_adamw
+    # fused=False is not the same as leaving it out: PyTorch then picks foreach, its fastest unfused kernel
+    return torch.optim.AdamW(groups, lr=cfg.train.lr, **({"fused": True} if fused else {}))
+
+
+def start_engine(
+    cfg: ExperimentConfig,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    ds_config: dict[str, Any],
+) -> Any:
+    import deepspeed
+
+    stand_in_for_deepspeed_muon()
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, dist_init_required=False
+    )
+    if cfg.train.compile:
+        engine.compile()
+    return engine
