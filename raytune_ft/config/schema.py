@@ -375,6 +375,11 @@ class ServeConfig(Section):
     autoscaling: AutoscalingConfig = AutoscalingConfig()
     num_cpus: PositiveFloat = 1.0
     num_gpus: Annotated[float, Field(ge=0)] = 0.0
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        default="auto",
+        description="Weights and activations of a replica with a GPU: auto = bf16 where the GPU has it, else fp16. "
+        "A replica on CPU always runs fp32.",
+    )
     max_batch_size: PositiveInt = 16
     batch_wait_timeout_s: Annotated[float, Field(ge=0)] = 0.0
     max_ongoing_requests: PositiveInt = 64

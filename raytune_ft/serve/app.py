@@ -90,10 +90,12 @@ def build_app(export_dir: Path, settings: ServeConfig, api_key: str | None = Non
     @serve.deployment(name="model", **deployment_options(settings))
     @serve.ingress(api)
     class ModelServer:
-        def __init__(self, path: str, max_batch_size: int, batch_wait_timeout_s: float, threads: int) -> None:
+        def __init__(
+            self, path: str, max_batch_size: int, batch_wait_timeout_s: float, threads: int, dtype: str
+        ) -> None:
             from raytune_ft.serve.model import LoadedModel
 
-            self.model = LoadedModel(Path(path), num_threads=threads)
+            self.model = LoadedModel(Path(path), num_threads=threads, dtype=dtype)
             self.replica = serve.get_replica_context().replica_id.unique_id
             self.classify_batch.set_max_batch_size(max_batch_size)
             self.classify_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
@@ -170,7 +172,9 @@ def build_app(export_dir: Path, settings: ServeConfig, api_key: str | None = Non
                 }
 
     threads = max(1, int(settings.num_cpus))
-    return ModelServer.bind(str(export_dir), settings.max_batch_size, settings.batch_wait_timeout_s, threads)
+    return ModelServer.bind(
+        str(export_dir), settings.max_batch_size, settings.batch_wait_timeout_s, threads, settings.dtype
+    )
 
 
 def build_noop_app() -> Any:

@@ -44,10 +44,19 @@ def export_config(export: Path, overrides: list[str] | None = None) -> Any:
     return validate_raw(raw, None, origin, list(overrides or []), base_dir=export)
 
 
+def serving_dtype(setting: str, device: torch.device) -> torch.dtype:
+    """fp32 on CPU whatever the setting: CPU half-precision matmuls are slower, not faster, on most machines."""
+    if device.type != "cuda":
+        return torch.float32
+    if setting == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[setting]
+
+
 class LoadedModel:
     """Tokenizer and model of one export, with the metadata the API shows at GET /v1/models."""
 
-    def __init__(self, export_dir: Path, num_threads: int | None = None) -> None:
+    def __init__(self, export_dir: Path, num_threads: int | None = None, dtype: str = "auto") -> None:
         from transformers import AutoTokenizer
 
         self.export_dir = find_export(export_dir)
@@ -70,6 +79,10 @@ class LoadedModel:
             from transformers import AutoModelForSequenceClassification
 
             self.model = AutoModelForSequenceClassification.from_pretrained(str(self.export_dir))
+        # a replica given a GPU (serve.num_gpus) sees it here; one without sees none (Ray hides the others)
+        self.device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+        self.dtype = serving_dtype(dtype, self.device)
+        self.model.to(self.device, self.dtype)
         self.model.eval()
         classes = self.meta.get("classes") or []
         names = self.meta.get("label_names") or classes
@@ -91,6 +104,8 @@ class LoadedModel:
             "max_length": self.max_length,
             "export_dir": str(self.export_dir),
             "threads": self.threads,
+            "device": str(self.device),
+            "dtype": str(self.dtype).removeprefix("torch."),
         }
 
     def _test_metrics(self) -> dict[str, Any] | None:
@@ -101,6 +116,7 @@ class LoadedModel:
     def classify(self, texts: list[str]) -> list[dict[str, Any]]:
         """One forward pass over all TEXTS (padded to the longest); predictions in input order."""
         batch = self.tokenizer(texts, truncation=True, max_length=self.max_length, padding=True, return_tensors="pt")
+        batch = batch.to(self.device)
         logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         probs = torch.softmax(logits.float(), dim=-1).tolist()
         out = []
@@ -124,6 +140,7 @@ class LoadedModel:
     ) -> dict[str, Any]:
         """One completion: greedy at temperature 0, sampled otherwise (seeded when SEED is given)."""
         encoded = self.tokenizer(prompt, return_tensors="pt", truncation=True, max_length=self.max_length)
+        encoded = encoded.to(self.device)
         generator_seed = seed if seed is not None else int(time.time_ns() % (2**31))
         torch.manual_seed(generator_seed)
         sample = temperature > 0

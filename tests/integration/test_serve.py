@@ -93,6 +93,7 @@ def test_predictions_match_the_in_process_model_and_metadata_is_served(classifie
     [info] = models["data"]
     assert status == 200 and info["experiment"] == "served" and info["task"] == "sequence-classification"
     assert info["checkpoint_step"] == 2 and "eval_loss" in info["metrics"] and info["exported"]
+    assert (info["device"], info["dtype"]) == ("cpu", "float32")  # no GPU asked for (serve.num_gpus: 0)
 
 
 def raw_http(port: int, data: bytes) -> tuple[int, bytes]:

@@ -95,3 +95,14 @@ def test_model_sizes_leave_embedding_tables_out_of_the_matmul_count(tiny_llama):
         == sum(p.numel() for p in lora.parameters() if p.requires_grad)
     )
     assert 0 < found["n_trainable"] < found["n_matmul_params"]
+
+
+def test_a_serving_replica_runs_half_precision_on_a_gpu_and_fp32_on_cpu():
+    from raytune_ft.serve.model import serving_dtype
+
+    cpu = torch.device("cpu")
+    assert {serving_dtype(s, cpu) for s in ("auto", "bf16", "fp16", "fp32")} == {torch.float32}
+    if torch.cuda.is_available():
+        gpu = torch.device("cuda")
+        assert serving_dtype("fp16", gpu) == torch.float16 and serving_dtype("fp32", gpu) == torch.float32
+        assert serving_dtype("auto", gpu) in (torch.bfloat16, torch.float16)
