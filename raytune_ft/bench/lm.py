@@ -208,6 +208,9 @@ def bench_lm(
         raise ValueError("--steps must be at least 2: the first step is start-up, the rest are timed")
     if use_gpu is None:
         use_gpu = torch.cuda.is_available()
+    elif use_gpu and not torch.cuda.is_available():
+        # the embedded Ray would wait for a GPU that never comes
+        raise ValueError("--device gpu: this machine has no CUDA GPU that PyTorch can see")
     cpus = os.cpu_count() or 1
     cpus_per_worker = max(1, cpus // workers)
     blocks = random_blocks(steps * micro_batch * workers, seq_len, seed=0)

@@ -160,6 +160,11 @@ def test_bench_train_refuses_bad_arguments(tmp_path, args, message):
         (["--attn", "flash"], "--attn: expected values from auto, sdpa, eager, flash_attention_2"),
         (["--device", "tpu"], "--device: expected values from auto, gpu, cpu"),
         (["--steps", "1"], "greater than or equal to 2"),
+        *(
+            [(["--device", "gpu"], "--device gpu: this machine has no CUDA GPU")]
+            if not torch.cuda.is_available()
+            else []
+        ),
     ],
 )
 def test_bench_lm_refuses_bad_arguments(args, message):
