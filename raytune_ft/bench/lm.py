@@ -217,7 +217,7 @@ def bench_lm(
     data = {"train": {"input_ids": blocks}, "validation": {"input_ids": blocks[:1]}}
     data_ref = None
     out: dict[str, Any] = {"size": size, "seq_len": seq_len, "micro_batch": micro_batch, "steps": steps}
-    out.update(workers=workers, engine={k: v for k, v in engine.items()}, runs=[])
+    out.update(workers=workers, engine=dict(engine), runs=[])
     with tempfile.TemporaryDirectory(prefix="raytune-ft-bench-lm-") as tmp:
         model_dir = Path(tmp) / "model"
         out["params"] = build_lm(size, seq_len, model_dir)
