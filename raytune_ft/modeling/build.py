@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import copy
+import sys
 
-import peft
 import torch
 from torch import nn
 from transformers import (
@@ -90,6 +90,8 @@ def set_dropout(config: PretrainedConfig, p: float) -> list[str]:
 
 
 def apply_lora(net: PreTrainedModel, lora: LoraConfig, task: Task) -> nn.Module:
+    import peft  # here, not at the top: its import costs ~3 s on every worker, and full fine-tuning never needs it
+
     classification = task == "sequence-classification"
     targets = None if lora.target_modules == "auto" else list(lora.target_modules)
     module_names = [name for name, _ in net.named_modules()]
@@ -142,7 +144,8 @@ def merge_for_export(model: nn.Module, copy_first: bool = True) -> PreTrainedMod
     Merging rewrites the base weights, so by default it merges a copy and the model can keep training;
     copy_first=False merges in place and saves the memory of a second model (only at the very end).
     """
-    if isinstance(model, peft.PeftModel):
+    peft = sys.modules.get("peft")  # only a process that applied LoRA has imported it
+    if peft is not None and isinstance(model, peft.PeftModel):
         return (copy.deepcopy(model) if copy_first else model).merge_and_unload()
     return model
 

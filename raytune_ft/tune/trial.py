@@ -77,6 +77,20 @@ def _attempts(storage: str) -> int:
     return sum(1 for i in fs.get_file_info(FileSelector(path, allow_not_found=True)) if i.base_name.startswith("run-"))
 
 
+def _earlier_checkpoint(storage: Path, attempt: int) -> str | None:
+    """The newest whole checkpoint an earlier run of this trial left, for a restart that Tune gives none.
+
+    Tune saves its experiment state every few seconds: a driver killed just after a trial's report restores
+    that trial without the checkpoint the report carried, though it is whole on disk. Same trial, same values."""
+    from raytune_ft.train.checkpoint import list_checkpoints, newest_whole_checkpoint
+
+    for run in range(attempt - 1, -1, -1):
+        found = newest_whole_checkpoint(list_checkpoints(storage / f"run-{run}"), log=lambda m: None)
+        if found is not None:
+            return str(found[0])
+    return None
+
+
 def run_trial(config: dict[str, Any], shared: dict[str, Any]) -> None:
     """The Tune function trainable. `config` holds the sampled search values (dotted keys)."""
     import ray
@@ -101,6 +115,8 @@ def run_trial(config: dict[str, Any], shared: dict[str, Any]) -> None:
     queue = Queue(actor_options={"num_cpus": 0})
     storage = f"{shared['train_storage']}/{trial_id}"
     attempt = _attempts(storage)
+    if restore is None and attempt and is_local(storage):
+        restore = _earlier_checkpoint(Path(storage.removeprefix("file://")), attempt)
     loop_config = {
         **shared["loop_config"],
         "experiment": cfg.model_dump(mode="json", by_alias=True),

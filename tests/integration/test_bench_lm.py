@@ -25,10 +25,13 @@ def bench_lm(tmp_path, *args: str) -> tuple[dict, str]:
 
 
 def test_each_zero_stage_and_method_runs_through_ray_and_through_bare_deepspeed(tmp_path):
-    figures, table = bench_lm(tmp_path, "--zero-stages", "2,3", "--methods", "full,lora")
+    # ZeRO-3 (partitioned parameters, the harder case to count and gather) with both methods; ZeRO-2 runs in the
+    # Ray loop below and in `bench train`'s bare loop, which starts its engine with the same code. Half the cost of
+    # the whole 2x2 grid, which the README's CPU figures show.
+    figures, table = bench_lm(tmp_path, "--zero-stages", "3", "--methods", "full,lora")
     assert (figures["size"], figures["seq_len"], figures["workers"]) == ("tiny", 64, 1)
     runs = {(r["zero_stage"], r["method"]): r for r in figures["runs"]}
-    assert set(runs) == {(2, "full"), (2, "lora"), (3, "full"), (3, "lora")}
+    assert set(runs) == {(3, "full"), (3, "lora")}
     for run in runs.values():
         for side in ("ray", "bare"):
             assert set(run[side]) >= SIDE_KEYS, run[side]
@@ -42,7 +45,7 @@ def test_each_zero_stage_and_method_runs_through_ray_and_through_bare_deepspeed(
         assert run["ray_vs_bare"] == pytest.approx(run["ray"]["tokens_per_s"] / run["bare"]["tokens_per_s"])
         # both sides trained the same model with the same method
         assert run["ray"]["n_trainable"] == run["bare"]["n_trainable"]
-    assert runs[(2, "lora")]["ray"]["n_trainable"] < runs[(2, "full")]["ray"]["n_trainable"] == figures["params"]
+    assert runs[(3, "lora")]["ray"]["n_trainable"] < runs[(3, "full")]["ray"]["n_trainable"] == figures["params"]
     assert "Ray/bare" in table and "tokens/s" in table
 
 

@@ -107,9 +107,10 @@ def test_tune_resumes_after_the_driver_is_killed(tiny_bert, tmp_path):
     # the finished trial was neither rerun nor continued: same reports, one Ray Train run
     assert reports(folders[finished]) == before[finished]
     assert [p.name for p in (search / "train-runs" / finished).iterdir()] == ["run-0"]
-    # the interrupted trial went on from the checkpoint it had reported, not from step 0
+    # the interrupted trial went on from the checkpoint it had reported (or a newer whole one on disk when the kill
+    # beat Tune's saving of its experiment state), not from step 0
     after = reports(folders[running])
     resumed = [r for r in after if r.get("resumed_step")]
-    assert resumed and resumed[0]["resumed_step"] == before[running][-1]["step"] >= 4
+    assert resumed and resumed[0]["resumed_step"] >= before[running][-1]["step"] >= 4
     assert after[-1]["step"] == 12
     assert (search / "winner" / "test_metrics.json").is_file()
