@@ -93,6 +93,9 @@ def export_checkpoint(
         "exported": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     (tmp / METADATA).write_text(json.dumps(meta, indent=2, default=float))
+    from raytune_ft.modelcard import write_model_card
+
+    write_model_card(tmp)  # README.md + experiment.yaml; rewritten when test or eval results are added
     if out_dir.exists():
         shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)

@@ -4,6 +4,7 @@ OUTPUT_DIR/NAME/
   data/              splits and data_report.json                                           stage `data`
   tune/              the search: trials, trials.csv, winner/ (export + test_metrics.json)    stage `tune`
   (train/, export/   instead of tune/ when the experiment has no tune section: one training run)
+  <export>/eval/     the winner judged on each file of the `eval` section (raytune-ft eval)  stage `eval`
   promotion.json     each threshold of the `promote` section, the value met and the verdict  stages `promote`, `bench`
   serve.json         the URL served, the export, the served-vs-in-process check              stage `serve`
   bench/serve.json   latency and throughput per bench level (bench/serve.png: the plot)      stage `bench`
@@ -30,7 +31,7 @@ from typing import Any
 
 from raytune_ft.config import ExperimentConfig
 
-STAGES = ("data", "tune", "promote", "serve", "bench", "report")
+STAGES = ("data", "tune", "eval", "promote", "serve", "bench", "report")
 CHECK_TEXTS = 32  # validation texts sent to the served app and run in-process, to prove they agree
 
 
@@ -97,6 +98,7 @@ def run_pipeline(
     steps = {
         "data": stage_data,
         "tune": stage_tune,
+        "eval": stage_eval,
         "promote": stage_promote,
         "serve": stage_serve,
         "bench": stage_bench,
@@ -150,6 +152,32 @@ def stage_tune(run: Run) -> str:
     if resume:
         run.log("tune: continuing the interrupted search")
     tune_experiment(run.cfg, run.root / "tune", resume=resume, log=run.log, progress=TuneProgress(run.cfg, run.log))
+    return "done"
+
+
+def stage_eval(run: Run) -> str:
+    """The winner on each file of the `eval` section: slices, calibration, edge cases, forgetting, latency. Its
+    model card is rewritten with them. Never the test split: `tune` read that once."""
+    settings = run.cfg.eval
+    if settings is None or not settings.data:
+        run.log("eval: no eval.data in the experiment; skipped")
+        return "skipped"
+    from raytune_ft.evaluation import EvalRequest, evaluate_export
+
+    export = _require(run, run.export / "raytune_ft.json", "tune").parent
+    for data in settings.data:
+        request = EvalRequest(
+            data=Path(data),
+            slice_columns=list(settings.slice_columns),
+            edge_cases=Path(settings.edge_cases) if settings.edge_cases else None,
+            retain=Path(settings.retain) if settings.retain else None,
+            reference=settings.reference,
+            bins=settings.bins,
+            top_mistakes=settings.top_mistakes,
+        )
+        report = evaluate_export(export, request, export / "eval" / Path(data).stem)
+        headline = report["metrics"].get("accuracy", report["metrics"].get("perplexity"))
+        run.log(f"eval: {Path(data).name}: {headline:.4f} ({export / 'eval' / Path(data).stem})")
     return "done"
 
 
@@ -430,6 +458,9 @@ def summary(run: Run) -> dict[str, Any]:
         out["test"] = {
             k: v for k, v in json.loads(tested.read_text()).items() if k.startswith("test_") and "/" not in k
         }
+    evaluated = sorted((run.export / "eval").glob("*/eval.json")) if meta_path.is_file() else []
+    if evaluated:
+        out["eval"] = {p.parent.name: _eval_headline(json.loads(p.read_text())) for p in evaluated}
     for name, key in (("promotion.json", "promotion"), ("serve.json", "serve")):
         if (run.root / name).is_file():
             out[key] = json.loads((run.root / name).read_text())
@@ -441,6 +472,18 @@ def summary(run: Run) -> dict[str, Any]:
         ]
     if (run.root / "report.html").is_file():
         out["report"] = str(run.root / "report.html")
+    return out
+
+
+def _eval_headline(report: dict[str, Any]) -> dict[str, Any]:
+    m = report.get("metrics", {})
+    out = {k: m[k] for k in ("accuracy", "f1_macro", "perplexity") if k in m}
+    if "calibration" in report:
+        out["ece"] = report["calibration"]["ece"]
+    if report.get("edge_cases"):
+        out["edge_case_pass_rate"] = report["edge_cases"]["pass_rate"]
+    if report.get("forgetting"):
+        out["forgetting_worse_by"] = report["forgetting"]["worse_by"]
     return out
 
 

@@ -408,4 +408,4 @@ def _print_run_summary(summary: dict[str, Any]) -> None:
     out.print(table)
 
 
-from raytune_ft.cli import bench, jobs  # noqa: E402,F401  (register `raytune-ft bench|submit|jobs ...`)
+from raytune_ft.cli import bench, evaluate, jobs  # noqa: E402,F401  (register `raytune-ft bench|eval|submit|jobs ...`)

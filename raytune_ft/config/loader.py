@@ -356,8 +356,22 @@ def _resolve_paths(cfg: ExperimentConfig, base_dir: Path, issues: list[ConfigIss
         check_model_source(model_ref)
     except ModelSourceError as exc:
         issues.append(ConfigIssue("model.name_or_path", str(exc), where(["model", "name_or_path"])))
+    evaluation = cfg.eval
+    if evaluation is not None:
+
+        def near(path: str | None) -> str | None:
+            return None if path is None else str((base_dir / Path(path).expanduser()).resolve())
+
+        evaluation = evaluation.model_copy(
+            update={
+                "data": [near(p) for p in evaluation.data],
+                "edge_cases": near(evaluation.edge_cases),
+                "retain": near(evaluation.retain),
+            }
+        )
     return cfg.model_copy(
         update={
+            "eval": evaluation,
             "data": cfg.data.model_copy(update={"path": str(data_path.resolve())}),
             "model": cfg.model.model_copy(update={"name_or_path": model_ref}),
             # `~/...` as in a shell (a submitted job writes to ~/raytune_ft/... on the head node)

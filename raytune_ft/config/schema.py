@@ -413,6 +413,23 @@ class PromoteConfig(Section):
     latency_concurrency: PositiveInt = Field(default=1, description="The bench level the latency threshold reads.")
 
 
+class EvalConfig(Section):
+    """What `raytune-ft run` evaluates the winner on after the search (`raytune-ft eval` per file)."""
+
+    data: list[str] = Field(
+        default_factory=list,
+        description="Labelled files (text for a causal LM) to evaluate the winner on; never the test split.",
+    )
+    edge_cases: str | None = Field(default=None, description="Hard inputs: columns text, expected, optional kind.")
+    slice_columns: list[str] = Field(default_factory=list, description="Columns to report metrics per value of.")
+    retain: str | None = Field(default=None, description="Retain set for forgetting (general text for a causal LM).")
+    reference: str | None = Field(
+        default=None, description="The model before fine-tuning, for `retain` (causal LM default: the base model)."
+    )
+    bins: PositiveInt = 10
+    top_mistakes: Annotated[int, Field(ge=0)] = 10
+
+
 class RuntimeEnvConfig(Section):
     working_dir: str | None = None
     pip: list[str] = Field(default_factory=list)
@@ -452,4 +469,5 @@ class ExperimentConfig(Section):
     serve: ServeConfig = ServeConfig()
     bench: BenchConfig = BenchConfig()
     promote: PromoteConfig = PromoteConfig()
+    eval: EvalConfig | None = None
     cluster: ClusterConfig = ClusterConfig()

@@ -41,6 +41,9 @@ def write_report(run_dir: Path, out: Path | None = None, extras: Path | None = N
         except (TypeError, ValueError):
             figures["confusion"] = None  # the page says the matrix is malformed
     extra = _run_sections(Path(extras)) if extras is not None else ""
+    card = Path(run_dir) / "winner" / "README.md"
+    diagrams = [(p.parent.name, p.read_bytes()) for p in sorted((card.parent / "eval").glob("*/reliability.png"))]
+    extra += html.model_card_section(card.read_text() if card.is_file() else None, diagrams)
     path = Path(out) if out is not None else Path(run_dir) / "report.html"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(html.page(run, figures, extra), encoding="utf-8")

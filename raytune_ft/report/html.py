@@ -390,3 +390,48 @@ def page(run: RunData, figures: dict[str, bytes | None], extra: str = "") -> str
         f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
         f"<style>{STYLE}</style></head><body>{''.join(body)}</body></html>\n"
     )
+
+
+def markdown_html(text: str) -> str:
+    """The model card's Markdown as HTML: headings, tables, bullets, code blocks and paragraphs, which is all the
+    card uses (front matter dropped). Every piece of text is escaped."""
+    lines = text.splitlines()
+    if lines and lines[0] == "---":  # YAML front matter for the Hugging Face Hub
+        lines = lines[lines.index("---", 1) + 1 :] if "---" in lines[1:] else lines
+    out: list[str] = []
+    table_rows: list[list[str]] = []
+    in_code = False
+    for line in [*lines, ""]:
+        if line.startswith("```"):
+            out.append("</pre>" if in_code else "<pre>")
+            in_code = not in_code
+            continue
+        if in_code:
+            out.append(escape(line))
+            continue
+        if line.startswith("|"):
+            cells = [c.strip().replace("\\|", "|") for c in line.strip("|").split(" | ")]
+            if not all(set(c) <= {"-"} for c in cells):
+                table_rows.append(cells)
+            continue
+        if table_rows:
+            out.append(table(table_rows[0], table_rows[1:]))
+            table_rows = []
+        if line.startswith("#"):
+            level = min(len(line) - len(line.lstrip("#")) + 2, 6)  # the report's own h1/h2 stay above
+            out.append(f"<h{level}>{escape(line.lstrip('#').strip())}</h{level}>")
+        elif line.startswith(("- ", "  - ")):
+            out.append(f"<li>{escape(line.strip()[2:])}</li>")
+        elif line.strip():
+            out.append(_p(line))
+    return "\n".join(out)
+
+
+def model_card_section(card: str | None, reliability: list[tuple[str, bytes]]) -> str:
+    """The winner's model card (its README.md) and the reliability diagram of each evaluation."""
+    if card is None:
+        return ""
+    body = ["<h2>Model card</h2>", markdown_html(card)]
+    for name, png in reliability:
+        body.append(figure(png, f"reliability diagram ({name})", f"Calibration of the winner on {name}."))
+    return "".join(body)

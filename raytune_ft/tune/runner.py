@@ -455,6 +455,9 @@ def _finish(
     log("evaluating the winner once on the test split")
     tested = test_metrics(winner, best_cfg, worker_data["data_dir"], worker_data["classes"])
     (winner / "test_metrics.json").write_text(json.dumps(tested, indent=2) + "\n")
+    from raytune_ft.modelcard import write_model_card
+
+    write_model_card(winner)  # now with the test metrics and the PBT schedule
     return TuneRun(run_dir, trial_id, trained_with, dict(best_metrics), winner, tested, trials)
 
 

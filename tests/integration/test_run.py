@@ -23,6 +23,28 @@ pytestmark = pytest.mark.integration
 SST2 = Path(__file__).resolve().parents[3] / "shared" / "data" / "sst2" / "train.tsv"
 
 
+def held_out(tmp_path: Path) -> Path:
+    """SST-2 rows past the 400 the experiment reads (data.max_rows), with a made-up source column to slice by."""
+    lines = SST2.read_text().splitlines()[401:461]
+    rows = [f"{line}\t{'web' if i % 2 else 'print'}" for i, line in enumerate(lines)]
+    path = tmp_path / "held_out.tsv"
+    path.write_text("\n".join(["sentence\tlabel\tsource", *rows]) + "\n")
+    return path
+
+
+def edge_cases(tmp_path: Path) -> Path:
+    path = tmp_path / "edge.tsv"
+    path.write_text(
+        "text\texpected\tkind\n"
+        "not good at all\tnegative\tnegation\n"
+        "oh great , another two hours of this\tnegative\tsarcasm\n"
+        "a wonderfull film\tpositive\ttypo\n"
+        "BRILLIANT\tpositive\tcase\n"
+        "un film magnifique\tpositive\tnon-ascii\n"
+    )
+    return path
+
+
 def experiment(tmp_path: Path, tiny_bert: Path, port: int) -> Path:
     raw = {
         "name": "e2e",
@@ -52,6 +74,11 @@ def experiment(tmp_path: Path, tiny_bert: Path, port: int) -> Path:
         "serve": {"port": port, "max_batch_size": 8},
         "bench": {"concurrency": [1, 4], "requests": 40, "warmup_requests": 4},
         "promote": {"min_test_accuracy": 0.0, "min_test_f1": 0.0, "max_p95_latency_ms": 60_000},
+        "eval": {
+            "data": [str(held_out(tmp_path))],
+            "edge_cases": str(edge_cases(tmp_path)),
+            "slice_columns": ["source"],
+        },
     }
     path = tmp_path / "e2e.yaml"
     path.write_text(yaml.safe_dump(raw))
@@ -69,12 +96,13 @@ def test_run_goes_from_data_to_report_and_a_rerun_skips_what_is_done(tiny_bert, 
         done = cli("run", str(exp), env=env, timeout=900)
         assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
         # live progress: the stage, and after each trial report the trials and the best metric so far
-        assert "[2/6] tune" in done.stderr and "trials finished" in done.stderr and "best eval_accuracy" in done.stderr
+        assert "[2/7] tune" in done.stderr and "trials finished" in done.stderr and "best eval_accuracy" in done.stderr
         assert "% of steps, ETA" in done.stderr
         state = json.loads((root / "run.json").read_text())
         assert {s: state["stages"][s]["state"] for s in STAGES} == {
             "data": "done",
             "tune": "done",
+            "eval": "done",
             "promote": "passed",
             "serve": "done",
             "bench": "done",
@@ -91,6 +119,14 @@ def test_run_goes_from_data_to_report_and_a_rerun_skips_what_is_done(tiny_bert, 
         assert summary["test"]["test_accuracy"] == tested["test_accuracy"] and "test_f1_macro" in tested
         assert len(reads_of_test_split(root / "data")) == 1
         assert json.loads((root / "promotion.json").read_text())["promoted"] is True
+
+        # the eval stage judged the winner on the held-out file, apart from the test split, and its card says so
+        evaluated = json.loads((winner / "eval" / "held_out" / "eval.json").read_text())
+        assert evaluated["metrics"]["rows"] == 60 and set(evaluated["slices"]) == {"length", "source"}
+        assert 0 <= evaluated["calibration"]["ece"] <= 1 and evaluated["edge_cases"]["cases"] == 5
+        assert summary["eval"]["held_out"]["accuracy"] == evaluated["metrics"]["accuracy"]
+        card = (winner / "README.md").read_text()
+        assert "## Evaluation on" in card and "test (read once)" in card and "raytune-ft train experiment.yaml" in card
 
         # the served app answers like the export does in this process, on texts the run never sent
         from raytune_ft.serve.model import LoadedModel

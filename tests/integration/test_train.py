@@ -106,6 +106,11 @@ def test_baseline_learns_checkpoints_and_exports(baseline, tiny_bert):
     assert meta["reload_check"]["max_abs_logit_diff"] < 1e-4
     assert meta["provenance"]["data"]["sha256"] and meta["provenance"]["packages"]["deepspeed"]
     assert (result.export_dir / "model.safetensors").is_file()
+    # the model card: base model, data hash, the hyper-parameters, the validation metrics, how to reproduce
+    card = (result.export_dir / "README.md").read_text()
+    for field in (str(tiny_bert), meta["provenance"]["data"]["sha256"], "| train.lr | 0.01 |", "| accuracy |"):
+        assert field in card, field
+    assert "raytune-ft train experiment.yaml" in card and (result.export_dir / "experiment.yaml").is_file()
     model = AutoModelForSequenceClassification.from_pretrained(result.export_dir).eval()
     probe = load_file(str(result.best_checkpoint / "probe_logits.safetensors"))["logits"]
     from raytune_ft.train.trainer import prepare_worker_data

@@ -69,6 +69,10 @@ def test_pbt_exploit_restores_the_donor_checkpoint_and_the_winner_is_tested_once
     assert (found.winner_dir / "model.safetensors").is_file()
     assert found.test_metrics["test_rows"] > 0 and 0 <= found.test_metrics["test_accuracy"] <= 1
     assert json.loads((found.winner_dir / "test_metrics.json").read_text()) == found.test_metrics
+    card = (found.winner_dir / "README.md").read_text()  # rewritten once the test metrics and schedule are in
+    assert "test (read once)" in card
+    # a winner that exploited carries its schedule on the card (one that was only a donor has none)
+    assert ("Population-based training schedule" in card) == (found.winner_dir / "schedule.json").is_file()
     data_dir = tmp_path / "runs" / "pbt" / "data"
     assert len(reads_of_test_split(data_dir)) == 1  # the test split is read once, after the search
     # keep-K pruning ran (fewer folders than checkpoints reported) yet never removed one an exploit or a

@@ -28,6 +28,7 @@ def test_stages_run_in_order_between_from_and_until():
     assert select(None, None) == list(STAGES)
     assert select("serve", None) == ["serve", "bench", "report"]
     assert select(None, "tune") == ["data", "tune"]
+    assert select("eval", "promote") == ["eval", "promote"]
     assert select("bench", "bench") == ["bench"]
     with pytest.raises(ValueError, match="unknown stage 'export'"):
         select("export", None)

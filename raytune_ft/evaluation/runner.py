@@ -1,0 +1,307 @@
+"""`raytune-ft eval EXPORT DATA`: an exported model judged the way it will be used, in one process, no Ray.
+
+Classification: accuracy, macro-F1, per-class precision/recall, confusion matrix, calibration (ECE and a
+reliability diagram), metrics per slice (any column, and text length), the most confident mistakes, a file of
+hard cases reported apart, forgetting on a retain set, and latency at batch 1 and batched.
+Causal LM: perplexity on DATA, forgetting as perplexity on general text before (the base model) and after,
+edge cases as prompts whose greedy completion must contain the expected text, and latency per completion.
+
+Everything goes to OUT/eval.json (plus reliability.png and eval.md); the export's model card picks it up.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from raytune_ft.data.readers import DataError, Records, read_records
+from raytune_ft.evaluation import scoring
+from raytune_ft.metrics import perplexity
+
+EVAL_FILE = "eval.json"
+
+
+@dataclass
+class EvalRequest:
+    data: Path
+    text_column: str | None = None  # default: the column the export was trained on
+    label_column: str | None = None
+    slice_columns: list[str] = field(default_factory=list)
+    edge_cases: Path | None = None
+    retain: Path | None = None
+    reference: str | None = None  # the model before fine-tuning; default: the base model (causal LM)
+    bins: int = 10
+    top_mistakes: int = 10
+    latency_requests: int = 50
+    batch_size: int = 32
+    max_rows: int | None = None
+
+
+def evaluate_export(export: Path, request: EvalRequest, out_dir: Path | None = None) -> dict[str, Any]:
+    """Evaluate EXPORT as REQUEST says; the report (also written to OUT_DIR, default EXPORT/eval/<data stem>)."""
+    from raytune_ft.serve.model import LoadedModel
+
+    model = LoadedModel(export)
+    experiment = model.meta.get("experiment", {})
+    columns = experiment.get("data", {}).get("columns", {})
+    text_column = request.text_column or columns.get("text", "text")
+    started = time.time()
+    if model.task == "causal-lm":
+        report = _evaluate_lm(model, request, text_column, experiment)
+    else:
+        label_column = request.label_column or columns.get("label", "label")
+        report = _evaluate_classifier(model, request, text_column, label_column)
+    report.update(
+        export=str(model.export_dir),
+        task=model.task,
+        data=str(request.data),
+        evaluated=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        seconds=round(time.time() - started, 2),
+    )
+    out_dir = out_dir or model.export_dir / "eval" / request.data.stem
+    write_report(report, out_dir)
+    from raytune_ft.modelcard import write_model_card
+
+    if out_dir.resolve().parent.parent == model.export_dir.resolve():
+        write_model_card(model.export_dir)
+    return report
+
+
+def _label_ids(labels: list[str], rows: list[int], names: list[str], classes: list[str], path: Path) -> list[int]:
+    """Each label as the class index the model predicts: given as the class value (0/1) or its name (positive)."""
+    index = {str(c): i for i, c in enumerate(classes)} | {str(n): i for i, n in enumerate(names)}
+    ids = []
+    for label, row in zip(labels, rows, strict=True):
+        if label not in index:
+            raise DataError(path, row, f"label '{label}' is not one the model knows ({', '.join(names)})")
+        ids.append(index[label])
+    return ids
+
+
+def _read(
+    path: Path, text_column: str, label_column: str | None, slice_column: str | None = None, limit: int | None = None
+) -> Records:
+    records = read_records(path, "auto", text_column, label_column, slice_column)
+    return records.take(list(range(min(len(records), limit)))) if limit else records
+
+
+def _optional_column(path: Path, text_column: str, label_column: str, column: str) -> list[str] | None:
+    try:
+        return _read(path, text_column, label_column, column).slices
+    except DataError as exc:
+        if f"'{column}'" in str(exc):
+            return None
+        raise
+
+
+def _probabilities(model: Any, texts: list[str], batch_size: int) -> list[list[float]]:
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths share a batch: less padding
+    probs: list[list[float]] = [[] for _ in texts]
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        for row, answer in zip(rows, model.classify([texts[i] for i in rows]), strict=True):
+            probs[row] = [answer["probs"][model._label(i)] for i in range(len(answer["probs"]))]
+    return probs
+
+
+def _evaluate_classifier(model: Any, request: EvalRequest, text_column: str, label_column: str) -> dict[str, Any]:
+    records = _read(request.data, text_column, label_column, limit=request.max_rows)
+    names = model.labels
+    classes = [str(c) for c in (model.meta.get("classes") or names)]
+    labels = _label_ids(records.labels or [], records.rows, names, classes, request.data)
+    probs = _probabilities(model, records.texts, request.batch_size)
+    preds = [max(range(len(p)), key=p.__getitem__) for p in probs]
+    report: dict[str, Any] = {"metrics": scoring.standard_metrics(preds, labels, names)}
+    report["calibration"] = scoring.calibration(probs, labels, request.bins)
+    slices = {"length": [scoring.length_bucket(t) for t in records.texts]}
+    for column in request.slice_columns:
+        values = _read(request.data, text_column, label_column, column, limit=request.max_rows).slices
+        slices[column] = list(values or [])
+    report["slices"] = scoring.slices_by(slices, preds, labels, names)
+    report["confident_mistakes"] = scoring.confident_mistakes(records.texts, labels, probs, names, request.top_mistakes)
+    if request.edge_cases is not None:
+        cases = _read(request.edge_cases, "text", "expected")
+        kinds = _optional_column(request.edge_cases, "text", "expected", "kind")
+        expected_ids = _label_ids(cases.labels or [], cases.rows, names, classes, request.edge_cases)
+        got = [names[max(range(len(p)), key=p.__getitem__)] for p in _probabilities(model, cases.texts, 32)]
+        report["edge_cases"] = scoring.edge_case_results(cases.texts, [names[i] for i in expected_ids], got, kinds) | {
+            "file": str(request.edge_cases)
+        }
+    if request.retain is not None:
+        report["forgetting"] = _classifier_forgetting(model, request, text_column, label_column, names, classes)
+    report["latency"] = _latency(lambda batch: model.classify(batch), records.texts, request)
+    return report
+
+
+def _classifier_forgetting(
+    model: Any, request: EvalRequest, text_column: str, label_column: str, names: list[str], classes: list[str]
+) -> dict[str, Any]:
+    """Accuracy on a labelled retain set (an earlier task with the same labels), after and, given the model
+    before this fine-tuning (--reference, an export), before. A base encoder has no trained head to compare."""
+    from raytune_ft.serve.model import LoadedModel
+
+    retain = _read(request.retain, text_column, label_column, limit=request.max_rows)
+    labels = _label_ids(retain.labels or [], retain.rows, names, classes, request.retain)
+
+    def accuracy(m: Any) -> float:
+        probs = _probabilities(m, retain.texts, request.batch_size)
+        return sum(max(range(len(p)), key=p.__getitem__) == y for p, y in zip(probs, labels, strict=True)) / len(labels)
+
+    before = accuracy(LoadedModel(Path(request.reference))) if request.reference else None
+    return scoring.forgetting(before, accuracy(model), "accuracy") | {
+        "file": str(request.retain),
+        "reference": request.reference,
+        "rows": len(labels),
+    }
+
+
+@torch.inference_mode()
+def lm_perplexity(net: Any, tokenizer: Any, texts: list[str], block_size: int, batch_size: int = 8) -> dict:
+    """Perplexity over TEXTS packed into blocks of BLOCK_SIZE tokens, as training and the test split count it."""
+    from raytune_ft.data.tokenize import tokenize_causal_blocks
+    from raytune_ft.train.evaluate import next_token_loss
+
+    blocks = tokenize_causal_blocks(texts, tokenizer, block_size)["input_ids"]
+    if not blocks:
+        raise ValueError(f"the text holds fewer than one block of {block_size} tokens")
+    device = next(net.parameters()).device
+    loss_sum, tokens = 0.0, 0
+    for start in range(0, len(blocks), batch_size):
+        ids = torch.tensor(blocks[start : start + batch_size], device=device)
+        logits = net(input_ids=ids).logits
+        loss, n = next_token_loss(logits, ids, torch.ones_like(ids), "sum")
+        loss_sum, tokens = loss_sum + float(loss), tokens + n
+    return {"perplexity": perplexity(loss_sum / tokens), "loss": loss_sum / tokens, "tokens": tokens}
+
+
+def _lm_texts(path: Path, text_column: str, limit: int | None) -> list[str]:
+    records = read_records(path, "auto", text_column, None)
+    return records.texts[:limit] if limit else records.texts
+
+
+def _evaluate_lm(model: Any, request: EvalRequest, text_column: str, experiment: dict) -> dict[str, Any]:
+    block = int(experiment.get("data", {}).get("block_size") or 128)
+    texts = _lm_texts(request.data, text_column, request.max_rows)
+    scored = lm_perplexity(model.model, model.tokenizer, texts, block)
+    report: dict[str, Any] = {"metrics": scored | {"rows": len(texts)}}
+    if request.retain is not None:
+        from transformers import AutoModelForCausalLM
+
+        from raytune_ft.model_source import resolve_model_source
+
+        retain = _lm_texts(request.retain, "text", request.max_rows)
+        after = lm_perplexity(model.model, model.tokenizer, retain, block)["perplexity"]
+        reference = request.reference or model.meta.get("provenance", {}).get("base_model")
+        before = None
+        if reference:
+            base = AutoModelForCausalLM.from_pretrained(resolve_model_source(reference), dtype=torch.float32).eval()
+            before = lm_perplexity(base, model.tokenizer, retain, block)["perplexity"]
+        report["forgetting"] = scoring.forgetting(before, after, "perplexity") | {
+            "file": str(request.retain),
+            "reference": reference,
+        }
+    if request.edge_cases is not None:
+        cases = _read(request.edge_cases, "text", "expected")
+        kinds = _optional_column(request.edge_cases, "text", "expected", "kind")
+        completions = [model.complete(t, 16, 0.0, 1.0, 0)["text"] for t in cases.texts]
+        # a case passes when the greedy completion contains the expected text
+        got = [want if want in c else c for want, c in zip(cases.labels or [], completions, strict=True)]
+        report["edge_cases"] = scoring.edge_case_results(cases.texts, cases.labels or [], got, kinds) | {
+            "file": str(request.edge_cases)
+        }
+    prompts = [t[:200] for t in texts]
+    report["latency"] = _latency(lambda batch: [model.complete(p, 16, 0.0, 1.0, 0) for p in batch], prompts, request)
+    report["latency"]["max_tokens"] = 16
+    return report
+
+
+def _latency(run: Any, texts: list[str], request: EvalRequest) -> dict[str, Any]:
+    """In-process milliseconds per request at batch 1 (p50, p95) and rows per second in full batches."""
+    sample = (texts * (1 + request.latency_requests // max(1, len(texts))))[: request.latency_requests]
+    run(sample[:2])  # warm-up: first-call allocations are not the model's speed
+    single = []
+    for text in sample:
+        began = time.perf_counter()
+        run([text])
+        single.append((time.perf_counter() - began) * 1000)
+    single.sort()
+    began = time.perf_counter()
+    for start in range(0, len(sample), request.batch_size):
+        run(sample[start : start + request.batch_size])
+    batched_s = time.perf_counter() - began
+    return {
+        "requests": len(sample),
+        "batch1_p50_ms": statistics.median(single),
+        "batch1_p95_ms": single[min(len(single) - 1, int(0.95 * len(single)))],
+        "batch_size": request.batch_size,
+        "batched_rows_per_s": len(sample) / batched_s if batched_s else None,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def write_report(report: dict[str, Any], out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / EVAL_FILE).write_text(json.dumps(report, indent=2, default=float) + "\n")
+    if "calibration" in report:
+        from raytune_ft.evaluation.figures import reliability_png
+
+        (out_dir / "reliability.png").write_bytes(reliability_png(report["calibration"]))
+    (out_dir / "eval.md").write_text(summary_markdown(report))
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f} %"
+
+
+def summary_markdown(report: dict[str, Any]) -> str:
+    """The report for people: headline numbers, slices, calibration, edge-case failures, mistakes, latency."""
+    m = report["metrics"]
+    lines = [f"# Evaluation of {report.get('export', '')} on {report.get('data', '')}", ""]
+    if report.get("task") == "causal-lm":
+        lines.append(f"- perplexity {m['perplexity']:.3f} over {m['tokens']} tokens ({m['rows']} texts)")
+    else:
+        lines.append(f"- {m['rows']} rows: accuracy {_pct(m['accuracy'])}, macro-F1 {_pct(m['f1_macro'])}")
+        lines += ["", "| class | precision | recall | F1 | support |", "|---|---|---|---|---|"]
+        for name, c in m["per_class"].items():
+            cells = [name, _pct(c["precision"]), _pct(c["recall"]), _pct(c["f1"]), f"{c['support']:.0f}"]
+            lines.append("| " + " | ".join(cells) + " |")
+        cal = report["calibration"]
+        lines += ["", f"Calibration: ECE {cal['ece']:.4f}, MCE {cal['mce']:.4f} ({len(cal['bins'])} bins)."]
+        for column, s in report.get("slices", {}).items():
+            lines += ["", f"Slices by {column} (macro-F1 gap {_pct(s['f1_macro_gap'])}, worst: {s['worst_slice']}):"]
+            lines += ["", "| value | rows | accuracy | macro-F1 |", "|---|---|---|---|"]
+            for value, v in s["slices"].items():
+                lines.append(f"| {value} | {v['rows']} | {_pct(v['accuracy'])} | {_pct(v['f1_macro'])} |")
+    edge = report.get("edge_cases")
+    if edge:
+        lines += ["", f"Edge cases: {edge['passed']}/{edge['cases']} passed ({_pct(edge['pass_rate'])})."]
+        for kind, k in edge["by_kind"].items():
+            lines.append(f"- {kind}: {k['passed']}/{k['cases']}")
+        for f in edge["failures"]:
+            lines.append(f"  - FAIL [{f['kind']}] {f['text']!r}: expected {f['expected']!r}, got {f['got']!r}")
+    forget = report.get("forgetting")
+    if forget:
+        lines += [
+            "",
+            f"Forgetting on {forget['file']}: {forget['metric']} {forget['before']} before, "
+            f"{forget['after']} after (worse by {forget['worse_by']}).",
+        ]
+    mistakes = report.get("confident_mistakes")
+    if mistakes:
+        lines += ["", "Most confident mistakes:"]
+        for w in mistakes:
+            lines.append(f"- {w['confidence']:.3f} said {w['predicted']} (true {w['label']}): {w['text']!r}")
+    lat = report.get("latency")
+    if lat:
+        lines += [
+            "",
+            f"Latency in-process: batch 1 p50 {lat['batch1_p50_ms']:.1f} ms, p95 {lat['batch1_p95_ms']:.1f} ms; "
+            f"batches of {lat['batch_size']}: {lat['batched_rows_per_s']:.1f} rows/s ({lat['threads']} threads).",
+        ]
+    return "\n".join(lines) + "\n"
