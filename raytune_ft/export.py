@@ -34,6 +34,7 @@ def export_checkpoint(
     data_report: dict[str, Any],
     probe: dict[str, list] | None = None,
     pad_token_id: int | None = None,
+    tasks: list[dict[str, Any]] | None = None,
 ) -> Path:
     """Rebuild the model as trained, load the checkpoint's trainable weights, merge, save, reload and compare
     with the logits recorded at that step; the export is moved into place only if they match."""
@@ -48,6 +49,11 @@ def export_checkpoint(
     # the attention kernel is a training choice: flash_attention_2 would need a GPU where exports are made
     as_built = cfg.model.model_copy(update={"attn_implementation": "auto"})
     model = build_model(as_built, cfg.finetune, len(classes) if classes else None, cfg.data.label_names)
+    if tasks:
+        from raytune_ft.modeling.multitask import MultiTaskModel, TaskHead
+
+        heads = [TaskHead(t["name"], t["task"], len(t["classes"] or []) or None) for t in tasks]
+        model = MultiTaskModel(model, cfg.multitask.primary, heads)
     weights = load_file(str(checkpoint_dir / TRAINABLE))
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if unexpected:
@@ -60,12 +66,19 @@ def export_checkpoint(
         raise CheckpointError(
             f"{checkpoint_dir / TRAINABLE}: trainable weights missing: {sorted(trainable - set(weights))[:3]}"
         )
-    merged = merge_for_export(model).eval()
+    merged = merge_for_export(model.primary if tasks else model).eval()
 
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     merged.save_pretrained(tmp, safe_serialization=True)
     load_tokenizer(cfg.model.name_or_path, cfg.model.revision, cfg.model.trust_remote_code).save_pretrained(tmp)
+    if tasks:
+        from safetensors.torch import save_file
+
+        from raytune_ft.modeling.multitask import HEADS_FILE
+
+        # the extra tasks' heads beside the plain model of the primary task (which from_pretrained loads alone)
+        save_file(model.head_state(), str(tmp / HEADS_FILE))
 
     check: dict[str, Any] = {}
     probe_file = checkpoint_dir / "probe_logits.safetensors"
@@ -90,6 +103,8 @@ def export_checkpoint(
         "data_report": data_report,
         "reload_check": check,
         "provenance": provenance(cfg, data_report),
+        # multi-task: the experiment's own task by its name, then each extra task (label set, data report)
+        "tasks": [{"name": cfg.multitask.primary, "task": cfg.model.task, "primary": True}, *tasks] if tasks else [],
         "exported": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     (tmp / METADATA).write_text(json.dumps(meta, indent=2, default=float))

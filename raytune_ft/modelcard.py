@@ -102,6 +102,16 @@ def model_card(export_dir: Path) -> str:
         names = meta.get("label_names") or meta["classes"]
         lines.append(f"Labels: {', '.join(f'{c} = {n}' for c, n in zip(meta['classes'], names, strict=False))}.")
 
+    tasks = meta.get("tasks") or []
+    if tasks:
+        described = []
+        for t in tasks:
+            labels = t.get("label_names") or t.get("classes")
+            extra = f": {', '.join(map(str, labels))}" if labels and not t.get("primary") else ""
+            weight = "" if t.get("primary") else f", loss weight {t.get('loss_weight')}"
+            described.append(f"{t['name']} ({'primary, ' if t.get('primary') else ''}{t['task']}{extra}{weight})")
+        lines.append("Tasks on one shared backbone: " + "; ".join(described) + ".")
+
     lines += ["", "## Data", ""]
     data = prov.get("data", {})
     source = report.get("source", {})

@@ -103,8 +103,43 @@ def consistency_errors(cfg: ExperimentConfig) -> list[tuple[str, str]]:
 
     if tune is not None:
         errors.extend(_tune_errors(cfg))
+    errors.extend(_task_errors(cfg))
     errors.extend(_promote_errors(cfg))
     errors.extend(deepspeed_override_errors(cfg))
+    return errors
+
+
+def _task_errors(cfg: ExperimentConfig) -> list[tuple[str, str]]:
+    """Extra tasks: distinct names, a head the backbone can carry, labels where a classifier needs them."""
+    errors: list[tuple[str, str]] = []
+    if not cfg.tasks:
+        return errors
+    names = [cfg.multitask.primary]
+    for i, task in enumerate(cfg.tasks):
+        where = f"tasks[{i}]"
+        if task.name in names:
+            errors.append(
+                (
+                    f"{where}.name",
+                    f"'{task.name}' is already a task name (the experiment's own task is "
+                    f"multitask.primary '{cfg.multitask.primary}')",
+                )
+            )
+        names.append(task.name)
+        if task.task == "causal-lm" and cfg.model.task != "causal-lm":
+            errors.append(
+                (
+                    f"{where}.task",
+                    "a causal-lm task needs the LM head of a causal-lm model: set model.task: "
+                    "causal-lm and make the classification tasks the extra ones",
+                )
+            )
+        if task.task == "sequence-classification" and not task.data.columns.label:
+            errors.append((f"{where}.data.columns.label", "sequence-classification needs a label column"))
+    if cfg.train.max_steps is None:
+        errors.append(("train.max_steps", "a multi-task run counts steps over all tasks: set train.max_steps"))
+    if cfg.finetune.ewc is not None:
+        errors.append(("finetune.ewc", "elastic weight consolidation is not combined with extra tasks"))
     return errors
 
 

@@ -369,8 +369,14 @@ def _resolve_paths(cfg: ExperimentConfig, base_dir: Path, issues: list[ConfigIss
                 "retain": near(evaluation.retain),
             }
         )
+    tasks = []
+    for task in cfg.tasks:
+        task_path = Path(task.data.path).expanduser()
+        task_path = task_path if task_path.is_absolute() else base_dir / task_path
+        tasks.append(task.model_copy(update={"data": task.data.model_copy(update={"path": str(task_path.resolve())})}))
     return cfg.model_copy(
         update={
+            "tasks": tasks,
             "eval": evaluation,
             "data": cfg.data.model_copy(update={"path": str(data_path.resolve())}),
             "model": cfg.model.model_copy(update={"name_or_path": model_ref}),

@@ -413,6 +413,24 @@ class PromoteConfig(Section):
     latency_concurrency: PositiveInt = Field(default=1, description="The bench level the latency threshold reads.")
 
 
+class TaskConfig(Section):
+    """A task trained beside the experiment's own (model.task on data), on the same backbone with its own head."""
+
+    name: Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]*$", max_length=40)]
+    task: Task = "sequence-classification"
+    data: DataConfig
+    loss_weight: PositiveFloat = 1.0
+
+
+class MultitaskConfig(Section):
+    primary: Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]*$", max_length=40)] = Field(
+        default="main", description="Name of the experiment's own task (model.task on data) in metrics and the API."
+    )
+    primary_loss_weight: PositiveFloat = 1.0
+    sampling: Literal["proportional", "uniform", "temperature"] = "proportional"
+    temperature: Annotated[float, Field(ge=1)] = 2.0
+
+
 class EvalConfig(Section):
     """What `raytune-ft run` evaluates the winner on after the search (`raytune-ft eval` per file)."""
 
@@ -470,4 +488,6 @@ class ExperimentConfig(Section):
     bench: BenchConfig = BenchConfig()
     promote: PromoteConfig = PromoteConfig()
     eval: EvalConfig | None = None
+    tasks: list[TaskConfig] = Field(default_factory=list, description="Extra tasks trained on the same backbone.")
+    multitask: MultitaskConfig = MultitaskConfig()
     cluster: ClusterConfig = ClusterConfig()

@@ -35,8 +35,17 @@ class PreparedData:
     replaced: Path | None = None
 
 
-def data_dir_for(cfg: ExperimentConfig) -> Path:
-    return Path(cfg.output_dir) / cfg.name / "data"
+def data_dir_for(cfg: ExperimentConfig, task: str | None = None) -> Path:
+    """The experiment's data directory; an extra task of a multi-task experiment has its own, tasks/NAME/data."""
+    root = Path(cfg.output_dir) / cfg.name
+    return root / "data" if task is None else root / "tasks" / task / "data"
+
+
+def task_experiment(cfg: ExperimentConfig, task: Any) -> ExperimentConfig:
+    """The experiment as one extra task sees it: that task's data and task type, everything else shared."""
+    return cfg.model_copy(
+        update={"data": task.data, "model": cfg.model.model_copy(update={"task": task.task}), "tasks": []}
+    )
 
 
 def split_fingerprint(cfg: ExperimentConfig, source_sha256: str) -> str:
@@ -52,11 +61,12 @@ def prepare_data(
     force: bool = False,
     with_tokens: bool = True,
     on_stage: Callable[[str], None] = lambda stage: None,
+    task: str | None = None,
 ) -> PreparedData:
     """Build (or reuse) the experiment's data directory. A directory whose test split came from other settings
     is an error unless `force`, which always rebuilds and moves the old directory aside rather than deleting it."""
     source = Path(cfg.data.path)
-    data_dir = data_dir_for(cfg)
+    data_dir = data_dir_for(cfg, task)
     if not source.is_file():
         raise DataError(source, None, "file not found" if not source.exists() else "is not a file")
     on_stage(f"hashing {source.name}")

@@ -46,8 +46,12 @@ def _not_blank(text: str) -> str:
     return text
 
 
-def request_models(limits: RequestLimits) -> tuple[type[BaseModel], type[BaseModel]]:
-    """The request schemas, with this deployment's limits in them (so the OpenAPI schema shows them too)."""
+def request_models(
+    limits: RequestLimits, tasks: tuple[str, ...] = (), task_required: bool = False
+) -> tuple[type[BaseModel], type[BaseModel]]:
+    """The request schemas, with this deployment's limits in them (so the OpenAPI schema shows them too). TASKS:
+    the classification tasks of a multi-task export, which a classify request may name (default: its own; a
+    causal-LM export's classification tasks must be named: TASK_REQUIRED)."""
     # not blank: checked by _not_blank (its own message), shown to schema readers as a pattern
     not_blank = Field(json_schema_extra={"pattern": r"\S"})
     Text = Annotated[
@@ -57,6 +61,16 @@ def request_models(limits: RequestLimits) -> tuple[type[BaseModel], type[BaseMod
     class ClassifyRequest(BaseModel):
         model_config = ConfigDict(extra="forbid")
         text: Text | Annotated[list[Text], Field(min_length=1, max_length=limits.max_items)]
+
+    if tasks and task_required:
+
+        class ClassifyRequest(ClassifyRequest):  # type: ignore[no-redef]
+            task: Literal[tasks]  # type: ignore[valid-type]
+
+    elif tasks:
+
+        class ClassifyRequest(ClassifyRequest):  # type: ignore[no-redef]
+            task: Literal[tasks] | None = None  # type: ignore[valid-type]
 
     class CompletionRequest(BaseModel):
         # OpenAI clients send more fields than are used here (user, n=1, logprobs=null...): ignored, not refused

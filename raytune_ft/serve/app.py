@@ -83,7 +83,10 @@ def build_app(export_dir: Path, settings: ServeConfig, api_key: str | None = Non
     task = task_of(export_dir)
     admission = Admission(settings.max_ongoing_requests, settings.max_queued_requests, settings.retry_after_s)
     api = build_api(f"raytune-ft: {export_dir.name}", api_key, settings.limits, admission)
-    ClassifyRequest, CompletionRequest = request_models(settings.limits)
+    meta = json.loads((export_dir / METADATA).read_text())
+    # a multi-task export: a classify request may name any classification task (the primary included)
+    classify_tasks = tuple(t["name"] for t in meta.get("tasks", []) if t["task"] == "sequence-classification")
+    ClassifyRequest, CompletionRequest = request_models(settings.limits, classify_tasks, task == "causal-lm")
     # the answers in the OpenAPI schema (documentation only: the routes return dicts, not validated per request)
     POST_ERRORS = error_responses(400, 401, 413, 415, 422, 429, 500)
 
@@ -108,16 +111,16 @@ def build_app(export_dir: Path, settings: ServeConfig, api_key: str | None = Non
                 raise RuntimeError("the model is not loaded")
 
         @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)  # both set from the config in __init__
-        async def classify_batch(self, texts: list[str]) -> list[tuple[dict, int, float]]:
+        async def classify_batch(self, items: list[tuple[str | None, str]]) -> list[tuple[dict, int, float]]:
             self.model_free.clear()
             started = time.perf_counter()
             try:
                 # a worker thread: requests keep arriving (and are validated) during the forward pass
-                predictions = await asyncio.to_thread(self.model.classify, texts)
+                predictions = await asyncio.to_thread(self.model.classify_items, items)
             finally:
                 self.model_free.set()
             forward_ms = 1000 * (time.perf_counter() - started)
-            return [(p, len(texts), forward_ms) for p in predictions]
+            return [(p, len(items), forward_ms) for p in predictions]
 
         @api.get(HEALTH, response_model=None, responses={200: {"model": Health}, **error_responses(500)})
         async def healthz(self) -> dict:
@@ -129,7 +132,7 @@ def build_app(export_dir: Path, settings: ServeConfig, api_key: str | None = Non
             info["experiment"] = self.model.meta.get("experiment", {}).get("name")
             return {"object": "list", "data": [info]}
 
-        if task != "causal-lm":
+        if task != "causal-lm" or classify_tasks:
 
             @api.post(CLASSIFY, response_model=None, responses={200: {"model": ClassifyResponse}, **POST_ERRORS})
             async def classify(self, body: ClassifyRequest, response: Response) -> dict:  # type: ignore[valid-type]
@@ -140,7 +143,8 @@ def build_app(export_dir: Path, settings: ServeConfig, api_key: str | None = Non
                 # forward pass would form small batches queued behind it. Held here, they all enter together
                 # when it ends and make one full batch; a lone request on an idle model goes straight in.
                 await self.model_free.wait()
-                results = await asyncio.gather(*(self.classify_batch(text) for text in texts))
+                named = getattr(body, "task", None)
+                results = await asyncio.gather(*(self.classify_batch((named, text)) for text in texts))
                 response.headers[BATCH_SIZE_HEADER] = str(max(size for _, size, _ in results))
                 response.headers[REPLICA_HEADER] = self.replica
                 model_ms = max(ms for _, _, ms in results)
@@ -148,7 +152,7 @@ def build_app(export_dir: Path, settings: ServeConfig, api_key: str | None = Non
                 response.headers[SERVER_TIMING] = f"model;dur={model_ms:.2f}, wait;dur={wait_ms:.2f}"
                 return {"predictions": [prediction for prediction, _, _ in results]}
 
-        else:
+        if task == "causal-lm":
 
             @api.post(COMPLETIONS, response_model=None, responses={200: {"model": CompletionResponse}, **POST_ERRORS})
             async def completions(self, body: CompletionRequest) -> dict:  # type: ignore[valid-type]

@@ -86,8 +86,33 @@ class LoadedModel:
         self.model.eval()
         classes = self.meta.get("classes") or []
         names = self.meta.get("label_names") or classes
-        self.labels: list[str] = [str(n) for n in names] or [str(i) for i in range(self.model.config.num_labels)]
+        self.labels: list[str] = [str(n) for n in names] or (
+            [str(i) for i in range(self.model.config.num_labels)] if self.task != "causal-lm" else []
+        )
+        self._load_task_heads()
         self.loaded_at = time.time()
+
+    def _load_task_heads(self) -> None:
+        """A multi-task export: each extra classification task's head and labels, beside the primary model."""
+        from raytune_ft.modeling.multitask import HEADS_FILE, is_decoder
+
+        tasks = self.meta.get("tasks") or []
+        self.primary_task: str | None = next((t["name"] for t in tasks if t.get("primary")), None)
+        self.task_labels: dict[str, list[str]] = {}
+        self.heads: dict[str, torch.nn.Linear] = {}
+        extra = [t for t in tasks if not t.get("primary") and t["task"] == "sequence-classification"]
+        if not extra:
+            return
+        from safetensors.torch import load_file
+
+        state = load_file(str(self.export_dir / HEADS_FILE))
+        self.decoder = is_decoder(self.model)
+        for t in extra:
+            weight, bias = state[f"{t['name']}.weight"], state[f"{t['name']}.bias"]
+            head = torch.nn.Linear(weight.shape[1], weight.shape[0])
+            head.load_state_dict({"weight": weight, "bias": bias})
+            self.heads[t["name"]] = head.to(self.device, self.dtype).eval()
+            self.task_labels[t["name"]] = [str(n) for n in (t.get("label_names") or t.get("classes") or [])]
 
     def info(self) -> dict[str, Any]:
         checkpoint = self.meta.get("checkpoint", {})
@@ -96,6 +121,7 @@ class LoadedModel:
             "object": "model",
             "task": self.task,
             "labels": self.labels if self.task != "causal-lm" else None,
+            "tasks": {name: labels for name, labels in self.task_labels.items()} or None,
             "base_model": self.meta.get("provenance", {}).get("base_model"),
             "checkpoint_step": checkpoint.get("step"),
             "metrics": self.meta.get("metrics", {}),
@@ -113,26 +139,48 @@ class LoadedModel:
         return json.loads(path.read_text()) if path.is_file() else None
 
     @torch.inference_mode()
-    def classify(self, texts: list[str]) -> list[dict[str, Any]]:
-        """One forward pass over all TEXTS (padded to the longest); predictions in input order."""
+    def classify(self, texts: list[str], task: str | None = None) -> list[dict[str, Any]]:
+        """One forward pass over all TEXTS (padded to the longest); predictions in input order. TASK: a task of a
+        multi-task export (default: the export's own)."""
         batch = self.tokenizer(texts, truncation=True, max_length=self.max_length, padding=True, return_tensors="pt")
         batch = batch.to(self.device)
-        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        labels = self.labels
+        if task is None or task == self.primary_task:
+            logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        elif task in self.heads:
+            from raytune_ft.modeling.multitask import backbone_of, pool
+
+            backbone = backbone_of(self.model)
+            hidden = backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+            logits = self.heads[task](pool(hidden, batch["attention_mask"], self.decoder))
+            labels = self.task_labels[task]
+        else:
+            known = ", ".join(n for n in [self.primary_task, *self.heads] if n) or "none: a single-task export"
+            raise ValueError(f"unknown task '{task}'; this export's classification tasks: {known}")
         probs = torch.softmax(logits.float(), dim=-1).tolist()
         out = []
         for row in probs:
             best = max(range(len(row)), key=row.__getitem__)
             out.append(
                 {
-                    "label": self.labels[best] if best < len(self.labels) else str(best),
+                    "label": _label(labels, best),
                     "label_id": best,
-                    "probs": {self._label(i): p for i, p in enumerate(row)},
+                    "probs": {_label(labels, i): p for i, p in enumerate(row)},
                 }
             )
         return out
 
+    def classify_items(self, items: list[tuple[str | None, str]]) -> list[dict[str, Any]]:
+        """(task, text) pairs from several requests: one forward pass per task, answers in input order."""
+        out: list[dict[str, Any]] = [{} for _ in items]
+        for task in dict.fromkeys(task for task, _ in items):
+            rows = [i for i, (t, _) in enumerate(items) if t == task]
+            for i, answer in zip(rows, self.classify([items[i][1] for i in rows], task), strict=True):
+                out[i] = answer
+        return out
+
     def _label(self, i: int) -> str:
-        return self.labels[i] if i < len(self.labels) else str(i)
+        return _label(self.labels, i)
 
     @torch.inference_mode()
     def complete(
@@ -162,3 +210,7 @@ class LoadedModel:
             "prompt_tokens": int(encoded["input_ids"].shape[1]),
             "completion_tokens": int(new.shape[0]),
         }
+
+
+def _label(labels: list[str], i: int) -> str:
+    return labels[i] if i < len(labels) else str(i)

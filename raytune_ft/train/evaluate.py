@@ -23,9 +23,15 @@ PROBE_ROWS = 4
 
 
 def task_loss(
-    module: torch.nn.Module, batch: dict[str, torch.Tensor], classification: bool, class_weights: torch.Tensor | None
+    module: torch.nn.Module,
+    batch: dict[str, torch.Tensor],
+    classification: bool,
+    class_weights: torch.Tensor | None,
+    task: str | None = None,
 ) -> torch.Tensor:
-    out = module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    """TASK names an extra task of a multi-task model (its head); None is the model's own task."""
+    extra = {"task": task} if task is not None else {}
+    out = module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **extra)
     if classification:
         return F.cross_entropy(out.logits.float(), batch["labels"], weight=class_weights)
     return next_token_loss(out.logits, batch["input_ids"], batch["attention_mask"], "mean")[0]
@@ -61,10 +67,14 @@ def evaluate(
     classes: list[str],
     pad_id: int,
     device: torch.device,
+    task: str | None = None,
+    names: list[str] | None = None,
 ) -> dict[str, Any]:
     """Each rank scores its slice; one all-reduce of summed counts gives exact global metrics. Every rank runs
     the same number of forward passes (ZeRO-3 gathers weights collectively), padding its slice if shorter."""
     engine.eval()
+    extra = {"task": task} if task is not None else {}  # an extra task's head (multi-task models)
+    label_names = list(names) if names else _names(cfg, classes)
     n = len(val["input_ids"])
     # by length, so that each batch pads little; the metrics are sums over rows and do not depend on the order
     rows = sorted(range(n), key=lambda i: len(val["input_ids"][i]))[rank::world]
@@ -80,7 +90,7 @@ def evaluate(
         real = len(chunk)
         chunk = chunk + [0] * (min(batch_size, per_rank - start) - real)  # dummies keep ranks in lockstep
         batch = collate(val, chunk, pad_id, device)
-        out = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        out = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **extra)
         if real == 0:
             continue
         if classes:
@@ -109,9 +119,9 @@ def evaluate(
     mean_loss = loss_sum / max(1, count)
     metrics: dict[str, Any] = {"eval_loss": mean_loss}
     if confusion is not None:
-        metrics.update({f"eval_{k}": v for k, v in classification_metrics(confusion, _names(cfg, classes)).items()})
+        metrics.update({f"eval_{k}": v for k, v in classification_metrics(confusion, label_names).items()})
         if preds_by_row is not None:
-            found = slice_metrics((preds_by_row - 1).tolist(), val["labels"], val["slices"], _names(cfg, classes))
+            found = slice_metrics((preds_by_row - 1).tolist(), val["labels"], val["slices"], label_names)
             for value, m in found["slices"].items():
                 metrics[f"eval_slice/{value}/accuracy"] = m["accuracy"]
                 metrics[f"eval_slice/{value}/f1_macro"] = m["f1_macro"]

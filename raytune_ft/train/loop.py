@@ -40,6 +40,7 @@ from raytune_ft.train.engine import enable_activation_checkpointing, make_optimi
 from raytune_ft.train.evaluate import evaluate, over_ranks, probe_logits, task_loss
 from raytune_ft.train.figures import report_figures
 from raytune_ft.train.measure import SteadyClock, model_sizes, model_state_mb, peak_device_mb, peak_rss_mb, rss_mb
+from raytune_ft.train.task_mix import TaskMix, TaskStream
 
 
 def lr_factor(step: int, total: int, warmup: int, kind: str) -> float:
@@ -120,6 +121,12 @@ def train_loop(config: dict[str, Any]) -> None:
         _zero3_init = HfDeepSpeedConfig(ds_config)
     torch.manual_seed(cfg.seed)  # identical initial heads on every rank
     model = build_model(cfg.model, cfg.finetune, len(classes) or None, cfg.data.label_names)
+    tasks = config.get("tasks") or []
+    if tasks:
+        from raytune_ft.modeling.multitask import MultiTaskModel, TaskHead
+
+        heads = [TaskHead(t["name"], t["task"], len(t["classes"] or []) or None) for t in tasks]
+        model = MultiTaskModel(model, cfg.multitask.primary, heads)
     if cfg.train.activation_checkpointing:
         enable_activation_checkpointing(model)
     # which model this run trains: written into every checkpoint's state, compared before one is loaded
@@ -135,8 +142,8 @@ def train_loop(config: dict[str, Any]) -> None:
         lengths=tuple(len(ids) for ids in train["input_ids"]) if cfg.train.group_by_length else None,
     )
     plan.check()
-    total = plan.total_steps
-    config["total_steps"] = total
+    # several tasks share the steps, so their count is train.max_steps (the config requires it), not epochs
+    total = cfg.train.max_steps if tasks else plan.total_steps
     config["steps_per_epoch"] = plan.steps_per_epoch
     eval_every = cfg.train.eval_every_steps or plan.steps_per_epoch
     ckpt_every = cfg.train.checkpoint_every_steps or eval_every
@@ -147,6 +154,19 @@ def train_loop(config: dict[str, Any]) -> None:
     )
 
     loss_of = partial(task_loss, classification=classification, class_weights=class_weights)
+    primary = TaskStream(
+        cfg.multitask.primary if tasks else None,
+        plan,
+        train,
+        val,
+        loss_of,
+        cfg.multitask.primary_loss_weight if tasks else 1.0,
+        classes,
+        cfg.data.label_names,
+    )
+    extras = [_task_stream(t, i, cfg, world) for i, t in enumerate(tasks)]
+    mix = TaskMix(primary, extras, total, cfg.multitask.sampling, cfg.multitask.temperature, cfg.seed)
+    config["total_steps"] = total
 
     ckpt = ray.train.get_checkpoint()
     if ckpt is None and config.get("restore_from"):
@@ -251,14 +271,11 @@ def train_loop(config: dict[str, Any]) -> None:
     engine.train()
     running, micro_count = 0.0, 0
     clock = SteadyClock()
-    perm_epoch, perm = -1, None
     state_mb = None
     for step in range(start, total):
         step_began = time.perf_counter()
         step_samples = step_tokens = 0
-        epoch = step // plan.steps_per_epoch
-        if epoch != perm_epoch:
-            perm_epoch, perm = epoch, plan.permutation(epoch)
+        stream, micro_batches = mix.step(step, rank)
         if fault.get("raise_at_step") == step:
             raise RuntimeError(f"fault injected: interrupted at step {step}")
         if fault.get("kill_at_step") == step and fault.get("rank", 0) == rank:
@@ -266,9 +283,11 @@ def train_loop(config: dict[str, Any]) -> None:
             if not marker.exists():
                 marker.write_text(f"killed rank {rank} at step {step}\n")
                 os.kill(os.getpid(), signal.SIGKILL)
-        for rows in plan.micro_batches(step, rank, perm):
-            batch = collate(train, rows, pad_id, device)
-            loss = loss_of(engine, batch)
+        for rows in micro_batches:
+            batch = collate(stream.train, rows, pad_id, device)
+            loss = stream.loss(engine, batch)
+            if stream.weight != 1.0:
+                loss = loss * stream.weight
             if cfg.finetune.l1:
                 loss = loss + cfg.finetune.l1 * l1_penalty(engine.module)
             if ewc is not None:
@@ -312,6 +331,8 @@ def train_loop(config: dict[str, Any]) -> None:
         if not (done % eval_every == 0 or done % ckpt_every == 0 or last):
             continue
         metrics = evaluate(engine, val, rank, world, cfg, classes, pad_id, device)
+        if extras:
+            metrics.update(task_metrics(engine, mix, metrics, rank, world, cfg, pad_id, device))
         metrics.update(
             step=done,
             epoch=round(done / plan.steps_per_epoch, 4),
@@ -379,6 +400,61 @@ def _hidden_size(cfg: ExperimentConfig) -> int | None:
     config = config.get_text_config() if hasattr(config, "get_text_config") else config
     size = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None) or getattr(config, "d_model", None)
     return int(size) if size else None
+
+
+def _task_stream(task: dict[str, Any], index: int, cfg: ExperimentConfig, world: int) -> TaskStream:
+    """An extra task of a multi-task run: its own rows, shuffled with its own seed, its head's loss."""
+    import ray
+
+    data = ray.get(task["data"])
+    plan = StepPlan(
+        n_train=len(data["train"]["input_ids"]),
+        micro_batch=cfg.train.batch_size,
+        world_size=world,
+        grad_accum=cfg.train.grad_accum,
+        epochs=cfg.train.epochs,
+        max_steps=None,
+        seed=cfg.seed + 1 + index,
+    )
+    try:
+        plan.check()
+    except ValueError as exc:
+        raise ValueError(f"task '{task['name']}': {exc}") from None
+    classification = task["task"] == "sequence-classification"
+    loss = partial(task_loss, classification=classification, class_weights=None, task=task["name"])
+    val = {k: v for k, v in data["validation"].items() if k != "slices"}  # slices are the primary task's
+    return TaskStream(
+        task["name"], plan, data["train"], val, loss, task["loss_weight"], task["classes"] or [], task["label_names"]
+    )
+
+
+def task_metrics(
+    engine: Any,
+    mix: TaskMix,
+    primary: dict[str, Any],
+    rank: int,
+    world: int,
+    cfg: ExperimentConfig,
+    pad_id: int,
+    device: torch.device,
+) -> dict[str, Any]:
+    """eval_<task>_loss, _accuracy, _f1_macro or _perplexity per extra task, and eval_combined_loss: the
+    loss-weighted mean of every task's validation loss, the objective Tune can optimise for all tasks at once."""
+    out: dict[str, Any] = {}
+    weighted, weights = mix.primary.weight * primary["eval_loss"], mix.primary.weight
+    for stream in mix.streams.values():
+        if stream is mix.primary:
+            continue
+        got = evaluate(
+            engine, stream.val, rank, world, cfg, stream.classes, pad_id, device, task=stream.name, names=stream.names
+        )
+        for key in ("eval_loss", "eval_accuracy", "eval_f1_macro", "eval_perplexity"):
+            if key in got:
+                out[f"eval_{stream.name}_{key.removeprefix('eval_')}"] = got[key]
+        weighted += stream.weight * got["eval_loss"]
+        weights += stream.weight
+    out["eval_combined_loss"] = weighted / weights
+    return out
 
 
 def _stop_settings(cfg: ExperimentConfig) -> tuple[str, int, float]:

@@ -137,6 +137,40 @@ def prepare_worker_data(cfg: ExperimentConfig) -> dict[str, Any]:
         "pad_token_id": tokenizer.pad_token_id,
         "data_dir": prepared.data_dir,
         "data_report": prepared.report,
+        "tasks": [_task_data(cfg, task, tokenizer) for task in cfg.tasks],
+    }
+
+
+def loop_data(worker_data: dict[str, Any]) -> dict[str, Any]:
+    """What every worker's loop reads of the prepared data; token ids go through the object store once."""
+    import ray
+
+    keep = ("name", "task", "loss_weight", "classes", "label_names")
+    return {
+        "data": ray.put(worker_data["data"]),
+        "classes": worker_data["classes"],
+        "class_weights": worker_data["class_weights"],
+        "pad_token_id": worker_data["pad_token_id"],
+        "tasks": [{**{k: t[k] for k in keep}, "data": ray.put(t["data"])} for t in worker_data.get("tasks", [])],
+    }
+
+
+def _task_data(cfg: ExperimentConfig, task: Any, tokenizer: Any) -> dict[str, Any]:
+    """One extra task's tokenised train/validation splits (its own data directory and test split)."""
+    from raytune_ft.data import task_experiment
+
+    own = task_experiment(cfg, task)
+    prepared = prepare_data(own, with_tokens=False, task=task.name)
+    tables = {name: load_split(prepared.data_dir, name) for name in ("train", "validation")}
+    return {
+        "name": task.name,
+        "task": task.task,
+        "loss_weight": task.loss_weight,
+        "classes": prepared.report.get("classes"),
+        "label_names": task.data.label_names,
+        "data": tokenize_splits(tables, tokenizer, task.task, task.data.max_length, task.data.block_size),
+        "data_dir": prepared.data_dir,
+        "data_report": prepared.report,
     }
 
 
@@ -152,6 +186,11 @@ def export_prepared(checkpoint_dir: Path, cfg: ExperimentConfig, out_dir: Path, 
         data_report=worker_data["data_report"],
         probe=worker_data["data"]["validation"],
         pad_token_id=worker_data["pad_token_id"],
+        tasks=[
+            {k: t[k] for k in ("name", "task", "classes", "label_names", "loss_weight")}
+            | {"data_report": t["data_report"]}
+            for t in worker_data.get("tasks", [])
+        ],
     )
 
 
@@ -184,7 +223,6 @@ def train(
 ) -> TrainResult:
     """Fine-tune on Ray Train. A fresh run refuses a run directory that already has checkpoints; `resume`
     continues one (Ray Train V2 resumes a run by its name and storage path) and refuses one without any."""
-    import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
 
     run_dir = run_dir_for(cfg)
@@ -212,10 +250,7 @@ def train(
     metric, mode = score_of(cfg)
     loop_config = {
         "experiment": cfg.model_dump(mode="json", by_alias=True),
-        "data": ray.put(worker_data["data"]),
-        "classes": worker_data["classes"],
-        "class_weights": worker_data["class_weights"],
-        "pad_token_id": worker_data["pad_token_id"],
+        **loop_data(worker_data),
         "require_checkpoint": resume,
         "run_storage": str(run_dir / "train"),
         "fault": fault or {},

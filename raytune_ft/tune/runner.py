@@ -326,10 +326,9 @@ def _exists(uri: str) -> bool:
 
 def _trainable(cfg: ExperimentConfig, storage: str, log: Callable[[str], None]) -> tuple[dict, Any]:
     """The prepared data and the Tune trainable (a trial = one Ray Train run writing under STORAGE)."""
-    import ray
     from ray import tune
 
-    from raytune_ft.train.trainer import ensure_ray, prepare_worker_data
+    from raytune_ft.train.trainer import ensure_ray, loop_data, prepare_worker_data
 
     assert cfg.tune is not None
     log("preparing data")
@@ -342,12 +341,7 @@ def _trainable(cfg: ExperimentConfig, storage: str, log: Callable[[str], None]) 
         # train; marked `done`, that report ends the trial. Other schedulers and searchers must see it as a
         # result (HyperBandForBOHB and TuneBOHB take the full-budget result only from on_trial_result).
         "end_at_last_report": cfg.tune.algorithm in ("pbt", "pb2"),
-        "loop_config": {
-            "data": ray.put(worker_data["data"]),
-            "classes": worker_data["classes"],
-            "class_weights": worker_data["class_weights"],
-            "pad_token_id": worker_data["pad_token_id"],
-        },
+        "loop_config": loop_data(worker_data),
     }
     # The trial function only waits on its Ray Train run, whose workers hold the CPUs/GPUs. Tune refuses an empty
     # request, and even 0.01 CPU per trial would leave N trials' workers N x 0.01 CPU short: ask for 1 byte instead.

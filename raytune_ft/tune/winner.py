@@ -50,11 +50,39 @@ def test_metrics(export_dir: Path, cfg: ExperimentConfig, data_dir: Path, classe
     out: dict[str, Any] = {"test_rows": len(rows), "test_loss": loss_sum / max(1, count)}
     if not classification:
         out["test_perplexity"] = perplexity(out["test_loss"])
-        return out
+        return out | _task_test_metrics(export_dir, cfg)
     names = list(cfg.data.label_names or classes or [])
     confusion = confusion_matrix(torch.tensor(preds), torch.tensor(test["labels"]), len(names))
     out.update({f"test_{k}": v for k, v in classification_metrics(confusion, names).items()})
     out["confusion_matrix"] = {"labels": names, "counts": confusion.tolist()}
     if "slices" in test:
         out["slices"] = slice_metrics(preds, test["labels"], test["slices"], names)
+    out.update(_task_test_metrics(export_dir, cfg))
+    return out
+
+
+def _task_test_metrics(export_dir: Path, cfg: ExperimentConfig) -> dict[str, Any]:
+    """test_<task>_accuracy and _f1_macro for each extra classification task of a multi-task export, each on its
+    own test split (read here once, like the primary's)."""
+    from raytune_ft.data import data_dir_for
+    from raytune_ft.evaluation.scoring import standard_metrics
+    from raytune_ft.serve.model import LoadedModel
+
+    extra = [t for t in cfg.tasks if t.task == "sequence-classification"]
+    if not extra:
+        return {}
+    model = LoadedModel(export_dir)
+    out: dict[str, Any] = {}
+    for task in extra:
+        table = load_test_split(data_dir_for(cfg, task.name), reader=f"raytune-ft: test evaluation of {export_dir}")
+        texts, labels = table.column("text").to_pylist(), table.column("label_id").to_pylist()
+        preds = [
+            p["label_id"]
+            for start in range(0, len(texts), BATCH)
+            for p in model.classify(texts[start : start + BATCH], task.name)
+        ]
+        scored = standard_metrics(preds, labels, model.task_labels[task.name])
+        out[f"test_{task.name}_accuracy"] = scored["accuracy"]
+        out[f"test_{task.name}_f1_macro"] = scored["f1_macro"]
+        out[f"test_{task.name}_rows"] = scored["rows"]
     return out

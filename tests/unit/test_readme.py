@@ -18,7 +18,7 @@ def leaf_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
     for name, field in model.model_fields.items():
         path = prefix + (field.alias or name)
         subs = nested_models(field.annotation)
-        if subs and path != "tune.search_space":
+        if subs and path not in ("tune.search_space", "tasks.data"):  # a task's data is a `data` section
             keys += leaf_keys(subs[0], path + ".")
         else:
             keys.append(path)
