@@ -103,6 +103,8 @@ def consistency_errors(cfg: ExperimentConfig) -> list[tuple[str, str]]:
 
     if tune is not None:
         errors.extend(_tune_errors(cfg))
+        if tune.max_forgetting is not None and cfg.train.retain_path is None:
+            errors.append(("tune.max_forgetting", "needs train.retain_path: the retain set it measures forgetting on"))
     errors.extend(_task_errors(cfg))
     errors.extend(_promote_errors(cfg))
     errors.extend(deepspeed_override_errors(cfg))

@@ -374,8 +374,14 @@ def _resolve_paths(cfg: ExperimentConfig, base_dir: Path, issues: list[ConfigIss
         task_path = Path(task.data.path).expanduser()
         task_path = task_path if task_path.is_absolute() else base_dir / task_path
         tasks.append(task.model_copy(update={"data": task.data.model_copy(update={"path": str(task_path.resolve())})}))
+    train = cfg.train
+    if train.retain_path is not None:
+        train = train.model_copy(
+            update={"retain_path": str((base_dir / Path(train.retain_path).expanduser()).resolve())}
+        )
     return cfg.model_copy(
         update={
+            "train": train,
             "tasks": tasks,
             "eval": evaluation,
             "data": cfg.data.model_copy(update={"path": str(data_path.resolve())}),

@@ -244,6 +244,12 @@ class TrainConfig(Section):
         default=False,
         description="torch.compile the model inside DeepSpeed (the first steps are slower while it compiles).",
     )
+    retain_path: str | None = Field(
+        default=None,
+        description="A retain set scored before the first step and at every evaluation (eval_retain_*): general "
+        "text for a causal LM, a labelled file with data's columns and labels for a classifier.",
+    )
+    retain_max_rows: PositiveInt = 2000
 
 
 class ScalingConfig(Section):
@@ -334,6 +340,11 @@ class TuneConfig(Section):
         description="PBT: trials wait for each other at every perturbation point (each wait restarts the trial).",
     )
     search_space: dict[str, SearchDim] = Field(default_factory=dict)
+    max_forgetting: PositiveFloat | None = Field(
+        default=None,
+        description="Stop a trial once eval_retain_worse_by (from train.retain_path) exceeds this: a perplexity "
+        "ratio minus 1 for a causal LM, an accuracy drop for a classifier.",
+    )
     mlflow: bool = Field(default=True, description="Log every trial's reports to MLflow (Ray's MLflowLoggerCallback).")
     mlflow_tracking_uri: str | None = Field(
         default=None, description="MLflow tracking URI; default: a SQLite store, sqlite:///RUN_DIR/mlflow.db."

@@ -267,6 +267,13 @@ def train_loop(config: dict[str, Any]) -> None:
         resumed = {"resumed_step": start, "load_checkpoint_s": time.perf_counter() - load_began}
         _log(rank, f"resumed at step {start} of {total} from {resume_dir.name}")
 
+    retain = ray.get(config["retain"]) if config.get("retain") else None
+    if retain is not None:
+        # the retain set's score before any step of this run (the pre-trained model; kept across resumes), the
+        # reference every evaluation's eval_retain_worse_by is measured against
+        config["retain_base"] = state.get("retain_base")
+        if config["retain_base"] is None:
+            config["retain_base"] = _retain_score(engine, retain, rank, world, cfg, classes, pad_id, device)
     fault = config.get("fault") or {}
     engine.train()
     running, micro_count = 0.0, 0
@@ -333,6 +340,10 @@ def train_loop(config: dict[str, Any]) -> None:
         metrics = evaluate(engine, val, rank, world, cfg, classes, pad_id, device)
         if extras:
             metrics.update(task_metrics(engine, mix, metrics, rank, world, cfg, pad_id, device))
+        if retain is not None:
+            metrics.update(
+                retain_metrics(engine, retain, config["retain_base"], rank, world, cfg, classes, pad_id, device)
+            )
         metrics.update(
             step=done,
             epoch=round(done / plan.steps_per_epoch, 4),
@@ -457,6 +468,45 @@ def task_metrics(
     return out
 
 
+def _retain_score(
+    engine: Any,
+    retain: dict,
+    rank: int,
+    world: int,
+    cfg: ExperimentConfig,
+    classes: list[str],
+    pad_id: int,
+    device: Any,
+) -> float:
+    scored = evaluate(engine, retain, rank, world, cfg, classes, pad_id, device)
+    return scored["eval_accuracy"] if classes else scored["eval_perplexity"]
+
+
+def retain_metrics(
+    engine: Any,
+    retain: dict,
+    base: float,
+    rank: int,
+    world: int,
+    cfg: ExperimentConfig,
+    classes: list[str],
+    pad_id: int,
+    device: Any,
+) -> dict[str, Any]:
+    """eval_retain_accuracy (classifier) or eval_retain_perplexity (causal LM) on train.retain_path, and
+    eval_retain_worse_by: how much worse than before the first step (positive = forgotten), what
+    tune.max_forgetting stops a trial on."""
+    from raytune_ft.evaluation.scoring import forgetting
+
+    metric = "accuracy" if classes else "perplexity"
+    value = _retain_score(engine, retain, rank, world, cfg, classes, pad_id, device)
+    return {
+        f"eval_retain_{metric}": value,
+        "eval_retain_before": base,
+        "eval_retain_worse_by": forgetting(base, value, metric)["worse_by"],
+    }
+
+
 def _stop_settings(cfg: ExperimentConfig) -> tuple[str, int, float]:
     es = cfg.train.early_stopping
     return (es.mode, es.patience, es.min_delta) if es else ("min", 10**9, 0.0)
@@ -518,6 +568,7 @@ def _save_and_report(
                 "step_in_epoch": step % config["steps_per_epoch"],
             },
             "total_steps": config["total_steps"],
+            "retain_base": config.get("retain_base"),
             # under Tune: which trial wrote this and with which sampled values (PBT's exploit record reads them)
             "trial_id": config.get("trial", {}).get("id"),
             "trial_config": config.get("trial", {}).get("config"),

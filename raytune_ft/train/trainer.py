@@ -138,7 +138,34 @@ def prepare_worker_data(cfg: ExperimentConfig) -> dict[str, Any]:
         "data_dir": prepared.data_dir,
         "data_report": prepared.report,
         "tasks": [_task_data(cfg, task, tokenizer) for task in cfg.tasks],
+        "retain": _retain_data(cfg, tokenizer, prepared.report.get("classes")),
     }
+
+
+def _retain_data(cfg: ExperimentConfig, tokenizer: Any, classes: list[str] | None) -> dict[str, list] | None:
+    """train.retain_path tokenised like the validation split: blocks of text (causal LM) or labelled rows."""
+    if cfg.train.retain_path is None:
+        return None
+    from raytune_ft.data.readers import DataError, read_records
+    from raytune_ft.data.tokenize import tokenize_causal_blocks, tokenize_classification
+
+    path, columns = cfg.train.retain_path, cfg.data.columns
+    if cfg.model.task == "causal-lm":
+        records = read_records(path, "auto", columns.text, None)
+        blocks = tokenize_causal_blocks(records.texts[: cfg.train.retain_max_rows], tokenizer, cfg.data.block_size)
+        if not blocks["input_ids"]:
+            raise DataError(path, None, f"train.retain_path: fewer tokens than one block of {cfg.data.block_size}")
+        return {"input_ids": blocks["input_ids"]}
+    records = read_records(path, "auto", columns.text, columns.label)
+    index = {c: i for i, c in enumerate(classes or [])}
+    ids = []
+    for label, row in zip(records.labels or [], records.rows, strict=True):
+        if label not in index:
+            raise DataError(path, row, f"train.retain_path: label '{label}' is not one of the classes {classes}")
+        ids.append(index[label])
+    n = cfg.train.retain_max_rows
+    enc = tokenize_classification(records.texts[:n], ids[:n], tokenizer, cfg.data.max_length)
+    return {"input_ids": enc["input_ids"], "labels": enc["labels"]}
 
 
 def loop_data(worker_data: dict[str, Any]) -> dict[str, Any]:
@@ -152,6 +179,7 @@ def loop_data(worker_data: dict[str, Any]) -> dict[str, Any]:
         "class_weights": worker_data["class_weights"],
         "pad_token_id": worker_data["pad_token_id"],
         "tasks": [{**{k: t[k] for k in keep}, "data": ray.put(t["data"])} for t in worker_data.get("tasks", [])],
+        "retain": ray.put(worker_data["retain"]) if worker_data.get("retain") else None,
     }
 
 

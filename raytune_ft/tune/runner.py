@@ -382,8 +382,21 @@ def _run_config(
         storage_path=storage,
         failure_config=tune.FailureConfig(max_failures=settings.max_failures),
         callbacks=callbacks,
+        stop=ForgettingStop(settings.max_forgetting) if settings.max_forgetting is not None else None,
         verbose=1,
     )
+
+
+class ForgettingStop:
+    """Tune's stop criterion for tune.max_forgetting: a trial whose retain-set metric got worse than the limit
+    (eval_retain_worse_by, measured against the model before its first step) stops there."""
+
+    def __init__(self, limit: float) -> None:
+        self.limit = limit
+
+    def __call__(self, trial_id: str, result: dict[str, Any]) -> bool:
+        worse = result.get("eval_retain_worse_by")
+        return worse is not None and worse > self.limit
 
 
 def _evaluations_per_trial(cfg: ExperimentConfig, n_train: int) -> int:

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+from ray import serve
 from test_serve import free_port, own_state_dir, post_json, with_serve  # noqa: F401  (fixture)
 from test_train import make_cfg, write_reviews
 
@@ -84,14 +85,18 @@ def test_two_tasks_train_on_two_workers_with_zero2_and_the_export_serves_both(ti
 
     # over HTTP: the classify route takes the task's name; an unknown one is refused with 422
     url = deploy(export, with_serve(cfg, port=free_port()))
-    status, _, body = post_json(f"{url}/v1/classify", {"text": texts, "task": "length"})
-    assert status == 200 and [p["label"] for p in body["predictions"]] == [
-        p["label"] for p in local.classify(texts, task="length")
-    ]
-    status, _, body = post_json(f"{url}/v1/classify", {"text": texts})
-    assert status == 200 and [p["label"] for p in body["predictions"]] == [p["label"] for p in local.classify(texts)]
-    status, _, body = post_json(f"{url}/v1/classify", {"text": "fine", "task": "topic"})
-    assert status == 422 and "task" in json.dumps(body)
+    try:
+        status, _, body = post_json(f"{url}/v1/classify", {"text": texts, "task": "length"})
+        assert status == 200 and [p["label"] for p in body["predictions"]] == [
+            p["label"] for p in local.classify(texts, task="length")
+        ]
+        status, _, body = post_json(f"{url}/v1/classify", {"text": texts})
+        assert status == 200
+        assert [p["label"] for p in body["predictions"]] == [p["label"] for p in local.classify(texts)]
+        status, _, body = post_json(f"{url}/v1/classify", {"text": "fine", "task": "topic"})
+        assert status == 422 and "task" in json.dumps(body)
+    finally:
+        serve.shutdown()  # its replica's CPU goes back to the next test's 2 training workers
 
 
 def test_causal_lm_with_a_classification_task_under_lora_and_zero3(tiny_llama, tmp_path, local_ray):
@@ -132,9 +137,12 @@ def test_causal_lm_with_a_classification_task_under_lora_and_zero3(tiny_llama, t
     assert local.task == "causal-lm" and set(local.heads) == {"sentiment"}
     assert {p["label"] for p in local.classify(["a good film", "a bad film"], task="sentiment")} <= {"0", "1"}
     url = deploy(export, with_serve(cfg, port=free_port()))
-    status, _, body = post_json(f"{url}/v1/classify", {"text": "a good film", "task": "sentiment"})
-    assert status == 200 and body["predictions"][0]["label"] in {"0", "1"}
-    status, _, _ = post_json(f"{url}/v1/classify", {"text": "a good film"})  # the LM has no labels: name a task
-    assert status == 422
-    status, _, body = post_json(f"{url}/v1/completions", {"prompt": "to be", "max_tokens": 4, "temperature": 0})
-    assert status == 200 and body["choices"][0]["finish_reason"] in {"stop", "length"}
+    try:
+        status, _, body = post_json(f"{url}/v1/classify", {"text": "a good film", "task": "sentiment"})
+        assert status == 200 and body["predictions"][0]["label"] in {"0", "1"}
+        status, _, _ = post_json(f"{url}/v1/classify", {"text": "a good film"})  # the LM has no labels: name a task
+        assert status == 422
+        status, _, body = post_json(f"{url}/v1/completions", {"prompt": "to be", "max_tokens": 4, "temperature": 0})
+        assert status == 200 and body["choices"][0]["finish_reason"] in {"stop", "length"}
+    finally:
+        serve.shutdown()

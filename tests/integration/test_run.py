@@ -28,7 +28,7 @@ def held_out(tmp_path: Path) -> Path:
     lines = SST2.read_text().splitlines()[401:461]
     rows = [f"{line}\t{'web' if i % 2 else 'print'}" for i, line in enumerate(lines)]
     path = tmp_path / "held_out.tsv"
-    path.write_text("\n".join(["sentence\tlabel\tsource", *rows]) + "\n")
+    path.write_text("\n".join(["label\tsentence\tsource", *rows]) + "\n")
     return path
 
 

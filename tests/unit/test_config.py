@@ -136,6 +136,21 @@ def test_missing_required_sections_and_bad_top_level(tmp_path):
             "serve.autoscaling.max_replicas: must be >= min_replicas (3), got 2",
         ),
         ("promote: {max_test_perplexity: 20}", "promote.max_test_perplexity: is a causal-lm threshold"),
+        (
+            "tune: {max_forgetting: 0.1, search_space: {train.lr: {type: uniform, low: 0.1, high: 0.2}}}",
+            "tune.max_forgetting: needs train.retain_path",
+        ),
+        (
+            "train: {max_steps: 10}\ntasks: [{name: main, data: {path: d.tsv}}]",
+            "'main' is already a task name (the experiment's own task is multitask.primary 'main')",
+        ),
+        (
+            "train: {max_steps: 10}\ntasks: [{name: poems, task: causal-lm, data: {path: d.txt}}]",
+            "a causal-lm task needs the LM head of a causal-lm model",
+        ),
+        ("tasks: [{name: topic, data: {path: d.tsv}}]", "train.max_steps: a multi-task run counts steps over all"),
+        ("tasks: [{name: Topic, data: {path: d.tsv}}]", "tasks"),
+        ("multitask: {sampling: roundrobin}", "multitask.sampling"),
         ("promote: {min_worst_slice_f1: 0.7}", "promote.min_worst_slice_f1: needs data.columns.slice"),
         ("promote: {min_test_accuracy: 1.5}", "promote.min_test_accuracy: must be <= 1, got 1.5"),
         (

@@ -127,3 +127,23 @@ def test_each_task_walks_through_its_own_rows_in_its_own_epochs():
         assert rows == got.plan.micro_batches(seen[name], 1)
         seen[name] += 1
     assert seen["other"] > 2 * other.plan.steps_per_epoch  # the small task went round several epochs
+
+
+def test_layerwise_groups_and_gradual_unfreezing_see_the_heads_as_heads(tmp_path):
+    from raytune_ft.config.schema import GradualUnfreezeConfig
+    from raytune_ft.modeling import num_layers, param_groups, unfreeze_gate
+
+    folder = save_tiny_bert(tmp_path / "bert")
+    model = MultiTaskModel(
+        build_model(model_cfg(folder), finetune_cfg(), num_labels=2),
+        "main",
+        [TaskHead("t", "sequence-classification", 3)],
+    )
+    assert num_layers(model) == 2  # the backbone's blocks, found through the wrapper
+    groups = param_groups(model, lr=1e-3, weight_decay=0.01, layerwise_lr_decay=0.5)
+    head = [g for g in groups if g["group"] == "head"]
+    head_params = {id(p) for g in head for p in g["params"]}
+    assert id(model.heads["t"].weight) in head_params and all(g["lr"] == 1e-3 for g in head)
+    assert {g["group"] for g in groups} == {"embeddings", "layer.0", "layer.1", "head"}
+    gate = unfreeze_gate(GradualUnfreezeConfig(every_steps=10), num_layers(model))
+    assert gate("head", 0) == 1.0 and gate("layer.0", 0) == 0.0  # the task heads train from the first step
