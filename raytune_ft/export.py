@@ -104,7 +104,9 @@ def export_checkpoint(
         "reload_check": check,
         "provenance": provenance(cfg, data_report),
         # multi-task: the experiment's own task by its name, then each extra task (label set, data report)
-        "tasks": [{"name": cfg.multitask.primary, "task": cfg.model.task, "primary": True}, *tasks] if tasks else [],
+        "tasks": [{"name": cfg.multitask.primary, "task": cfg.model.task, "primary": True}, *_with_files(cfg, tasks)]
+        if tasks
+        else [],
         "exported": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     (tmp / METADATA).write_text(json.dumps(meta, indent=2, default=float))
@@ -115,6 +117,19 @@ def export_checkpoint(
         shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)
     return out_dir
+
+
+def _with_files(cfg: ExperimentConfig, tasks: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each extra task's record with its data file and that file's SHA-256, as the model card lists them."""
+    from raytune_ft.data.store import file_sha256
+
+    files = {t.name: Path(t.data.path) for t in cfg.tasks}
+    out = []
+    for task in tasks:
+        source = files.get(task["name"])
+        data = {"path": str(source), "sha256": file_sha256(source) if source and source.is_file() else None}
+        out.append({**task, "data": data})
+    return out
 
 
 def _auto_class(cfg: ExperimentConfig) -> Any:

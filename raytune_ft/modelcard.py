@@ -116,19 +116,31 @@ def model_card(export_dir: Path) -> str:
     data = prov.get("data", {})
     source = report.get("source", {})
     split = report.get("split", {})
-    lines += _table(
-        ["file", "sha256", "rows read", "rows used", "split seed", "split fingerprint"],
+    files = [
         [
+            tasks[0]["name"] if tasks else "",
+            data.get("path"),
+            data.get("sha256"),
+            source.get("rows_read"),
+            source.get("rows_used"),
+            split.get("seed"),
+            data.get("split_fingerprint"),
+        ]
+    ]
+    for t in tasks[1:]:
+        report_t = t.get("data_report") or {}
+        files.append(
             [
-                data.get("path"),
-                data.get("sha256"),
-                source.get("rows_read"),
-                source.get("rows_used"),
-                split.get("seed"),
-                data.get("split_fingerprint"),
+                t["name"],
+                t.get("data", {}).get("path"),
+                t.get("data", {}).get("sha256"),
+                report_t.get("source", {}).get("rows_read"),
+                report_t.get("source", {}).get("rows_used"),
+                report_t.get("split", {}).get("seed"),
+                report_t.get("fingerprint"),
             ]
-        ],
-    )
+        )
+    lines += _table(["task", "file", "sha256", "rows read", "rows used", "split seed", "split fingerprint"], files)
     steps = report.get("steps", [])
     if steps:
         lines += ["", "Curation: " + "; ".join(f"{s['name']} removed {s['removed']}" for s in steps) + "."]

@@ -36,6 +36,9 @@ def evaluate(
     latency_requests: Annotated[int, typer.Option("--latency-requests", min=1)] = 50,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 32,
     max_rows: Annotated[int | None, typer.Option("--max-rows", min=1, help="Evaluate the first N rows.")] = None,
+    task: Annotated[
+        str | None, typer.Option("--task", help="A classification task of a multi-task export (default: its own).")
+    ] = None,
     out_dir: Annotated[Path | None, typer.Option("--out", help="Default: EXPORT/eval/<DATA name>/.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print eval.json instead of the summary.")] = False,
 ) -> None:
@@ -61,6 +64,7 @@ def evaluate(
         latency_requests=latency_requests,
         batch_size=batch_size,
         max_rows=max_rows,
+        task=task,
     )
     try:
         report = evaluate_export(export, request, out_dir)

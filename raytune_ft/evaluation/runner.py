@@ -41,6 +41,7 @@ class EvalRequest:
     latency_requests: int = 50
     batch_size: int = 32
     max_rows: int | None = None
+    task: str | None = None  # an extra classification task of a multi-task export (default: its own task)
 
 
 def evaluate_export(export: Path, request: EvalRequest, out_dir: Path | None = None) -> dict[str, Any]:
@@ -50,21 +51,29 @@ def evaluate_export(export: Path, request: EvalRequest, out_dir: Path | None = N
     model = LoadedModel(export)
     experiment = model.meta.get("experiment", {})
     columns = experiment.get("data", {}).get("columns", {})
+    task = request.task if request.task != model.primary_task else None
+    if task is not None:
+        if task not in model.heads:
+            known = ", ".join(model.heads) or "none: a single-task export"
+            raise ValueError(f"--task: '{task}' is not a classification task of this export ({known})")
+        spec = next(t for t in experiment.get("tasks", []) if t["name"] == task)
+        columns = spec["data"].get("columns", {})
     text_column = request.text_column or columns.get("text", "text")
     started = time.time()
-    if model.task == "causal-lm":
+    if model.task == "causal-lm" and task is None:
         report = _evaluate_lm(model, request, text_column, experiment)
     else:
         label_column = request.label_column or columns.get("label", "label")
-        report = _evaluate_classifier(model, request, text_column, label_column)
+        report = _evaluate_classifier(model, request, text_column, label_column, task)
     report.update(
         export=str(model.export_dir),
-        task=model.task,
+        task=model.task if task is None else "sequence-classification",
+        task_name=task or model.primary_task,
         data=str(request.data),
         evaluated=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         seconds=round(time.time() - started, 2),
     )
-    out_dir = out_dir or model.export_dir / "eval" / request.data.stem
+    out_dir = out_dir or model.export_dir / "eval" / (f"{task}-{request.data.stem}" if task else request.data.stem)
     write_report(report, out_dir)
     from raytune_ft.modelcard import write_model_card
 
@@ -100,22 +109,29 @@ def _optional_column(path: Path, text_column: str, label_column: str, column: st
         raise
 
 
-def _probabilities(model: Any, texts: list[str], batch_size: int) -> list[list[float]]:
+def _probabilities(model: Any, texts: list[str], batch_size: int, task: str | None = None) -> list[list[float]]:
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths share a batch: less padding
     probs: list[list[float]] = [[] for _ in texts]
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
-        for row, answer in zip(rows, model.classify([texts[i] for i in rows]), strict=True):
-            probs[row] = [answer["probs"][model._label(i)] for i in range(len(answer["probs"]))]
+        for row, answer in zip(rows, model.classify([texts[i] for i in rows], task), strict=True):
+            probs[row] = list(answer["probs"].values())  # in label-id order
     return probs
 
 
-def _evaluate_classifier(model: Any, request: EvalRequest, text_column: str, label_column: str) -> dict[str, Any]:
+def _evaluate_classifier(
+    model: Any, request: EvalRequest, text_column: str, label_column: str, task: str | None = None
+) -> dict[str, Any]:
     records = _read(request.data, text_column, label_column, limit=request.max_rows)
-    names = model.labels
-    classes = [str(c) for c in (model.meta.get("classes") or names)]
+    if task is None:
+        names = model.labels
+        classes = [str(c) for c in (model.meta.get("classes") or names)]
+    else:
+        names = model.task_labels[task]
+        spec = next(t for t in model.meta.get("tasks", []) if t["name"] == task)
+        classes = [str(c) for c in (spec.get("classes") or names)]
     labels = _label_ids(records.labels or [], records.rows, names, classes, request.data)
-    probs = _probabilities(model, records.texts, request.batch_size)
+    probs = _probabilities(model, records.texts, request.batch_size, task)
     preds = [max(range(len(p)), key=p.__getitem__) for p in probs]
     report: dict[str, Any] = {"metrics": scoring.standard_metrics(preds, labels, names)}
     report["calibration"] = scoring.calibration(probs, labels, request.bins)
@@ -129,18 +145,24 @@ def _evaluate_classifier(model: Any, request: EvalRequest, text_column: str, lab
         cases = _read(request.edge_cases, "text", "expected")
         kinds = _optional_column(request.edge_cases, "text", "expected", "kind")
         expected_ids = _label_ids(cases.labels or [], cases.rows, names, classes, request.edge_cases)
-        got = [names[max(range(len(p)), key=p.__getitem__)] for p in _probabilities(model, cases.texts, 32)]
+        got = [names[max(range(len(p)), key=p.__getitem__)] for p in _probabilities(model, cases.texts, 32, task)]
         report["edge_cases"] = scoring.edge_case_results(cases.texts, [names[i] for i in expected_ids], got, kinds) | {
             "file": str(request.edge_cases)
         }
     if request.retain is not None:
-        report["forgetting"] = _classifier_forgetting(model, request, text_column, label_column, names, classes)
-    report["latency"] = _latency(lambda batch: model.classify(batch), records.texts, request)
+        report["forgetting"] = _classifier_forgetting(model, request, text_column, label_column, names, classes, task)
+    report["latency"] = _latency(lambda batch: model.classify(batch, task), records.texts, request)
     return report
 
 
 def _classifier_forgetting(
-    model: Any, request: EvalRequest, text_column: str, label_column: str, names: list[str], classes: list[str]
+    model: Any,
+    request: EvalRequest,
+    text_column: str,
+    label_column: str,
+    names: list[str],
+    classes: list[str],
+    task: str | None = None,
 ) -> dict[str, Any]:
     """Accuracy on a labelled retain set (an earlier task with the same labels), after and, given the model
     before this fine-tuning (--reference, an export), before. A base encoder has no trained head to compare."""
@@ -150,7 +172,7 @@ def _classifier_forgetting(
     labels = _label_ids(retain.labels or [], retain.rows, names, classes, request.retain)
 
     def accuracy(m: Any) -> float:
-        probs = _probabilities(m, retain.texts, request.batch_size)
+        probs = _probabilities(m, retain.texts, request.batch_size, task)
         return sum(max(range(len(p)), key=p.__getitem__) == y for p, y in zip(probs, labels, strict=True)) / len(labels)
 
     before = accuracy(LoadedModel(Path(request.reference))) if request.reference else None

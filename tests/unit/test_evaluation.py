@@ -313,3 +313,40 @@ def test_the_html_report_shows_the_winners_card_and_reliability_diagram(classifi
     assert "<h3>tiny</h3>" in html and "<table>" in html and "<td>finetune.method</td>" in html
     assert "<pre>" in html and "raytune-ft train experiment.yaml" in html
     assert "<script>" not in markdown_html("# <script>alert(1)</script>")
+
+
+def test_an_extra_task_of_a_multi_task_export_is_evaluated_with_its_own_head_and_labels(classifier, tmp_path):
+    from safetensors.torch import save_file
+
+    from raytune_ft.modeling.multitask import HEADS_FILE
+
+    # a "size" head that always says "long": weight 0, bias (0, 2) -> p(long) = e^2 / (1 + e^2)
+    save_file({"size.weight": torch.zeros(2, 32), "size.bias": torch.tensor([0.0, 2.0])}, str(classifier / HEADS_FILE))
+    meta = json.loads((classifier / "raytune_ft.json").read_text())
+    task_data = {"path": "/data/size.tsv", "sha256": "5eed"}
+    meta["tasks"] = [
+        {"name": "sentiment", "task": "sequence-classification", "primary": True},
+        {
+            "name": "size",
+            "task": "sequence-classification",
+            "classes": ["short", "long"],
+            "label_names": None,
+            "loss_weight": 0.5,
+            "data": task_data,
+            "data_report": {"source": {"rows_read": 9}},
+        },
+    ]
+    meta["experiment"]["tasks"] = [{"name": "size", "data": {"columns": {"text": "sentence", "label": "size"}}}]
+    (classifier / "raytune_ft.json").write_text(json.dumps(meta))
+    data = write(tmp_path / "size.tsv", "sentence\tsize", ["good\tshort", "a truly good film\tlong", "bad\tlong"])
+    report = evaluate_export(classifier, EvalRequest(data=data, task="size", latency_requests=2))
+    assert report["task_name"] == "size" and report["metrics"]["accuracy"] == pytest.approx(2 / 3)
+    assert report["metrics"]["confusion_matrix"] == {"labels": ["short", "long"], "counts": [[0, 1], [0, 2]]}
+    p_long = math.exp(2) / (1 + math.exp(2))
+    assert report["calibration"]["ece"] == pytest.approx(abs(p_long - 2 / 3), abs=1e-5)
+    assert (classifier / "eval" / "size-size" / "eval.json").is_file()
+    card = (classifier / CARD).read_text()
+    assert "| size | /data/size.tsv | 5eed | 9 |" in card  # each task's data file and hash
+    assert "size (sequence-classification: short, long, loss weight 0.5)" in card
+    with pytest.raises(ValueError, match="'topic' is not a classification task of this export \\(size\\)"):
+        evaluate_export(classifier, EvalRequest(data=data, task="topic"))
