@@ -20,7 +20,7 @@ from raytune_ft.config.schema import (
 # Tune's variant generator resolves `sample_from` after plain domains; Optuna defines the space by running code.
 CONDITIONAL_ALGORITHMS = ("random", "optuna")
 # Sections whose leaves a search may vary; model identity, data location and serving stay fixed in a search.
-SEARCHABLE_SECTIONS = ("train", "finetune", "deepspeed", "data", "scaling")
+SEARCHABLE_SECTIONS = ("train", "finetune", "deepspeed", "data", "scaling", "multitask")
 # What PBT/PB2 may change in a running trial: an exploiting trial loads the donor's DeepSpeed checkpoint, so only
 # keys that leave parameter shapes, shards and data intact can differ from the donor's.
 PERTURBABLE_KEYS = (
@@ -36,6 +36,8 @@ PERTURBABLE_KEYS = (
     "finetune.layerwise_lr_decay",
     "finetune.l1",
     "finetune.ewc.lambda",
+    "multitask.primary_loss_weight",
+    "multitask.temperature",
 )
 
 

@@ -151,6 +151,11 @@ def test_missing_required_sections_and_bad_top_level(tmp_path):
         ("tasks: [{name: topic, data: {path: d.tsv}}]", "train.max_steps: a multi-task run counts steps over all"),
         ("tasks: [{name: Topic, data: {path: d.tsv}}]", "tasks"),
         ("multitask: {sampling: roundrobin}", "multitask.sampling"),
+        (
+            "tune: {algorithm: pbt, perturbation_interval: 4, "
+            "search_space: {multitask.sampling: {type: choice, values: [uniform]}}}",
+            "perturbable keys: train.lr",
+        ),
         ("promote: {min_worst_slice_f1: 0.7}", "promote.min_worst_slice_f1: needs data.columns.slice"),
         ("promote: {min_test_accuracy: 1.5}", "promote.min_test_accuracy: must be <= 1, got 1.5"),
         (

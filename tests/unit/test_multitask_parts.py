@@ -147,3 +147,26 @@ def test_layerwise_groups_and_gradual_unfreezing_see_the_heads_as_heads(tmp_path
     assert {g["group"] for g in groups} == {"embeddings", "layer.0", "layer.1", "head"}
     gate = unfreeze_gate(GradualUnfreezeConfig(every_steps=10), num_layers(model))
     assert gate("head", 0) == 1.0 and gate("layer.0", 0) == 0.0  # the task heads train from the first step
+
+
+def test_the_primary_loss_weight_is_searched_and_perturbed_like_any_key(tmp_path):
+    from raytune_ft.config.loader import validate_raw
+    from raytune_ft.tune.space import trial_experiment
+
+    folder = save_tiny_bert(tmp_path / "bert")
+    raw = {
+        "name": "mt",
+        "model": {"name_or_path": str(folder), "task": "sequence-classification"},
+        "data": {"path": str(tmp_path / "d.tsv")},
+        "train": {"max_steps": 8, "checkpoint_every_steps": 4},
+        "tasks": [{"name": "topic", "data": {"path": str(tmp_path / "t.tsv")}}],
+        "tune": {
+            "algorithm": "pbt",
+            "perturbation_interval": 4,
+            "metric": "eval_combined_loss",
+            "search_space": {"multitask.primary_loss_weight": {"type": "uniform", "low": 0.5, "high": 2.0}},
+        },
+    }
+    cfg = validate_raw(raw, None, "mt.yaml", [], base_dir=tmp_path)
+    trial = trial_experiment(cfg.model_dump(mode="json", by_alias=True), {"multitask.primary_loss_weight": 1.7}, "t")
+    assert trial.multitask.primary_loss_weight == 1.7 and trial.tasks[0].name == "topic"
