@@ -312,7 +312,7 @@ def validate_raw(
 
     env_problems: list[tuple[str, str]] = []
     raw = _expand_env(raw, "", env_problems)
-    issues += [ConfigIssue(p, m, where(p.split("."))) for p, m in env_problems]
+    issues += [ConfigIssue(p, m, where(_path_parts(p))) for p, m in env_problems]
 
     try:
         cfg = ExperimentConfig.model_validate(raw)
@@ -322,13 +322,13 @@ def validate_raw(
             message = _unknown_key_hint(parts) if err["type"] == "extra_forbidden" else _describe(err)
             issues.append(ConfigIssue(_dotted(parts), message, where(parts)))
         raise ConfigError(_ordered(issues)) from None
-    issues += [ConfigIssue(p, m, where(p.split("."))) for p, m in consistency_errors(cfg)]
+    issues += [ConfigIssue(p, m, where(_path_parts(p))) for p, m in consistency_errors(cfg)]
     if check_resources:
-        issues += [ConfigIssue(p, m, where(p.split("."))) for p, m in embedded_ray_errors(cfg)]
+        issues += [ConfigIssue(p, m, where(_path_parts(p))) for p, m in embedded_ray_errors(cfg)]
     cfg = _resolve_paths(cfg, base_dir, issues, where)
     if not any(issue.path == "model.name_or_path" for issue in issues):
         model_dir = _local_model_dir(cfg.model.name_or_path)
-        issues += [ConfigIssue(p, m, where(p.split("."))) for p, m in lora_target_errors(cfg, model_dir)]
+        issues += [ConfigIssue(p, m, where(_path_parts(p))) for p, m in lora_target_errors(cfg, model_dir)]
     if issues:
         raise ConfigError(_ordered(issues))
     return cfg
@@ -342,6 +342,11 @@ def _ordered(issues: list[ConfigIssue]) -> list[ConfigIssue]:
         return (0, int(line)) if line.isdigit() else (1, 0)
 
     return sorted(issues, key=key)
+
+
+def _path_parts(path: str) -> list[Any]:
+    """'tasks[0].data.path' -> ['tasks', 0, 'data', 'path'], as the YAML locator walks it."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"[.\[\]]+", path) if part]
 
 
 def _resolve_paths(cfg: ExperimentConfig, base_dir: Path, issues: list[ConfigIssue], where: Any) -> ExperimentConfig:

@@ -308,3 +308,15 @@ def test_section_rules_fire_beside_unrelated_errors(tmp_path, model_dir):
     text = "\n".join(issues_of(path))
     assert "deepspeed.offload_params: needs zero_stage 3" in text
     assert "train.lr: must be > 0, got 0" in text
+
+
+def test_errors_inside_a_list_of_tasks_name_their_line(tmp_path, model_dir):
+    extra = (
+        "train: {max_steps: 10}\ntasks:\n"
+        "  - name: topic\n    data: {path: t.tsv}\n"
+        "  - name: topic\n    data: {path: u.tsv}\n"
+    )
+    path = write(tmp_path, MINIMAL + extra, model_dir)
+    line = (MINIMAL + extra).splitlines().index("  - name: topic", 9) + 1
+    found = issues_of(path)
+    assert any(f"exp.yaml:{line}: tasks[1].name: 'topic' is already a task name" in i for i in found), found
