@@ -44,7 +44,8 @@ def _read(path: Path) -> Any:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def _get(tree: dict[str, Any], dotted: str) -> Any:
+def dotted_value(tree: dict[str, Any], dotted: str) -> Any:
+    """tree["a"]["b"] for "a.b"; None where a part is missing."""
     for part in dotted.split("."):
         if not isinstance(tree, dict) or part not in tree:
             return None
@@ -154,7 +155,9 @@ def model_card(export_dir: Path) -> str:
         ]
 
     lines += ["", "## Fine-tuning", ""]
-    lines += _table(["setting", "value"], [[k, _get(exp, k)] for k in HYPERPARAMETERS if _get(exp, k) is not None])
+    lines += _table(
+        ["setting", "value"], [[k, dotted_value(exp, k)] for k in HYPERPARAMETERS if dotted_value(exp, k) is not None]
+    )
     if schedule:
         lines += ["", "Population-based training schedule of this model (from training iteration: values):", ""]
         lines += [f"- {s['from_iteration']}: {json.dumps(s['config'], sort_keys=True)}" for s in schedule]

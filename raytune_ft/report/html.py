@@ -12,6 +12,7 @@ import time
 from html import escape
 from typing import Any
 
+from raytune_ft.modelcard import dotted_value
 from raytune_ft.report.load import RunData, Trial, parse_value
 
 CLASS_METRICS = ("precision", "recall", "f1", "support")
@@ -113,15 +114,6 @@ def _dict(value: Any) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
-def _dotted(tree: dict[str, Any], key: str) -> Any:
-    node: Any = tree
-    for part in key.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return None
-        node = node[part]
-    return node
-
-
 def header(run: RunData) -> str:
     name = run.config.get("name") or run.run_dir.name
     tune = run.tune
@@ -167,7 +159,7 @@ def winner(run: RunData, confusion_png: bytes | None) -> str:
     if keys:
         parts.append("<h3>Config</h3>")
         heads = ["key", "in winner/raytune_ft.json"]
-        rows = [[k, _dotted(experiment, k)] for k in keys]
+        rows = [[k, dotted_value(experiment, k)] for k in keys]
         if trained is not None:
             heads.append(f"trained with (report at step {fmt(run.winner_step)})")
             rows = [[*row, trained.get(row[0])] for row in rows]
