@@ -137,6 +137,9 @@ def bare_deepspeed_loop(payload: dict[str, Any], queue: Any) -> None:
     precision = resolved_precision(cfg, use_cuda)
     ds_config = deepspeed_config(cfg, precision, payload["hidden_size"])
     if cfg.deepspeed.zero_stage == 3:
+        from raytune_ft.train.ds_config import import_deepspeed
+
+        import_deepspeed()  # before transformers' DeepSpeed integration imports it
         from transformers.integrations import HfDeepSpeedConfig
 
         _zero3_init = HfDeepSpeedConfig(ds_config)  # held: transformers keeps only a weak reference
@@ -202,7 +205,7 @@ def bench_lm(
     import torch
 
     from raytune_ft.train.loop import train_loop
-    from raytune_ft.train.trainer import ensure_ray
+    from raytune_ft.train.ray_cluster import ensure_ray
 
     if steps < 2:
         raise ValueError("--steps must be at least 2: the first step is start-up, the rest are timed")

@@ -45,6 +45,9 @@ def build_memory_model(size: str, tokenizer: Any, out_dir: Path, seed: int) -> t
 def estimator_mb(stage: int, params: int, largest_layer: int, workers: int) -> float:
     """DeepSpeed's per-device estimate of model states (mixed precision, no offload). Stage 0 is the stage-1/2
     formula on one device, where nothing is partitioned."""
+    from raytune_ft.train.ds_config import import_deepspeed
+
+    import_deepspeed()
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
     from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
@@ -80,7 +83,7 @@ def bench_memory(
     from raytune_ft.data.tokenize import tokenize_causal_blocks
     from raytune_ft.model_source import load_tokenizer
     from raytune_ft.train.loop import train_loop
-    from raytune_ft.train.trainer import ensure_ray
+    from raytune_ft.train.ray_cluster import ensure_ray
 
     workers = cfg.scaling.num_workers
     tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.revision, cfg.model.trust_remote_code)

@@ -384,7 +384,7 @@ def noop_baseline(url: str, body: bytes, requests: int, warmup: int, address: st
     from ray import serve
 
     from raytune_ft.serve.app import build_noop_app
-    from raytune_ft.train.trainer import ClusterError, join_cluster
+    from raytune_ft.train.ray_cluster import ClusterError, join_cluster
 
     if not ray.is_initialized():
         try:

@@ -248,7 +248,7 @@ def _fresh_ray(cfg: ExperimentConfig) -> None:
     start a user's `raytune-ft train` pays; a remote cluster is joined once and stays as it is."""
     import ray
 
-    from raytune_ft.train.trainer import ensure_ray
+    from raytune_ft.train.ray_cluster import ensure_ray
 
     if cfg.cluster.address is None and ray.is_initialized():
         ray.shutdown()

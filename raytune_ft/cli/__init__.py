@@ -145,8 +145,8 @@ def train(
     from raytune_ft.model_source import ModelSourceError
     from raytune_ft.train import CONFIG_FILE, CheckpointError
     from raytune_ft.train import train as run_train
+    from raytune_ft.train.ray_cluster import ClusterError
     from raytune_ft.train.storage import StorageError
-    from raytune_ft.train.trainer import ClusterError
 
     if resume is not None:
         if config is not None and config.suffix not in (".yaml", ".yml"):
@@ -302,7 +302,7 @@ def serve(
         fail(str(exc), EXIT_CONFIG)
     extra = [*(overrides or []), *([f"cluster.address={address}"] if address else [])]
     cfg = _export_config(export, extra)
-    from raytune_ft.train.trainer import ClusterError
+    from raytune_ft.train.ray_cluster import ClusterError
 
     try:
         url = start_detached(export, cfg, extra, log=log) if detach else deploy(export, cfg, log)
@@ -357,7 +357,7 @@ def run(
     from raytune_ft.run import STAGES, NotPromoted, StageError, run_pipeline, select
     from raytune_ft.serve.deploy import ServeError
     from raytune_ft.train import CheckpointError
-    from raytune_ft.train.trainer import ClusterError
+    from raytune_ft.train.ray_cluster import ClusterError
     from raytune_ft.tune import MissingExtraError
 
     extra = [*(overrides or []), *([f"cluster.address={address}"] if address else [])]

@@ -257,7 +257,7 @@ def bench_tune(
     from raytune_ft.bench.tune import bench_compare, bench_engine, bench_trivial
     from raytune_ft.data import DataError
     from raytune_ft.model_source import ModelSourceError
-    from raytune_ft.train.trainer import ensure_ray
+    from raytune_ft.train.ray_cluster import ensure_ray
     from raytune_ft.tune import MissingExtraError
     from raytune_ft.tune.search import require_extra
 

@@ -88,7 +88,7 @@ def deploy(export: Path, cfg: ExperimentConfig, log: Callable[[str], None] = pri
     import ray
     from ray import serve
 
-    from raytune_ft.train.trainer import ensure_ray
+    from raytune_ft.train.ray_cluster import ensure_ray
 
     others = [s for s in local_servers() if s["port"] == cfg.serve.port and s["pid"] != os.getpid()]
     if cfg.cluster.address is None and others:
@@ -179,7 +179,7 @@ def stop(address: str | None, log: Callable[[str], None] = print, timeout_s: flo
     if address is not None:
         from ray import serve
 
-        from raytune_ft.train.trainer import ClusterError, join_cluster
+        from raytune_ft.train.ray_cluster import ClusterError, join_cluster
 
         try:
             join_cluster(address, logging_level="ERROR")

@@ -1,6 +1,18 @@
-"""Fine-tuning engine: DeepSpeed ZeRO on Ray Train, checkpoints and resume."""
+"""Fine-tuning engine: DeepSpeed ZeRO on Ray Train, checkpoints and resume.
 
-from raytune_ft.train.checkpoint import CheckpointError, verify_checkpoint
-from raytune_ft.train.trainer import CONFIG_FILE, TrainResult, run_dir_for, train
+The names below load on first use: Ray Train's controller imports raytune_ft.train.process_group, and it must not
+pay for torch and the training loop to do so."""
 
-__all__ = ["CONFIG_FILE", "CheckpointError", "TrainResult", "run_dir_for", "train", "verify_checkpoint"]
+from raytune_ft.lazy import exports
+
+_HOMES = {
+    "CheckpointError": "raytune_ft.train.checkpoint",
+    "verify_checkpoint": "raytune_ft.train.checkpoint",
+    "CONFIG_FILE": "raytune_ft.train.trainer",
+    "TrainResult": "raytune_ft.train.trainer",
+    "run_dir_for": "raytune_ft.train.trainer",
+    "train": "raytune_ft.train.trainer",
+}
+__all__ = sorted(_HOMES)
+
+__getattr__ = exports(__name__, _HOMES)

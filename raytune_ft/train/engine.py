@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from raytune_ft.config.schema import ExperimentConfig
-from raytune_ft.train.ds_config import stand_in_for_deepspeed_muon
+from raytune_ft.train.ds_config import import_deepspeed
 
 
 def enable_activation_checkpointing(model: torch.nn.Module) -> None:
@@ -29,6 +29,7 @@ def enable_activation_checkpointing(model: torch.nn.Module) -> None:
 
 def make_optimizer(cfg: ExperimentConfig, groups: list[dict[str, Any]], on_gpu: bool) -> torch.optim.Optimizer:
     if cfg.deepspeed.offload_optimizer:
+        import_deepspeed()
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
         return DeepSpeedCPUAdam(groups, lr=cfg.train.lr, adamw_mode=True)
@@ -44,9 +45,7 @@ def start_engine(
     scheduler: Any,
     ds_config: dict[str, Any],
 ) -> Any:
-    import deepspeed
-
-    stand_in_for_deepspeed_muon()
+    deepspeed = import_deepspeed()
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, dist_init_required=False
     )

@@ -35,7 +35,7 @@ from raytune_ft.train.checkpoint import (
     weights_only_loads,
     write_manifest,
 )
-from raytune_ft.train.ds_config import deepspeed_config, resolved_precision
+from raytune_ft.train.ds_config import deepspeed_config, import_deepspeed, resolved_precision
 from raytune_ft.train.engine import enable_activation_checkpointing, make_optimizer, start_engine
 from raytune_ft.train.evaluate import evaluate, over_ranks, probe_logits, task_loss
 from raytune_ft.train.figures import report_figures
@@ -113,6 +113,7 @@ def train_loop(config: dict[str, Any]) -> None:
     precision = resolved_precision(cfg, torch.cuda.is_available())
     ds_config = deepspeed_config(cfg, precision, _hidden_size(cfg))
     if cfg.deepspeed.zero_stage == 3:
+        import_deepspeed()  # before transformers' DeepSpeed integration imports it
         from transformers.integrations import HfDeepSpeedConfig
 
         # While this object lives, from_pretrained builds the model already partitioned (deepspeed.zero.Init):
@@ -530,8 +531,9 @@ def _save_and_report(
 ) -> None:
     import json
 
-    import deepspeed
     import ray.train
+
+    deepspeed = import_deepspeed()
 
     tmp = Path(tempfile.mkdtemp(prefix=f"raytune-ft-ckpt-r{rank}-"))
     # Frozen weights are the pre-trained ones every process loads anyway: a LoRA checkpoint holds megabytes.

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +13,8 @@ from raytune_ft.model_source import load_tokenizer
 from raytune_ft.train.batches import tokenize_splits
 from raytune_ft.train.checkpoint import CheckpointError, list_checkpoints, newest_whole_checkpoint, read_state
 from raytune_ft.train.loop import train_loop
+from raytune_ft.train.ray_cluster import ensure_ray
+from raytune_ft.train.ray_run import torch_trainer
 from raytune_ft.train.storage import bytes_needed, check_storage
 
 CONFIG_FILE = "config.yaml"
@@ -38,94 +38,6 @@ def score_of(cfg: ExperimentConfig) -> tuple[str, str]:
     if cfg.train.early_stopping is not None:
         return cfg.train.early_stopping.metric, cfg.train.early_stopping.mode
     return "eval_loss", "min"
-
-
-class ClusterError(RuntimeError):
-    """The Ray cluster at the configured address could not be joined."""
-
-
-def join_cluster(address: str, **init_args: Any) -> None:
-    """`ray.init(address=ADDRESS)`, failing with one line that says why instead of Ray's traceback."""
-    import ray
-
-    try:
-        ray.init(address=address, **init_args)
-    except (ConnectionError, RuntimeError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        hint = ""
-        if "auth" in repr(exc.__cause__).lower() + str(exc).lower() or os.environ.get("RAY_AUTH_MODE") != "token":
-            hint = (
-                " If the cluster uses token authentication, set RAY_AUTH_MODE=token and give its token in"
-                " RAY_AUTH_TOKEN or ~/.ray/auth_token."
-            )
-        raise ClusterError(f"cannot join the Ray cluster at {address}: {reason}.{hint}") from None
-
-
-def ensure_ray(cfg: ExperimentConfig) -> None:
-    import ray
-
-    if ray.is_initialized():
-        return
-    runtime_env: dict[str, Any] = {}
-    if cfg.cluster.runtime_env.env_vars:
-        runtime_env["env_vars"] = dict(cfg.cluster.runtime_env.env_vars)
-    if cfg.cluster.runtime_env.pip:
-        runtime_env["pip"] = list(cfg.cluster.runtime_env.pip)
-    if cfg.cluster.runtime_env.working_dir:
-        runtime_env["working_dir"] = cfg.cluster.runtime_env.working_dir
-    if cfg.cluster.address is not None:
-        join_cluster(cfg.cluster.address, runtime_env=runtime_env or None)
-        return
-    # An embedded local Ray instance. Its dashboard stays on (bound to 127.0.0.1): Ray Train V2 cleans up a dead
-    # run's placement group through the state API the dashboard serves.
-    port, env = embedded_dashboard()
-    runtime_env["env_vars"] = {**env, **runtime_env.get("env_vars", {})}
-    ray.init(dashboard_port=port, runtime_env=runtime_env)
-
-
-def embedded_dashboard() -> tuple[int, dict[str, str]]:
-    """A dashboard port for an embedded Ray (8265 when free, where people look for it) and the environment that
-    points this cluster's workers at it. Ray Train V2's placement-group cleaner finds the state API by looking for
-    "the" local Ray; with two Ray instances on one machine (two experiments at once, a test suite beside a
-    benchmark) it fails with "Found multiple active Ray instances" and a stopped trial's CPUs are never freed."""
-    for port in (8265, 0):
-        with socket.socket() as probe:
-            try:
-                probe.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            port = probe.getsockname()[1]
-            break
-    # Ray Train's controller polls its workers every 2 s by default: a run waits for a poll to see its workers
-    # start, each checkpoint report registered and the run end. Workers on this machine answer a poll in
-    # milliseconds, so every 0.5 s takes ~2.5 s off each run here (a 24-step run with 4 checkpoints: 39 -> 36 s).
-    interval = os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
-    return port, {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": interval}
-
-
-def torch_trainer(
-    cfg: ExperimentConfig, loop: Callable, loop_config: dict[str, Any], run_config: Any, **trainer_args: Any
-) -> Any:
-    """A TorchTrainer on the experiment's workers: gloo on CPU, NCCL on GPU."""
-    from ray.train import ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    resources = {"CPU": cfg.scaling.cpus_per_worker}
-    if cfg.scaling.use_gpu:
-        resources["GPU"] = cfg.scaling.gpus_per_worker or 1.0
-    return TorchTrainer(
-        loop,
-        train_loop_config=loop_config,
-        scaling_config=ScalingConfig(
-            num_workers=cfg.scaling.num_workers,
-            use_gpu=cfg.scaling.use_gpu,
-            resources_per_worker=resources,
-            placement_strategy=cfg.scaling.placement_strategy,
-        ),
-        torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
-        run_config=run_config,
-        **trainer_args,
-    )
 
 
 def prepare_worker_data(cfg: ExperimentConfig) -> dict[str, Any]:

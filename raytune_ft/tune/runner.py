@@ -328,7 +328,8 @@ def _trainable(cfg: ExperimentConfig, storage: str, log: Callable[[str], None]) 
     """The prepared data and the Tune trainable (a trial = one Ray Train run writing under STORAGE)."""
     from ray import tune
 
-    from raytune_ft.train.trainer import ensure_ray, loop_data, prepare_worker_data
+    from raytune_ft.train.ray_cluster import ensure_ray
+    from raytune_ft.train.trainer import loop_data, prepare_worker_data
 
     assert cfg.tune is not None
     log("preparing data")

@@ -98,8 +98,7 @@ def run_trial(config: dict[str, Any], shared: dict[str, Any]) -> None:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.util.queue import Queue
 
-    from raytune_ft.train.loop import train_loop
-    from raytune_ft.train.trainer import torch_trainer
+    from raytune_ft.train.ray_run import run_train_loop, torch_trainer
     from raytune_ft.tune.space import trial_experiment
 
     started = time.time()
@@ -127,7 +126,7 @@ def run_trial(config: dict[str, Any], shared: dict[str, Any]) -> None:
     }
     trainer = torch_trainer(
         cfg,
-        train_loop,
+        run_train_loop,
         loop_config,
         RunConfig(
             name=f"run-{attempt}",

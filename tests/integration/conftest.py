@@ -48,16 +48,13 @@ def tiny_bert(tmp_path_factory) -> Path:
 def local_ray():
     import ray
 
-    from raytune_ft.train.trainer import embedded_dashboard
+    from raytune_ft.train.ray_cluster import inherited_environment, start_embedded_ray
 
-    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     # Workers import test modules (loop functions live there) the way pytest does: by file name.
     here = str(Path(__file__).parent)
-    # The dashboard stays on, as in `raytune-ft`: Ray Train V2 removes a dead run's placement group through the
-    # state API it serves, and a stopped Tune trial's run would otherwise keep its CPUs.
-    port, env = embedded_dashboard()  # as `raytune-ft` does: this cluster's own dashboard, named to its workers
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))
-    ray.init(num_cpus=2, log_to_driver=False, dashboard_port=port, runtime_env={"env_vars": env})
+    path = os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))
+    with inherited_environment({"PYTHONPATH": path}):
+        start_embedded_ray(num_cpus=2, log_to_driver=False)  # as `raytune-ft` starts it
     yield ray
     ray.shutdown()
 
