@@ -335,6 +335,11 @@ class TuneConfig(Section):
     )
     quantile_fraction: Annotated[float, Field(gt=0, le=0.5)] = 0.25
     resample_probability: Fraction = 0.25
+    perturbation_factors: tuple[PositiveFloat, PositiveFloat] = Field(
+        default=(1.2, 0.8),
+        description="PBT: an exploiting trial multiplies each continuous value it inherits by one of these two, "
+        "chosen at random (when it does not resample the value).",
+    )
     synch: bool = Field(
         default=False,
         description="PBT: trials wait for each other at every perturbation point (each wait restarts the trial).",

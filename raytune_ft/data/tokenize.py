@@ -1,16 +1,10 @@
-"""Tokenisation with the model's tokenizer, and Ray Datasets that Ray Train shards across workers.
-
-The same batch functions run in-process (for the data report) and inside Ray Data tasks (for training).
-"""
+"""Tokenisation with the model's tokenizer: classification rows, causal-LM blocks, and the token statistics of the
+data report."""
 
 from __future__ import annotations
 
-import functools
 import statistics
-from pathlib import Path
 from typing import Any
-
-from raytune_ft.model_source import load_tokenizer
 
 
 def tokenize_classification(texts: list[str], label_ids: list[int], tokenizer: Any, max_length: int) -> dict:
@@ -52,51 +46,3 @@ def token_stats(texts: list[str], tokenizer: Any, max_length: int | None, block_
     if block_size is not None:
         stats.update(block_size=block_size, blocks=stats["total"] // block_size)
     return stats
-
-
-@functools.lru_cache(maxsize=4)
-def _cached_tokenizer(model_ref: str) -> Any:
-    return load_tokenizer(model_ref)
-
-
-def _tokenize_arrow_batch(batch: Any, model_ref: str, task: str, max_length: int, block_size: int) -> Any:
-    import pyarrow as pa
-
-    tokenizer = _cached_tokenizer(model_ref)
-    texts = batch.column("text").to_pylist()
-    if task == "causal-lm":
-        out = tokenize_causal_blocks(texts, tokenizer, block_size)
-    else:
-        out = tokenize_classification(texts, batch.column("label_id").to_pylist(), tokenizer, max_length)
-    ids = pa.list_(pa.int32())
-    return pa.table(
-        {k: pa.array(v, type=pa.int64() if k == "labels" and task != "causal-lm" else ids) for k, v in out.items()}
-    )
-
-
-def ray_datasets(
-    data_dir: str | Path,
-    model_ref: str,
-    task: str,
-    max_length: int,
-    block_size: int,
-    splits: tuple[str, ...] = ("train", "validation"),
-) -> dict[str, Any]:
-    """Tokenised Ray Datasets of the prepared splits. Pass them to TorchTrainer(datasets=...) and each worker
-    reads its own shard with ray.train.get_dataset_shard(name). The test split is never offered here."""
-    import ray.data
-
-    if "test" in splits:
-        raise ValueError("the test split is read once, by the final evaluation (load_test_split), not by training")
-    datasets = {}
-    for name in splits:
-        path = Path(data_dir) / f"{name}.parquet"
-        columns = ["text"] + ([] if task == "causal-lm" else ["label_id"])
-        ds = ray.data.read_parquet(str(path)).select_columns(columns)
-        datasets[name] = ds.map_batches(
-            _tokenize_arrow_batch,
-            batch_format="pyarrow",
-            batch_size=1024,
-            fn_kwargs={"model_ref": model_ref, "task": task, "max_length": max_length, "block_size": block_size},
-        )
-    return datasets

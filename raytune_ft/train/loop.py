@@ -286,11 +286,7 @@ def train_loop(config: dict[str, Any]) -> None:
         stream, micro_batches = mix.step(step, rank)
         if fault.get("raise_at_step") == step:
             raise RuntimeError(f"fault injected: interrupted at step {step}")
-        if fault.get("kill_at_step") == step and fault.get("rank", 0) == rank:
-            marker = Path(fault["marker"])
-            if not marker.exists():
-                marker.write_text(f"killed rank {rank} at step {step}\n")
-                os.kill(os.getpid(), signal.SIGKILL)
+        _kill_once(fault, "kill_at_step", step, rank, f"killed rank {rank} at step {step}")
         for rows in micro_batches:
             batch = collate(stream.train, rows, pad_id, device)
             loss = stream.loss(engine, batch)
@@ -580,16 +576,29 @@ def _save_and_report(
         (tmp / STATE).write_text(json.dumps(state, indent=1, default=float))
     for extra in ("zero_to_fp32.py", "zero_to_torch.py"):
         (tmp / extra).unlink(missing_ok=True)  # DeepSpeed's helper scripts: code, not state
-    if config.get("fault", {}).get("kill_in_checkpoint_at_step") == step and rank == config["fault"].get("rank", 0):
-        marker = Path(config["fault"]["marker"])
-        if not marker.exists():
-            marker.write_text(f"killed rank {rank} while writing checkpoint {step}\n")
-            os.kill(os.getpid(), signal.SIGKILL)
+    _kill_once(
+        config.get("fault") or {},
+        "kill_in_checkpoint_at_step",
+        step,
+        rank,
+        f"killed rank {rank} while writing checkpoint {step}",
+    )
     write_manifest(tmp, rank)
     ray.train.report(
         metrics, checkpoint=ray.train.Checkpoint.from_directory(str(tmp)), checkpoint_dir_name=checkpoint_name(step)
     )
     shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _kill_once(fault: dict[str, Any], kind: str, step: int, rank: int, what: str) -> None:
+    """Tests' fault injection: SIGKILL this worker when FAULT names this step for KIND on this rank, once per run
+    (the marker file FAULT["marker"].KIND says it happened, and the restarted workers pass the step again)."""
+    if fault.get(kind) != step or fault.get("rank", 0) != rank:
+        return
+    marker = Path(f"{fault['marker']}.{kind}")
+    if not marker.exists():
+        marker.write_text(what + "\n")
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def progress_line(metrics: dict[str, Any], total: int, global_batch: int) -> str:

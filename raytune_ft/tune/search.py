@@ -117,6 +117,7 @@ def scheduler(tune: TuneConfig, max_reports: int) -> Any:
             hyperparam_mutations={key: mutation(dim) for key, dim in tune.search_space.items()},
             quantile_fraction=tune.quantile_fraction,
             resample_probability=tune.resample_probability,
+            perturbation_factors=tuple(tune.perturbation_factors),
             synch=tune.synch,
         )
     if tune.algorithm == "pb2":

@@ -77,17 +77,17 @@ def _attempts(storage: str) -> int:
     return sum(1 for i in fs.get_file_info(FileSelector(path, allow_not_found=True)) if i.base_name.startswith("run-"))
 
 
-def _earlier_checkpoint(storage: Path, attempt: int) -> str | None:
-    """The newest whole checkpoint an earlier run of this trial left, for a restart that Tune gives none.
+def _earlier_checkpoint(storage: Path, attempt: int) -> tuple[str, int] | None:
+    """The newest whole checkpoint an earlier run of this trial left, and its step.
 
     Tune saves its experiment state every few seconds: a driver killed just after a trial's report restores
-    that trial without the checkpoint the report carried, though it is whole on disk. Same trial, same values."""
+    that trial with the checkpoint of an earlier report, or none, though the newer one is whole on disk."""
     from raytune_ft.train.checkpoint import list_checkpoints, newest_whole_checkpoint
 
     for run in range(attempt - 1, -1, -1):
         found = newest_whole_checkpoint(list_checkpoints(storage / f"run-{run}"), log=lambda m: None)
         if found is not None:
-            return str(found[0])
+            return str(found[0]), int(found[1]["step"])
     return None
 
 
@@ -114,8 +114,12 @@ def run_trial(config: dict[str, Any], shared: dict[str, Any]) -> None:
     queue = Queue(actor_options={"num_cpus": 0})
     storage = f"{shared['train_storage']}/{trial_id}"
     attempt = _attempts(storage)
-    if restore is None and attempt and is_local(storage):
-        restore = _earlier_checkpoint(Path(storage.removeprefix("file://")), attempt)
+    if attempt and is_local(storage) and (record is None or not record["exploit"]):
+        # the same trial with the same values (an exploit's donor checkpoint is never replaced): resume from the
+        # newest whole checkpoint its own earlier runs left when Tune hands back an older one, or none
+        earlier = _earlier_checkpoint(Path(storage.removeprefix("file://")), attempt)
+        if earlier is not None and (record is None or earlier[1] > record["donor_step"]):
+            restore = earlier[0]
     loop_config = {
         **shared["loop_config"],
         "experiment": cfg.model_dump(mode="json", by_alias=True),

@@ -1,4 +1,8 @@
-"""Integration fixtures: a real local Ray cluster and tiny real Hugging Face model directories."""
+"""Integration fixtures: one real local Ray for the pytest session, tiny real Hugging Face model directories, and
+the two exports (a classifier and a causal LM) that the training tests check and the serving tests serve.
+
+A module that needs a cluster of its own starts it beside this one (`ray start --head` in a temp dir) or runs in
+its own process (ray.cluster_utils.Cluster)."""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ import os
 from pathlib import Path
 
 import pytest
+from helpers import lm_cfg, make_cfg, write_reviews
 
 _CHARS = "abcdefghijklmnopqrstuvwxyz0123456789"
 VOCAB = [
@@ -44,21 +49,6 @@ def tiny_bert(tmp_path_factory) -> Path:
     return folder
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    import ray
-
-    from raytune_ft.train.ray_cluster import inherited_environment, start_embedded_ray
-
-    # Workers import test modules (loop functions live there) the way pytest does: by file name.
-    here = str(Path(__file__).parent)
-    path = os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))
-    with inherited_environment({"PYTHONPATH": path}):
-        start_embedded_ray(num_cpus=2, log_to_driver=False)  # as `raytune-ft` starts it
-    yield ray
-    ray.shutdown()
-
-
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> Path:
     """A 2-layer Llama (hidden 32) for causal LM, with the tiny word-piece tokenizer."""
@@ -72,3 +62,78 @@ def tiny_llama(tmp_path_factory) -> Path:
     config = llama_config(len(VOCAB), pad_token_id=0, bos_token_id=2, eos_token_id=3)
     LlamaForCausalLM(config).save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def local_ray():
+    """The embedded Ray `raytune-ft` starts, once for the session (2 CPUs, as on the CI machine)."""
+    import ray
+
+    from raytune_ft.train.ray_cluster import inherited_environment, start_embedded_ray
+
+    # Workers import test modules (loop functions live there) the way pytest does: by file name.
+    path = os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")]))
+    with inherited_environment({"PYTHONPATH": path}):
+        start_embedded_ray(num_cpus=2, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def serve_port() -> int:
+    """Serve's HTTP proxy keeps the port it first started with in a Ray session: one port for the session."""
+    from helpers import free_port
+
+    return free_port()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_serve_app_after_the_module():
+    """A Serve app holds its replicas' CPUs in the session's Ray; the next module's training needs them."""
+    yield
+    import ray
+
+    if ray.is_initialized():
+        from ray import serve
+
+        serve.shutdown()
+
+
+@pytest.fixture(autouse=True)
+def own_state_dir(tmp_path, monkeypatch):
+    """Server state files (pid, URL, Ray address) of each test stay in the test's directory."""
+    monkeypatch.setenv("RAYTUNE_FT_STATE_DIR", str(tmp_path / "serve-state"))
+
+
+@pytest.fixture(scope="session")
+def reviews(tmp_path_factory) -> Path:
+    return write_reviews(tmp_path_factory.mktemp("data") / "reviews.tsv")
+
+
+@pytest.fixture(scope="session")
+def classifier_run(tmp_path_factory, tiny_bert, reviews, local_ray):
+    """The tiny BERT trained on the toy reviews (2 workers, ZeRO-2, 24 steps, 4 checkpoints) and exported:
+    test_train checks the run, the curves of other runs are compared with it, the serving tests serve its export.
+    (result, runs root)"""
+    from raytune_ft.train import train
+
+    root = tmp_path_factory.mktemp("runs")
+    return train(make_cfg(root, "baseline", tiny_bert, reviews)), root
+
+
+@pytest.fixture(scope="session")
+def lm_run(tmp_path_factory, tiny_llama, local_ray):
+    """The tiny Llama trained as a causal LM (ZeRO-3 over 2 workers, 6 steps) and exported. (result, config)"""
+    from raytune_ft.train import train
+
+    cfg = lm_cfg(tmp_path_factory.mktemp("lm"), "lm", tiny_llama)
+    return train(cfg), cfg
+
+
+@pytest.fixture(scope="session")
+def classifier(classifier_run, serve_port):
+    """The session's classifier export and its experiment, to be served on the session's Serve port."""
+    from raytune_ft.serve.model import export_config
+
+    export = classifier_run[0].export_dir
+    return export, export_config(export, [f"serve.port={serve_port}"])

@@ -4,16 +4,12 @@ add two worker nodes, and once the search ends the idle nodes go away."""
 
 from __future__ import annotations
 
-import threading
-import time
 from pathlib import Path
 
 import pytest
 import yaml
-from ray_head import alive_nodes, ray_head
-from test_serve import free_port
-from test_serve_cli import cli
-from test_train import make_cfg, write_reviews
+from helpers import cli, free_port, make_cfg, write_reviews
+from ray_head import NodeCounts, alive_nodes, ray_head
 
 pytestmark = pytest.mark.integration
 
@@ -53,34 +49,18 @@ def test_tune_makes_the_autoscaler_add_nodes_that_leave_when_idle(autoscaling_he
     experiment = tmp_path / "exp.yaml"
     experiment.write_text(yaml.safe_dump(raw))
 
-    before = alive_nodes(address, env)
-    seen: list[int] = []
-    done = threading.Event()
-
-    def watch() -> None:
-        while not done.is_set():
-            count = alive_nodes(address, env)
-            if count is not None:
-                seen.append(count)
-            time.sleep(1)
-
-    watcher = threading.Thread(target=watch)
-    watcher.start()
+    watch = NodeCounts(address, env)  # one client, polling every second
     try:
+        before = watch.wait_for(1, timeout_s=60)
         # no max_concurrent_trials: on a cluster joined by address both trials start and wait for workers
         tuned = cli("tune", str(experiment), f"cluster.address={address}", env=env, timeout=900)
+        assert tuned.returncode == 0, tuned.stderr[-3000:]
+        assert "export:" in tuned.stdout
+        during = max(watch.seen)
+        after = watch.wait_for(1, timeout_s=180)  # idle workers removed after idle_timeout_minutes
     finally:
-        done.set()
-        watcher.join()
-    assert tuned.returncode == 0, tuned.stderr[-3000:]
-    assert "export:" in tuned.stdout
-    during = max(seen)
-    deadline = time.monotonic() + 180
-    after = alive_nodes(address, env)
-    while after != 1 and time.monotonic() < deadline:
-        time.sleep(3)
-        after = alive_nodes(address, env)
+        watch.close()
     print(f"alive nodes: before {before}, during (max) {during}, after {after}")
     assert before == 1  # the head alone
     assert during == 3  # the head and two trial_worker nodes, one per trial
-    assert after == 1  # idle workers removed after idle_timeout_minutes
+    assert after == 1

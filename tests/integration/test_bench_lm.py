@@ -18,7 +18,7 @@ def bench_lm(tmp_path, *args: str) -> tuple[dict, str]:
     out = tmp_path / "lm.json"
     cmd = [sys.executable, "-m", "raytune_ft.cli", "bench", "lm", "--size", "tiny", "--seq-len", "64"]
     cmd += ["--micro-batch", "2", "--steps", "3", "--device", "cpu", "--json", str(out), *args]
-    env = {**os.environ, "RAY_TRAIN_V2_ENABLED": "1"}
+    env = {**os.environ}
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
     assert done.returncode == 0, done.stderr[-4000:]
     return json.loads(out.read_text()), done.stdout

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import yaml
-from test_train import write_reviews
+from helpers import write_reviews
 
 pytestmark = pytest.mark.integration
 KEYS = {"samples_per_s", "tokens_per_s", "time_to_first_step_s", "peak_rss_mb"}
@@ -32,7 +32,7 @@ def test_bench_train_compares_bare_and_ray_and_measures_zero_memory(tiny_bert, t
     out = tmp_path / "figures" / "bench.json"
     cmd = [sys.executable, "-m", "raytune_ft.cli", "bench", "train", str(path), "--steps", "4"]
     cmd += ["--zero-stages", "0,3", "--memory-model", "tiny", "--json", str(out)]
-    env = {**os.environ, "RAY_TRAIN_V2_ENABLED": "1"}
+    env = {**os.environ}
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
     assert done.returncode == 0, done.stderr[-4000:]
     assert "no-op TorchTrainer time to first step" in done.stdout

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import yaml
-from test_train import write_reviews
+from helpers import write_reviews
 
 pytestmark = pytest.mark.integration
 

@@ -1,35 +1,62 @@
-"""The same training loop across two Ray nodes (ray.cluster_utils.Cluster), one worker per node."""
+"""The same training loop across two Ray nodes (ray.cluster_utils.Cluster), one worker per node.
+
+The cluster is this test's own, so it runs in a process of its own (this file, run as a script), beside the
+pytest session's Ray."""
 
 from __future__ import annotations
 
-import pytest
+import json
+import subprocess
+import sys
+from pathlib import Path
 
-from raytune_ft.train import train
+import pytest
 
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(scope="module")
-def two_nodes():
+def test_two_workers_on_two_nodes(tiny_bert, tmp_path):
+    done = subprocess.run(
+        [sys.executable, __file__, str(tiny_bert), str(tmp_path)], capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    assert found["alive_nodes"] == 2
+    assert found["steps"] == [6, 12, 18, 24]
+    assert found["world_size"] == 2  # two workers, and each node has 1 CPU: one worker on each
+    assert Path(found["export"], "model.safetensors").is_file()
+
+
+def main(model: Path, tmp_path: Path) -> None:
     import ray
+    from helpers import make_cfg, write_reviews
     from ray.cluster_utils import Cluster
+
+    from raytune_ft.train import train
+    from raytune_ft.train.checkpoint import list_checkpoints, read_state
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     cluster.add_node(num_cpus=1)
     cluster.wait_for_nodes()
-    ray.init(address=cluster.address)
-    yield cluster
-    ray.shutdown()
-    cluster.shutdown()
+    ray.init(address=cluster.address, log_to_driver=False)
+    try:
+        alive = len([n for n in ray.nodes() if n["Alive"]])
+        data = write_reviews(tmp_path / "reviews.tsv")
+        cfg = make_cfg(tmp_path, "spread", model, data, scaling={"placement_strategy": "STRICT_SPREAD"})
+        result = train(cfg, log=lambda m: None)
+        state = read_state(list_checkpoints(result.run_dir / "train")[-1])
+        found = {
+            "alive_nodes": alive,
+            "steps": [h["step"] for h in result.history],
+            "world_size": state["world_size"],
+            "export": str(result.export_dir),
+        }
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    print(json.dumps(found))
 
 
-def test_two_workers_on_two_nodes(two_nodes, tiny_bert, tmp_path):
-    import ray
-    from test_train import make_cfg, write_reviews
-
-    assert len([n for n in ray.nodes() if n["Alive"]]) == 2
-    data = write_reviews(tmp_path / "reviews.tsv")
-    cfg = make_cfg(tmp_path, "spread", tiny_bert, data, scaling={"placement_strategy": "STRICT_SPREAD"})
-    result = train(cfg)
-    assert [h["step"] for h in result.history] == [6, 12, 18, 24]
-    assert result.export_dir is not None and (result.export_dir / "model.safetensors").is_file()
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).parent))
+    main(Path(sys.argv[1]), Path(sys.argv[2]))

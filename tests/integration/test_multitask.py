@@ -8,9 +8,9 @@ import json
 from pathlib import Path
 
 import pytest
+from helpers import make_cfg, post_json, with_serve, write_reviews
 from ray import serve
-from test_serve import free_port, own_state_dir, post_json, with_serve  # noqa: F401  (fixture)
-from test_train import make_cfg, write_reviews
+from shared_data import shared_data
 
 from raytune_ft.serve.deploy import deploy
 from raytune_ft.serve.model import LoadedModel
@@ -18,14 +18,10 @@ from raytune_ft.train import train
 
 pytestmark = pytest.mark.integration
 
-SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
-SST2 = SHARED / "sst2" / "train.tsv"
-SHAKESPEARE = SHARED / "tinyshakespeare" / "input.txt"
-
 
 def sentences(tmp_path: Path, rows: int = 480) -> tuple[Path, Path]:
     """The SST-2 slice, and the same sentences labelled by length: a second task with its own label set."""
-    lines = SST2.read_text().splitlines()[1 : rows + 1]  # label TAB sentence
+    lines = shared_data("sst2", "train.tsv").read_text().splitlines()[1 : rows + 1]  # label TAB sentence
     sentiment = tmp_path / "sentiment.tsv"
     sentiment.write_text("\n".join(["label\tsentence", *lines]) + "\n")
     length = tmp_path / "length.tsv"
@@ -35,9 +31,9 @@ def sentences(tmp_path: Path, rows: int = 480) -> tuple[Path, Path]:
     return sentiment, length
 
 
-def test_two_tasks_train_on_two_workers_with_zero2_and_the_export_serves_both(tiny_bert, tmp_path, local_ray):
-    if not SST2.is_file():
-        pytest.skip(f"the shared SST-2 data ({SST2}) is not beside this checkout")
+def test_two_tasks_train_on_two_workers_with_zero2_and_the_export_serves_both(
+    tiny_bert, tmp_path, local_ray, serve_port
+):
     sentiment, length = sentences(tmp_path)
     cfg = make_cfg(
         tmp_path / "runs",
@@ -84,7 +80,7 @@ def test_two_tasks_train_on_two_workers_with_zero2_and_the_export_serves_both(ti
     assert {p["label"] for p in local.classify(texts, task="length")} <= {"long", "short"}
 
     # over HTTP: the classify route takes the task's name; an unknown one is refused with 422
-    url = deploy(export, with_serve(cfg, port=free_port()))
+    url = deploy(export, with_serve(cfg, port=serve_port))
     try:
         status, _, body = post_json(f"{url}/v1/classify", {"text": texts, "task": "length"})
         assert status == 200 and [p["label"] for p in body["predictions"]] == [
@@ -99,10 +95,8 @@ def test_two_tasks_train_on_two_workers_with_zero2_and_the_export_serves_both(ti
         serve.shutdown()  # its replica's CPU goes back to the next test's 2 training workers
 
 
-def test_causal_lm_with_a_classification_task_under_lora_and_zero3(tiny_llama, tmp_path, local_ray):
-    if not SHAKESPEARE.is_file():
-        pytest.skip(f"the shared tiny Shakespeare ({SHAKESPEARE}) is not beside this checkout")
-    text = SHAKESPEARE.read_text()[:20_000]
+def test_causal_lm_with_a_classification_task_under_lora_and_zero3(tiny_llama, tmp_path, local_ray, serve_port):
+    text = shared_data("tinyshakespeare", "input.txt").read_text()[:20_000]
     (tmp_path / "plays.txt").write_text(text)
     reviews = write_reviews(tmp_path / "reviews.tsv", rows=120)
     raw = {
@@ -135,14 +129,20 @@ def test_causal_lm_with_a_classification_task_under_lora_and_zero3(tiny_llama, t
     # the export: a plain causal LM (LoRA merged) plus the sentiment head; completions and classify both served
     local = LoadedModel(export)
     assert local.task == "causal-lm" and set(local.heads) == {"sentiment"}
-    assert {p["label"] for p in local.classify(["a good film", "a bad film"], task="sentiment")} <= {"0", "1"}
-    url = deploy(export, with_serve(cfg, port=free_port()))
+    texts = ["a good film", "a bad film", "the review is not good"]
+    expected = local.classify(texts, task="sentiment")
+    assert {p["label"] for p in expected} <= {"0", "1"}
+    url = deploy(export, with_serve(cfg, port=serve_port))
     try:
-        status, _, body = post_json(f"{url}/v1/classify", {"text": "a good film", "task": "sentiment"})
-        assert status == 200 and body["predictions"][0]["label"] in {"0", "1"}
+        # over HTTP, the answers the export gives in this process: labels, probabilities, greedy completions
+        status, _, body = post_json(f"{url}/v1/classify", {"text": texts, "task": "sentiment"})
+        assert status == 200 and [p["label"] for p in body["predictions"]] == [p["label"] for p in expected]
+        for got, want in zip(body["predictions"], expected, strict=True):
+            assert got["probs"] == pytest.approx(want["probs"], abs=1e-5)
         status, _, _ = post_json(f"{url}/v1/classify", {"text": "a good film"})  # the LM has no labels: name a task
         assert status == 422
         status, _, body = post_json(f"{url}/v1/completions", {"prompt": "to be", "max_tokens": 4, "temperature": 0})
         assert status == 200 and body["choices"][0]["finish_reason"] in {"stop", "length"}
+        assert body["choices"][0]["text"] == local.complete("to be", 4, 0.0, 1.0, None)["text"]
     finally:
         serve.shutdown()

@@ -11,20 +11,18 @@ import re
 from pathlib import Path
 
 import pytest
-from test_serve_cli import cli
+from helpers import cli
+from shared_data import shared_data
 
 from raytune_ft.config import load_config
 
 pytestmark = pytest.mark.integration
 
 JOBS = Path(__file__).resolve().parents[2] / "jobs"
-SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 
 
 def run_quick(name: str, output_dir: Path, **env_vars: str) -> tuple[Path, dict]:
     """`raytune-ft tune jobs/NAME.yaml output_dir=...`; the run directory and the export's test metrics."""
-    if not SHARED_DATA.is_dir():
-        pytest.skip(f"the shared data ({SHARED_DATA}) is not beside this checkout")
     env = {**os.environ, **env_vars}
     done = cli("tune", str(JOBS / f"{name}.yaml"), f"output_dir={output_dir}", env=env, timeout=900)
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
@@ -48,6 +46,7 @@ def deepspeed_files(run_dir: Path) -> set[str]:
 
 
 def test_sst2_lora_pbt_quick_exploits_and_exports(tmp_path):
+    shared_data("sst2", "train.tsv")  # the YAML's default path: the shared data beside the checkout
     run_dir, tested = run_quick("sst2-minilm-quick", tmp_path)
     cfg = load_config(JOBS / "sst2-minilm-quick.yaml")
     rows = trials(run_dir)
@@ -68,6 +67,7 @@ def test_sst2_lora_pbt_quick_exploits_and_exports(tmp_path):
 
 
 def test_sst2_full_optuna_quick_searches_and_exports(tmp_path):
+    shared_data("sst2", "train.tsv")
     run_dir, tested = run_quick("sst2-minilm-full-optuna-quick", tmp_path)
     rows = trials(run_dir)
     assert len(rows) == load_config(JOBS / "sst2-minilm-full-optuna-quick.yaml").tune.num_samples
@@ -78,7 +78,7 @@ def test_sst2_full_optuna_quick_searches_and_exports(tmp_path):
 
 
 def test_shakespeare_zero3_quick_shards_over_two_workers_and_exports(tmp_path, tiny_llama):
-    text = SHARED_DATA / "tinyshakespeare" / "input.txt"
+    text = shared_data("tinyshakespeare", "input.txt")
     run_dir, tested = run_quick(
         "shakespeare-zero3-quick", tmp_path, SHAKESPEARE_MODEL=str(tiny_llama), SHAKESPEARE_PATH=str(text)
     )

@@ -12,20 +12,18 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_serve import free_port
-from test_serve_cli import cli
+from helpers import cli, free_port
+from shared_data import shared_data
 
 from raytune_ft.data import load_split, reads_of_test_split
 from raytune_ft.run import STAGES
 
 pytestmark = pytest.mark.integration
 
-SST2 = Path(__file__).resolve().parents[3] / "shared" / "data" / "sst2" / "train.tsv"
-
 
 def held_out(tmp_path: Path) -> Path:
     """SST-2 rows past the 400 the experiment reads (data.max_rows), with a made-up source column to slice by."""
-    lines = SST2.read_text().splitlines()[401:461]
+    lines = shared_data("sst2", "train.tsv").read_text().splitlines()[401:461]
     rows = [f"{line}\t{'web' if i % 2 else 'print'}" for i, line in enumerate(lines)]
     path = tmp_path / "held_out.tsv"
     path.write_text("\n".join(["label\tsentence\tsource", *rows]) + "\n")
@@ -52,7 +50,7 @@ def experiment(tmp_path: Path, tiny_bert: Path, port: int) -> Path:
         "output_dir": str(tmp_path / "runs"),
         "model": {"name_or_path": str(tiny_bert), "task": "sequence-classification"},
         "data": {
-            "path": str(SST2),
+            "path": str(shared_data("sst2", "train.tsv")),
             "format": "tsv",
             "columns": {"text": "sentence", "label": "label"},
             "labels": [0, 1],
@@ -86,8 +84,6 @@ def experiment(tmp_path: Path, tiny_bert: Path, port: int) -> Path:
 
 
 def test_run_goes_from_data_to_report_and_a_rerun_skips_what_is_done(tiny_bert, tmp_path):
-    if not SST2.is_file():
-        pytest.skip(f"the shared SST-2 data ({SST2}) is not beside this checkout")
     env = {**os.environ, "RAYTUNE_FT_STATE_DIR": str(tmp_path / "state")}
     port = free_port()
     exp = experiment(tmp_path, tiny_bert, port)
@@ -167,8 +163,6 @@ def test_run_goes_from_data_to_report_and_a_rerun_skips_what_is_done(tiny_bert, 
 
 
 def test_run_without_a_search_trains_once_and_stops_its_server_when_asked(tiny_bert, tmp_path):
-    if not SST2.is_file():
-        pytest.skip(f"the shared SST-2 data ({SST2}) is not beside this checkout")
     env = {**os.environ, "RAYTUNE_FT_STATE_DIR": str(tmp_path / "state")}
     exp = experiment(tmp_path, tiny_bert, free_port())
     raw = yaml.safe_load(exp.read_text())

@@ -1,77 +1,25 @@
-"""Serving on a real local Ray: a tiny model trained and exported by the engine, deployed with Ray Serve, asked
-over real HTTP (urllib and raw sockets), answers checked against the same export loaded in-process."""
+"""Serving on a real local Ray: the session's tiny classifier and causal-LM exports (conftest), deployed with Ray
+Serve, asked over real HTTP (urllib and raw sockets), answers checked against the same export loaded in-process."""
 
 from __future__ import annotations
 
 import json
 import socket
 import threading
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
-from test_train import make_cfg, write_reviews
+from helpers import post_json, request, with_serve
 
 from raytune_ft.bench.serve import server_timing
-from raytune_ft.config import ExperimentConfig
 from raytune_ft.serve.deploy import deploy
-from raytune_ft.serve.model import LoadedModel
-from raytune_ft.train import train
+from raytune_ft.serve.model import LoadedModel, export_config
+from raytune_ft.train.checkpoint import read_state
 
 pytestmark = pytest.mark.integration
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-@pytest.fixture(autouse=True)
-def own_state_dir(tmp_path, monkeypatch):
-    """Server state files (pid, URL, Ray address) of these tests stay in the test's directory."""
-    monkeypatch.setenv("RAYTUNE_FT_STATE_DIR", str(tmp_path / "serve-state"))
-
-
-@pytest.fixture(scope="module")
-def classifier(tmp_path_factory, tiny_bert, local_ray):
-    """A real export (2 training steps of the tiny BERT) and its experiment, served on a free port."""
-    root = tmp_path_factory.mktemp("serve")
-    data = write_reviews(root / "reviews.tsv", rows=60)
-    train_settings = {"max_steps": 2, "eval_every_steps": 2, "checkpoint_every_steps": 2}
-    cfg = make_cfg(root, "served", tiny_bert, data, train=train_settings, scaling={"num_workers": 1})
-    result = train(cfg)
-    return result.export_dir, with_serve(cfg, port=free_port())
-
-
-def with_serve(cfg: ExperimentConfig, **serve: object) -> ExperimentConfig:
-    raw = cfg.model_dump(mode="json", by_alias=True)
-    for key, value in serve.items():
-        section = raw["serve"]
-        *parents, leaf = key.split("__")
-        for parent in parents:
-            section = section[parent]
-        section[leaf] = value
-    return ExperimentConfig.model_validate(raw)
-
-
-def request(url: str, body: bytes | None = None, method: str | None = None, headers: dict | None = None):
-    """(status, headers, parsed JSON body) of one HTTP request; 4xx/5xx are answers too."""
-    req = urllib.request.Request(url, data=body, method=method, headers=headers or {})
-    try:
-        with urllib.request.urlopen(req, timeout=60) as response:
-            return response.status, response.headers, json.loads(response.read() or b"null")
-    except urllib.error.HTTPError as exc:
-        payload = exc.read()
-        return exc.code, exc.headers, json.loads(payload) if payload else None
-
-
-def post_json(url: str, payload: object, headers: dict | None = None):
-    return request(url, json.dumps(payload).encode(), headers={"Content-Type": "application/json", **(headers or {})})
-
-
-def test_predictions_match_the_in_process_model_and_metadata_is_served(classifier):
+def test_predictions_match_the_in_process_model_and_metadata_is_served(classifier, classifier_run):
     export, cfg = classifier
     url = deploy(export, cfg)
     local = LoadedModel(export)
@@ -91,8 +39,9 @@ def test_predictions_match_the_in_process_model_and_metadata_is_served(classifie
     assert request(f"{url}/healthz")[0] == 200
     status, _, models = request(f"{url}/v1/models")
     [info] = models["data"]
-    assert status == 200 and info["experiment"] == "served" and info["task"] == "sequence-classification"
-    assert info["checkpoint_step"] == 2 and "eval_loss" in info["metrics"] and info["exported"]
+    assert status == 200 and info["experiment"] == "baseline" and info["task"] == "sequence-classification"
+    step = read_state(classifier_run[0].best_checkpoint)["step"]
+    assert info["checkpoint_step"] == step and "eval_loss" in info["metrics"] and info["exported"]
     assert (info["device"], info["dtype"]) == ("cpu", "float32")  # no GPU asked for (serve.num_gpus: 0)
 
 
@@ -158,15 +107,11 @@ def test_concurrent_requests_share_server_side_batches(classifier):
     export, cfg = classifier
     # no batch wait (the default): texts that arrive while the model is busy are held and enter as one batch
     url = deploy(export, with_serve(cfg, max_batch_size=16, batch_wait_timeout_s=0.0))
-    sizes: list[int] = []
-    timings: list[dict[str, float]] = []
+    answers: list[tuple[int, object, object]] = []  # checked here: an assert in a client thread only warns
 
     def client(i: int, barrier: threading.Barrier) -> None:
         barrier.wait()
-        status, headers, body = post_json(f"{url}/v1/classify", {"text": f"film number {i} is good"})
-        assert status == 200 and len(body["predictions"]) == 1
-        sizes.append(int(headers["x-batch-size"]))
-        timings.append(server_timing(headers.get_all("server-timing")))
+        answers.append(post_json(f"{url}/v1/classify", {"text": f"film number {i} is good"}))
 
     for _ in range(3):
         barrier = threading.Barrier(12)
@@ -175,7 +120,12 @@ def test_concurrent_requests_share_server_side_batches(classifier):
             t.start()
         for t in threads:
             t.join()
-    assert len(sizes) == 36 and max(sizes) > 1, sizes
+    assert len(answers) == 36
+    for status, _, body in answers:
+        assert status == 200 and len(body["predictions"]) == 1, body
+    sizes = [int(headers["x-batch-size"]) for _, headers, _ in answers]
+    timings = [server_timing(headers.get_all("server-timing")) for _, headers, _ in answers]
+    assert max(sizes) > 1, sizes
     # Server-Timing: the replica's time, and within it the forward pass and the wait for model and batch
     for t in timings:
         assert set(t) == {"app", "model", "wait"}, t
@@ -215,44 +165,30 @@ def test_overload_is_refused_with_429_and_retry_after(classifier):
         cfg, max_ongoing_requests=1, max_queued_requests=1, max_batch_size=4, batch_wait_timeout_s=1.5, retry_after_s=2
     )
     url = deploy(export, tight)
-    results: list[tuple[int, dict]] = []
+    results: list[tuple[int, object, dict]] = []  # checked here: an assert in a client thread only warns
     barrier = threading.Barrier(10)
 
     def client() -> None:
         barrier.wait()
-        status, headers, body = post_json(f"{url}/v1/classify", {"text": ["good film"] * 3})
-        results.append((status, headers))
-        if status == 429:
-            assert body["error"]["code"] == 429 and "serve.max_queued_requests" in body["error"]["message"]
+        results.append(post_json(f"{url}/v1/classify", {"text": ["good film"] * 3}))
 
     threads = [threading.Thread(target=client) for _ in range(10)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    codes = sorted(status for status, _ in results)
-    assert 200 in codes and 429 in codes and set(codes) <= {200, 429}, codes
-    assert all(h.get("Retry-After") == "2" for status, h in results if status == 429)
+    codes = sorted(status for status, _, _ in results)
+    assert len(codes) == 10 and 200 in codes and 429 in codes and set(codes) <= {200, 429}, codes
+    for status, headers, body in results:
+        if status == 429:
+            assert headers.get("Retry-After") == "2"
+            assert body["error"]["code"] == 429 and "serve.max_queued_requests" in body["error"]["message"], body
     assert post_json(f"{url}/v1/classify", {"text": "and after the burst"})[0] == 200
 
 
-def test_completions_answer_in_the_openai_shape(tmp_path, tiny_llama, classifier):
-    text = "\n\n".join(f"the film number {i} is good. the movie is not bad." for i in range(40))
-    (tmp_path / "corpus.txt").write_text(text + "\n")
-    raw = {
-        "name": "lm",
-        "seed": 1,
-        "output_dir": str(tmp_path),
-        "model": {"name_or_path": str(tiny_llama), "task": "causal-lm"},
-        "data": {"path": "corpus.txt", "block_size": 16, "split": {"validation": 0.1, "test": 0.1}},
-        "train": {"lr": 5e-3, "batch_size": 4, "max_steps": 2, "eval_every_steps": 2},
-        "scaling": {"num_workers": 1},
-        "serve": {"port": classifier[1].serve.port},  # Serve's HTTP proxy keeps the port it started with
-    }
-    from raytune_ft.config.loader import validate_raw
-
-    cfg = validate_raw(raw, None, "lm.yaml", [], base_dir=tmp_path)
-    export = train(cfg).export_dir
+def test_completions_answer_in_the_openai_shape(lm_run, classifier):
+    export = lm_run[0].export_dir
+    cfg = export_config(export, [f"serve.port={classifier[1].serve.port}"])
     url = deploy(export, cfg)
     prompt = {"prompt": "the film", "max_tokens": 5, "temperature": 0}
     status, _, first = post_json(f"{url}/v1/completions", prompt)

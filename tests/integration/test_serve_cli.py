@@ -6,49 +6,17 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
-import subprocess
-import sys
 import urllib.request
-from pathlib import Path
 
 import pytest
-from test_serve import free_port
-from test_train import make_cfg, write_reviews
+from helpers import cli, free_port
 
 pytestmark = pytest.mark.integration
 
 
-def cli(*args: str, env: dict, timeout: int = 600, sigint_ignored: bool = False) -> subprocess.CompletedProcess:
-    """Run raytune-ft; `sigint_ignored` as a script's `raytune-ft ... &` does (its children inherit that)."""
-    return subprocess.run(
-        [sys.executable, "-m", "raytune_ft.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-        preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if sigint_ignored else None,
-    )
-
-
-def train_tiny_classifier(tmp_path: Path, tiny_bert: Path, name: str, env: dict, *overrides: str) -> Path:
-    """`raytune-ft train` (2 steps, 1 worker) of the tiny BERT on the toy reviews; its run directory."""
-    import yaml
-
-    data = write_reviews(tmp_path / "reviews.tsv", rows=60)
-    cfg = make_cfg(
-        tmp_path, name, tiny_bert, data, train={"max_steps": 2, "eval_every_steps": 2}, scaling={"num_workers": 1}
-    )
-    experiment = tmp_path / "exp.yaml"
-    experiment.write_text(yaml.safe_dump(cfg.model_dump(mode="json", by_alias=True)))
-    trained = cli("train", str(experiment), *overrides, env=env)
-    assert trained.returncode == 0, trained.stderr[-3000:]
-    return tmp_path / name
-
-
-def test_detached_server_is_benchmarked_then_stopped(tiny_bert, tmp_path):
+def test_detached_server_is_benchmarked_then_stopped(classifier_run, tmp_path):
     env = {**os.environ, "RAYTUNE_FT_STATE_DIR": str(tmp_path / "state")}
-    run_dir = train_tiny_classifier(tmp_path, tiny_bert, "cli-served", env)
+    run_dir = classifier_run[0].run_dir  # `serve` finds the export inside a run directory
     port = free_port()
 
     started = cli(

@@ -19,15 +19,13 @@ from urllib.parse import quote
 import jsonschema
 import pytest
 import requests
+from helpers import with_serve
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis_jsonschema import from_schema
-from test_serve import classifier, own_state_dir, with_serve  # noqa: F401  (fixtures)
 
-from raytune_ft.config.loader import validate_raw
 from raytune_ft.serve.deploy import deploy
-from raytune_ft.serve.model import LoadedModel
-from raytune_ft.train import train
+from raytune_ft.serve.model import LoadedModel, export_config
 
 pytestmark = pytest.mark.integration
 
@@ -44,7 +42,7 @@ OTHER_TYPES = [None, "text/plain", "application/x-www-form-urlencoded", "multipa
 
 
 @pytest.fixture(scope="module")
-def served(classifier):  # noqa: F811
+def served(classifier):
     """test_serve's tiny BERT export, deployed with small request limits: (export, port, URL)."""
     export, cfg = classifier
     cfg = with_serve(cfg, **{f"limits__{key}": value for key, value in LIMITS.items()})
@@ -52,24 +50,12 @@ def served(classifier):  # noqa: F811
 
 
 @pytest.fixture(scope="module")
-def lm_served(tmp_path_factory, tiny_llama, served):
-    """A causal LM export of the tiny Llama, deployed in place of the classifier (the same port): (export, URL)."""
-    root = tmp_path_factory.mktemp("fuzz-lm")
-    text = "\n\n".join(f"the film number {i} is good. the movie is not bad." for i in range(40))
-    (root / "corpus.txt").write_text(text + "\n")
-    raw = {
-        "name": "lm",
-        "seed": 1,
-        "output_dir": str(root),
-        "model": {"name_or_path": str(tiny_llama), "task": "causal-lm"},
-        "data": {"path": "corpus.txt", "block_size": 16, "split": {"validation": 0.1, "test": 0.1}},
-        "train": {"lr": 5e-3, "batch_size": 4, "max_steps": 2, "eval_every_steps": 2},
-        "scaling": {"num_workers": 1},
-        "serve": {"port": served[1], "limits": LIMITS},  # Serve's HTTP proxy keeps the port it started with
-    }
-    cfg = validate_raw(raw, None, "lm.yaml", [], base_dir=root)
-    export = train(cfg).export_dir
-    return export, deploy(export, cfg)
+def lm_served(lm_run, served):
+    """The session's causal LM export, deployed in place of the classifier (the same port), with the same small
+    limits: (export, URL)."""
+    export = lm_run[0].export_dir
+    overrides = [f"serve.port={served[1]}", *(f"serve.limits.{key}={value}" for key, value in LIMITS.items())]
+    return export, deploy(export, export_config(export, overrides))
 
 
 def inline_refs(node: Any, components: dict[str, Any]) -> Any:

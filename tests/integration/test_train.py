@@ -1,91 +1,37 @@
 """The fine-tuning engine on a real local Ray with real DeepSpeed (gloo) and a tiny 2-layer BERT.
 
-One baseline run (2 workers, ZeRO-2) is shared: other runs must reproduce its loss curve (1 worker, ZeRO-3),
-its final metrics after a killed worker, after an interrupted-and-resumed run, and after a resume that has to
-skip a corrupted checkpoint.
+One baseline run (2 workers, ZeRO-2: conftest's classifier_run, whose export the serving tests serve) is shared:
+other runs must reproduce its loss curve (2 workers under ZeRO-3, 1 worker with ZeRO-3 offload), its final
+metrics after workers killed mid-step and mid-checkpoint, and after an interrupted run resumed past a corrupted
+checkpoint.
 """
 
 from __future__ import annotations
 
 import json
-import random
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import curve, make_cfg
 from safetensors.torch import load_file
 
-from raytune_ft.config.loader import validate_raw
 from raytune_ft.train import CheckpointError, train, verify_checkpoint
 from raytune_ft.train.checkpoint import TRAINABLE, list_checkpoints
 
 pytestmark = pytest.mark.integration
 
 
-def write_reviews(path: Path, rows: int = 160) -> Path:
-    """A learnable toy task: label 1 iff the review says 'good'; a source column gives two slices."""
-    rng = random.Random(0)
-    lines = ["text\tlabel\tsource"]
-    for i in range(rows):
-        label = i % 2
-        words = [rng.choice(["the", "a", "film", "movie", "is", "review", "number"]) for _ in range(rng.randint(3, 7))]
-        words.insert(rng.randint(0, len(words)), "good" if label else "bad")
-        lines.append(f"{' '.join(words)} {i}\t{label}\t{'web' if i % 3 else 'print'}")
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
 @pytest.fixture(scope="module")
-def reviews(tmp_path_factory) -> Path:
-    return write_reviews(tmp_path_factory.mktemp("data") / "reviews.tsv")
-
-
-def make_cfg(root: Path, name: str, model: Path, data: Path, **sections):
-    raw = {
-        "name": name,
-        "seed": 7,
-        "output_dir": str(root),
-        "model": {"name_or_path": str(model), "task": "sequence-classification"},
-        "data": {
-            "path": str(data),
-            "max_length": 16,
-            "columns": {"slice": "source"},
-            "split": {"validation": 0.2, "test": 0.1},
-        },
-        "deepspeed": {"zero_stage": 2},
-        "train": {
-            "lr": 1e-2,
-            "batch_size": 4,
-            "epochs": 5,
-            "max_steps": 24,
-            "eval_every_steps": 6,
-            "checkpoint_every_steps": 6,
-            "keep_checkpoints": 8,
-            "warmup_ratio": 0.1,
-        },
-        "scaling": {"num_workers": 2, "cpus_per_worker": 1},
-    }
-    for section, values in sections.items():
-        raw[section] = {**raw.get(section, {}), **values}
-    return validate_raw(raw, None, "test.yaml", [], base_dir=root)
-
-
-def curve(result) -> list[float]:
-    return [round(h["eval_loss"], 6) for h in result.history]
-
-
-@pytest.fixture(scope="module")
-def baseline(tmp_path_factory, tiny_bert, reviews, local_ray):
-    root = tmp_path_factory.mktemp("runs")
-    return train(make_cfg(root, "baseline", tiny_bert, reviews)), root
+def baseline(classifier_run):
+    return classifier_run
 
 
 def test_baseline_learns_checkpoints_and_exports(baseline, tiny_bert):
     result, _ = baseline
     steps = [h["step"] for h in result.history]
     assert steps == [6, 12, 18, 24]
-    assert result.history[-1]["eval_loss"] < result.history[0]["eval_loss"]
+    assert result.history[-1]["eval_loss"] < result.history[0]["eval_loss"] - 0.03
     assert result.history[-1]["eval_accuracy"] > 0.6  # the toy task is learnable in 24 steps
     for key in ("eval_accuracy", "eval_f1_macro", "eval_loss", "eval_precision/0", "eval_recall/1"):
         assert key in result.metrics
@@ -125,84 +71,65 @@ def test_baseline_learns_checkpoints_and_exports(baseline, tiny_bert):
     assert torch.allclose(logits, probe, atol=1e-5)
 
 
-def test_one_worker_and_zero3_follow_the_same_loss_curve(baseline, tiny_bert, reviews):
-    _, root = baseline
-    # Dropout off: with it, 1 worker and 2 workers draw different masks and the curves part for that reason alone.
-    no_dropout = {"dropout": 0.0}
-    zero2 = train(make_cfg(root, "zero2", tiny_bert, reviews, finetune=no_dropout), export=False)
-    single = train(
-        make_cfg(
-            root,
-            "one-worker",
-            tiny_bert,
-            reviews,
-            finetune=no_dropout,
-            train={"batch_size": 8},
-            scaling={"num_workers": 1},
-        ),
-        export=False,
-    )
-    zero3 = train(
-        make_cfg(root, "zero3", tiny_bert, reviews, finetune=no_dropout, deepspeed={"zero_stage": 3}), export=False
-    )
-    # ZeRO-3 with optimizer and parameters offloaded to CPU (DeepSpeedCPUAdam, compiled on first use: about a
-    # minute once per machine) does the same arithmetic on one worker, and its export is consolidated
+def test_zero3_and_one_offloaded_worker_follow_the_same_loss_curve(baseline, tiny_bert, reviews):
+    result, root = baseline
+    zero3 = train(make_cfg(root, "zero3", tiny_bert, reviews, deepspeed={"zero_stage": 3}), export=False)
+    # One worker, the same global batch, ZeRO-3 with optimizer and parameters offloaded to CPU (DeepSpeedCPUAdam,
+    # built once per machine by `make setup`): the same arithmetic, and its export is consolidated
     offload = train(
         make_cfg(
             root,
             "offload",
             tiny_bert,
             reviews,
-            finetune=no_dropout,
             deepspeed={"zero_stage": 3, "offload_optimizer": True, "offload_params": True},
             train={"batch_size": 8},
             scaling={"num_workers": 1},
         )
     )
-    assert curve(single) == pytest.approx(curve(zero2), abs=2e-4)
-    assert curve(zero3) == pytest.approx(curve(zero2), abs=2e-4)
-    assert curve(offload) == pytest.approx(curve(zero2), abs=2e-4)
-    assert curve(zero2)[-1] < curve(zero2)[0] - 0.03  # and that curve does go down
+    assert curve(zero3) == pytest.approx(curve(result), abs=2e-4)
+    assert curve(offload) == pytest.approx(curve(result), abs=2e-4)
     meta = json.loads((offload.export_dir / "raytune_ft.json").read_text())
     assert meta["reload_check"]["max_abs_logit_diff"] < 1e-4
+    assert verify_checkpoint(offload.best_checkpoint)["world_size"] == 1
 
 
-def test_killed_worker_is_replaced_and_run_ends_the_same(baseline, tiny_bert, reviews, tmp_path):
+def test_killed_workers_are_replaced_and_the_run_ends_the_same(baseline, tiny_bert, reviews, tmp_path):
+    """Two faults in one run, each a SIGKILL of rank 1: while writing checkpoint 12 (its files written, its
+    manifest not, so step 12 is never whole and the workers restart from step 6), then at step 20 (restart from
+    18). The run still ends exactly like the baseline, and what is left on disk is whole."""
     result, root = baseline
     cfg = make_cfg(root, "killed", tiny_bert, reviews)
-    marker = tmp_path / "killed.txt"
-    killed = train(cfg, export=False, fault={"kill_at_step": 14, "rank": 1, "marker": str(marker)})
-    assert marker.exists(), "the fault hook must really have killed a worker"
-    assert [h["resumed_step"] for h in killed.history if "resumed_step" in h] == [12]  # not a restart from 0
+    marker = tmp_path / "killed"
+    faults = {"kill_in_checkpoint_at_step": 12, "kill_at_step": 20, "rank": 1, "marker": str(marker)}
+    killed = train(cfg, export=False, fault=faults)
+    assert "while writing checkpoint 12" in Path(f"{marker}.kill_in_checkpoint_at_step").read_text()
+    assert "at step 20" in Path(f"{marker}.kill_at_step").read_text()
+    # never the half-written checkpoint, and never a restart from 0
+    assert [h["resumed_step"] for h in killed.history if "resumed_step" in h] == [6, 18]
     assert curve(killed) == pytest.approx(curve(result), abs=1e-5)
     assert killed.history[-1]["eval_accuracy"] == result.history[-1]["eval_accuracy"]
+    for checkpoint in list_checkpoints(root / "killed" / "train"):
+        verify_checkpoint(checkpoint)  # step 12 was written again, in full
 
 
-def test_worker_killed_while_writing_a_checkpoint_resumes_from_the_previous_one(baseline, tiny_bert, reviews, tmp_path):
-    """Rank 1 is SIGKILLed after writing its checkpoint files but before its manifest: step 12 is never whole, so
-    Ray Train restarts the workers from step 6 and the run still ends exactly like the baseline."""
-    result, root = baseline
-    cfg = make_cfg(root, "killed-in-checkpoint", tiny_bert, reviews)
-    marker = tmp_path / "killed.txt"
-    killed = train(cfg, export=False, fault={"kill_in_checkpoint_at_step": 12, "rank": 1, "marker": str(marker)})
-    assert "while writing checkpoint 12" in marker.read_text()
-    resumes = [h["resumed_step"] for h in killed.history if "resumed_step" in h]
-    assert resumes == [6], "training must restart from the last whole checkpoint, never the half-written one"
-    assert curve(killed) == pytest.approx(curve(result), abs=1e-5)
-    assert killed.history[-1]["eval_accuracy"] == result.history[-1]["eval_accuracy"]
-    for checkpoint in list_checkpoints(root / "killed-in-checkpoint" / "train"):
-        verify_checkpoint(checkpoint)  # what is left on disk is whole: step 12 was written again, in full
-
-
-def test_interrupted_run_resumes_to_the_same_end(baseline, tiny_bert, reviews):
+def test_interrupted_run_resumes_past_a_corrupted_checkpoint_to_the_same_end(baseline, tiny_bert, reviews):
+    """An exception at step 14 (no retries) leaves checkpoints 6 and 12; a fresh run in that directory is refused;
+    the newest checkpoint is then truncated, and the resume skips it for step 6 and ends like the baseline."""
     result, root = baseline
     cfg = make_cfg(root, "resumed", tiny_bert, reviews, train={"max_failures": 0})
     with pytest.raises(Exception, match="interrupted at step 14"):
         train(cfg, export=False, fault={"raise_at_step": 14})
-    assert [c.name for c in list_checkpoints(root / "resumed" / "train")][-1] == "step_000012"
+    checkpoints = list_checkpoints(root / "resumed" / "train")
+    assert [c.name for c in checkpoints] == ["step_000006", "step_000012"]
     with pytest.raises(CheckpointError, match="already holds a training run"):
         train(cfg, export=False)
+    target = checkpoints[-1] / TRAINABLE
+    target.write_bytes(target.read_bytes()[: target.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="checksum mismatch"):
+        verify_checkpoint(checkpoints[-1])
     resumed = train(cfg, resume=True, export=False)
+    assert [h["resumed_step"] for h in resumed.history if "resumed_step" in h] == [6]
     assert curve(resumed) == pytest.approx(curve(result), abs=1e-5)
 
 
@@ -213,19 +140,6 @@ def test_rerunning_a_finished_run_reuses_it(baseline, tiny_bert, reviews):
     assert curve(again) == curve(result)
 
 
-def test_resume_skips_a_corrupted_newest_checkpoint(baseline, tiny_bert, reviews):
-    result, root = baseline
-    shutil.copytree(root / "baseline", root / "corrupt")
-    newest = list_checkpoints(root / "corrupt" / "train")[-1]
-    target = newest / TRAINABLE
-    target.write_bytes(target.read_bytes()[: target.stat().st_size // 2])
-    with pytest.raises(CheckpointError, match="checksum mismatch"):
-        verify_checkpoint(newest)
-    cfg = make_cfg(root, "corrupt", tiny_bert, reviews)
-    resumed = train(cfg, resume=True, export=False)
-    assert curve(resumed) == pytest.approx(curve(result), abs=1e-5)
-
-
 def test_resume_without_checkpoint_is_an_error(tiny_bert, reviews, tmp_path):
     with pytest.raises(CheckpointError, match="nothing to resume"):
         train(make_cfg(tmp_path, "empty", tiny_bert, reviews), resume=True)
@@ -234,16 +148,9 @@ def test_resume_without_checkpoint_is_an_error(tiny_bert, reviews, tmp_path):
 def test_lora_changes_only_adapters_and_partial_keeps_frozen_layers(baseline, tiny_bert, reviews):
     _, root = baseline
     base = load_file(str(tiny_bert / "model.safetensors"))
+    one_worker = {"scaling": {"num_workers": 1}, "train": {"batch_size": 8, "max_steps": 6}}
     lora = train(
-        make_cfg(
-            root,
-            "lora",
-            tiny_bert,
-            reviews,
-            finetune={"method": "lora", "lora": {"r": 4}},
-            scaling={"num_workers": 1},
-            train={"batch_size": 8},
-        ),
+        make_cfg(root, "lora", tiny_bert, reviews, finetune={"method": "lora", "lora": {"r": 4}}, **one_worker)
     )
     trainable = load_file(str(lora.best_checkpoint / TRAINABLE))
     assert trainable and all("lora_" in k or "classifier" in k for k in trainable)
@@ -260,8 +167,7 @@ def test_lora_changes_only_adapters_and_partial_keeps_frozen_layers(baseline, ti
             tiny_bert,
             reviews,
             finetune={"method": "partial", "freeze": {"embeddings": True, "layers": 1}},
-            scaling={"num_workers": 1},
-            train={"batch_size": 8},
+            **one_worker,
         ),
     )
     exported = load_file(str(partial.export_dir / "model.safetensors"))
@@ -270,21 +176,11 @@ def test_lora_changes_only_adapters_and_partial_keeps_frozen_layers(baseline, ti
     assert any(not torch.equal(base[k], exported[k]) for k in base if ".layer.1." in k)
 
 
-def test_causal_lm_with_zero3_trains_and_exports(tiny_llama, tmp_path, local_ray):
-    text = "\n\n".join(f"the film number {i} is good. the movie is not bad. a review is a review." for i in range(80))
-    (tmp_path / "corpus.txt").write_text(text + "\n")
-    raw = {
-        "name": "lm",
-        "seed": 1,
-        "output_dir": str(tmp_path),
-        "model": {"name_or_path": str(tiny_llama), "task": "causal-lm"},
-        "data": {"path": "corpus.txt", "block_size": 16, "split": {"validation": 0.1, "test": 0.1}},
-        "deepspeed": {"zero_stage": 3},
-        "train": {"lr": 5e-3, "batch_size": 4, "max_steps": 6, "eval_every_steps": 3},
-        "scaling": {"num_workers": 2},
-    }
-    result = train(validate_raw(raw, None, "t.yaml", [], base_dir=tmp_path))
+def test_causal_lm_with_zero3_trains_and_exports(lm_run):
+    result, _ = lm_run
     first, last = result.history[0], result.history[-1]
+    assert [h["step"] for h in result.history] == [3, 6]
     assert 1 < last["eval_perplexity"] < first["eval_perplexity"]
     meta = json.loads((result.export_dir / "raytune_ft.json").read_text())
     assert meta["task"] == "causal-lm" and meta["reload_check"]["max_abs_logit_diff"] < 1e-4
+    assert verify_checkpoint(result.best_checkpoint)["world_size"] == 2

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import pickle
 
 import pyarrow.parquet as pq
 import pytest
-from test_train import make_cfg, write_reviews
+from helpers import cli, make_cfg, write_experiment, write_reviews
 
 from raytune_ft.data import reads_of_test_split
 from raytune_ft.report import write_report
-from raytune_ft.tune import replay_schedule, tune_experiment
-from raytune_ft.tune.runner import schedule
+from raytune_ft.tune import tune_experiment
+from raytune_ft.tune.runner import schedule, trial_id_of
 
 pytestmark = pytest.mark.integration
 
@@ -32,7 +33,7 @@ def tune_cfg(root, name, tiny_bert, data, tune, **sections):
     )
 
 
-def test_pbt_exploit_restores_the_donor_checkpoint_and_the_winner_is_tested_once(tiny_bert, tmp_path, local_ray):
+def test_pbt_winner_exploited_the_donor_checkpoint_is_tested_once_and_replays(tiny_bert, tmp_path, local_ray):
     data = write_reviews(tmp_path / "reviews.tsv", rows=200)
     tune = {
         "algorithm": "pbt",
@@ -44,47 +45,55 @@ def test_pbt_exploit_restores_the_donor_checkpoint_and_the_winner_is_tested_once
         "resample_probability": 0.0,
         "synch": True,  # both trials meet at step 8 however unevenly the two cores start them
         "keep_checkpoints": 1,
-        # two trials, quantile 0.5: at step 8 one is in the lower half and exploits the other (this toy task is
-        # not learnt in 8 steps at either rate, so which one depends on rounding; the exploit is what is tested)
-        "search_space": {"train.lr": {"type": "grid", "values": [1e-2, 1e-6]}},
+        # Two trials, quantile 0.5: at step 8 the one at lr 1e-6 (which learns nothing) is the lower half and
+        # exploits the other: its step-8 checkpoint, and its lr doubled (factors 2 and 2). From the same weights,
+        # the doubled rate learns faster (seeded: eval loss 0.54 against the donor's 0.68 at step 16), so the winner
+        # is the trial that exploited, and the winner's schedule (pbt_policy.txt, card, replay) is what is tested.
+        "perturbation_factors": [2.0, 2.0],
+        "search_space": {"train.lr": {"type": "grid", "values": [3e-3, 1e-6]}},
     }
     # a constant learning rate, so that every report's lr is the trial's configured one
-    cfg = tune_cfg(
-        tmp_path / "runs", "pbt", tiny_bert, data, tune, train={"lr_schedule": "constant", "warmup_ratio": 0}
-    )
-    found = tune_experiment(cfg, tmp_path / "search")
+    train = {"lr_schedule": "constant", "warmup_ratio": 0, "batch_size": 16}
+    cfg = tune_cfg(tmp_path / "runs", "pbt", tiny_bert, data, tune, train=train)
+    search = tmp_path / "search"
+    found = tune_experiment(cfg, search)
 
-    exploits = [json.loads(line) for line in (tmp_path / "search" / "exploits.jsonl").read_text().splitlines()]
-    assert exploits, "PBT never exploited"
-    for e in exploits:
-        assert e["donor"] != e["trial"]
-        assert e["restored_step"] == e["donor_step"] > 0  # the donor's DeepSpeed checkpoint, step included
-        assert e["bytes_moved"] > 0 and e["seconds"] > 0
-        assert e["new_config"]["train.lr"] != e["old_config"]["train.lr"]
-    rows = list(csv.DictReader(open(tmp_path / "search" / "trials.csv")))
+    exploits = [json.loads(line) for line in (search / "exploits.jsonl").read_text().splitlines()]
+    [exploit] = exploits  # one perturbation point (step 8 of 16), one trial in the lower half
+    assert exploit["donor"] != exploit["trial"]
+    assert exploit["restored_step"] == exploit["donor_step"] == 8  # the donor's DeepSpeed checkpoint, step included
+    assert exploit["bytes_moved"] > 0 and exploit["seconds"] > 0
+    assert exploit["old_config"]["train.lr"] == 1e-6 and exploit["new_config"]["train.lr"] == pytest.approx(6e-3)
+    rows = list(csv.DictReader(open(search / "trials.csv")))
     # both train to step 16, the exploiting trial included (search.RestartsClean)
     assert len(rows) == 2 and {r["status"] for r in rows} == {"TERMINATED"}
     assert {r["last_step"] for r in rows} == {"16"}
-    assert pq.read_table(tmp_path / "search" / "trials.parquet").num_rows == 2
+    assert pq.read_table(search / "trials.parquet").num_rows == 2
+    # the winner is the trial that exploited, trained with the lr it inherited doubled
+    assert trial_id_of(found.best_trial) == exploit["trial"]
+    assert found.best_config == {"train.lr": pytest.approx(6e-3)}
     assert (found.winner_dir / "model.safetensors").is_file()
-    assert found.test_metrics["test_rows"] > 0 and 0 <= found.test_metrics["test_accuracy"] <= 1
-    assert json.loads((found.winner_dir / "test_metrics.json").read_text()) == found.test_metrics
+    tested = found.test_metrics
+    # the toy task is balanced (majority class: 0.5); the seeded winner reaches 0.95 on its 20 test rows
+    assert tested["test_rows"] == 20 and tested["test_accuracy"] >= 0.8
+    assert json.loads((found.winner_dir / "test_metrics.json").read_text()) == tested
     card = (found.winner_dir / "README.md").read_text()  # rewritten once the test metrics and schedule are in
-    assert "test (read once)" in card
-    # a winner that exploited carries its schedule on the card (one that was only a donor has none)
-    assert ("Population-based training schedule" in card) == (found.winner_dir / "schedule.json").is_file()
+    assert "test (read once)" in card and "Population-based training schedule" in card
+    policy = schedule((found.winner_dir / "pbt_policy.txt").read_text())
+    assert json.loads((found.winner_dir / "schedule.json").read_text()) == policy
+    assert [c["config"]["train.lr"] for c in policy] == [pytest.approx(3e-3), pytest.approx(6e-3)]
     data_dir = tmp_path / "runs" / "pbt" / "data"
     assert len(reads_of_test_split(data_dir)) == 1  # the test split is read once, after the search
     # keep-K pruning ran (fewer folders than checkpoints reported) yet never removed one an exploit or a
     # restart needed: both trials ended TERMINATED
-    trials = list((tmp_path / "search" / "trials").glob("run_trial_*"))
+    trials = list((search / "trials").glob("run_trial_*"))
     kept = sum(len(list(t.glob("checkpoint_*"))) for t in trials)
     assert kept < sum(int(r["iterations"]) for r in rows)
 
     # tracking: every report in MLflow (the SQLite store in the run directory) and in TensorBoard event files
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'search' / 'mlflow.db'}")
+    client = MlflowClient(tracking_uri=f"sqlite:///{search / 'mlflow.db'}")
     [experiment] = [e for e in client.search_experiments() if e.name == "pbt"]
     runs = client.search_runs([experiment.experiment_id])
     assert len(runs) == 2
@@ -96,22 +105,28 @@ def test_pbt_exploit_restores_the_donor_checkpoint_and_the_winner_is_tested_once
         assert b"eval_loss" in events and b"hp/train.lr" in events
 
     # the report of this real run: curves, PBT schedules, search view, winner with its confusion matrix
-    html = write_report(tmp_path / "search").read_text()
+    html = write_report(search).read_text()
     assert html.count("data:image/png;base64,") >= 4 and "Confusion" in html
 
-    # replay the schedule of a trial that exploited: it starts from the config it inherited and switches where
-    # PBT switched it, and the engine trains with each value (constant schedule: reported lr == configured lr)
-    trial = exploits[0]["trial"]
-    policy = next((tmp_path / "search" / "trials").glob(f"pbt_policy_{trial}.txt")).read_text()
-    changes = schedule(policy)
-    assert len(changes) >= 2
-    export = replay_schedule(tmp_path / "search", trial, log=lambda m: None)
+    env = {**os.environ}
+    # the directory holds a finished search: a new search there is refused before anything starts
+    experiment_file = write_experiment(tmp_path / "pbt.yaml", cfg)
+    again = cli("tune", str(experiment_file), "--run-dir", str(search), env=env, timeout=300)
+    assert again.returncode == 1 and "already holds a finished search" in again.stderr, again.stderr[-2000:]
+
+    # `tune --replay RUN_DIR` with its defaults replays the winner's schedule: it starts from the config the trial
+    # inherited and switches where PBT switched it, and the engine trains with each value (constant schedule:
+    # reported lr == configured lr)
+    replayed = cli("tune", "--replay", str(search), env=env)
+    assert replayed.returncode == 0, replayed.stderr[-3000:]
+    export = search / "replays" / "winner" / "winner"
+    assert f"replayed schedule exported to {export}" in replayed.stdout.replace("\n", "")
     assert (export / "model.safetensors").is_file()
-    [replayed] = (tmp_path / "search" / "replays" / trial / "trials").glob("run_trial_*")
-    reports = [json.loads(line) for line in open(replayed / "result.json")]
-    assert [r["step"] for r in reports] == [4, 8, 12, 16]  # every report, across the switches
+    [replay] = (search / "replays" / "winner" / "trials").glob("run_trial_*")
+    reports = [json.loads(line) for line in open(replay / "result.json")]
+    assert [r["step"] for r in reports] == [4, 8, 12, 16]  # every report, across the switch
     for report in reports:
-        expected = [c["config"] for c in changes if c["from_iteration"] < report["training_iteration"]][-1]
+        expected = [c["config"] for c in policy if c["from_iteration"] < report["training_iteration"]][-1]
         assert report["hp/train.lr"] == pytest.approx(expected["train.lr"])
         assert report["lr"] == pytest.approx(expected["train.lr"])
     assert len(reads_of_test_split(data_dir)) == 1  # a replay does not touch the test split

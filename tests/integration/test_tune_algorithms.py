@@ -1,5 +1,6 @@
-"""Every search algorithm and scheduler end to end on a real local Ray (tiny BERT, a few steps per trial), and a
-trial that keeps crashing: retried, marked failed, the search goes on."""
+"""Every search algorithm and scheduler end to end on a real local Ray (tiny BERT, a few steps per trial), and one
+search with two trials that keep failing (one cannot build its model, one has its workers killed from outside):
+each retried, then marked failed, and the search goes on to a winner."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from test_train import write_reviews
+from helpers import write_reviews
 from test_tune import tune_cfg
 
 from raytune_ft.tune import tune_experiment
@@ -20,7 +21,7 @@ from raytune_ft.tune import tune_experiment
 pytestmark = pytest.mark.integration
 
 LR = {"type": "loguniform", "low": 1e-5, "high": 1e-1}
-# grid runs in the crashing-trial test below; Optuna TPE + ASHA and PBT in test_tune.py
+# grid runs in the failing-trials test below; Optuna TPE + ASHA and PBT in test_tune.py
 CASES = {
     "random+median": (
         {"algorithm": "random", "scheduler": "median", "num_samples": 2},
@@ -93,33 +94,6 @@ def test_each_algorithm_runs_end_to_end(case, tiny_bert, tmp_path, local_ray):
         assert told and {round(loss, 6) for loss in told} <= reported_losses(tmp_path / "search")
 
 
-def test_a_crashing_trial_is_retried_then_marked_failed_and_the_search_goes_on(tiny_bert, tmp_path, local_ray):
-    data = write_reviews(tmp_path / "reviews.tsv", rows=120)
-    tune = {
-        "algorithm": "grid",
-        "num_samples": 1,
-        "max_failures": 1,
-        "mlflow": False,
-        # the tiny BERT has 2 layers: freezing 5 fails when the trial builds its model, every time it is tried
-        "search_space": {"finetune.freeze.layers": {"type": "grid", "values": [1, 5]}},
-    }
-    sections = {
-        "finetune": {"method": "partial", "freeze": {"layers": 1}},
-        "train": {"max_steps": 8, "max_failures": 0},
-    }
-    cfg = tune_cfg(tmp_path / "runs", "crash", tiny_bert, data, tune, **sections)
-    found = tune_experiment(cfg, tmp_path / "search")
-
-    rows = {r["finetune.freeze.layers"]: r for r in csv.DictReader(open(tmp_path / "search" / "trials.csv"))}
-    assert rows["1"]["status"] == "TERMINATED" and rows["5"]["status"] == "ERROR"
-    assert "finetune.freeze.layers is 5 but the model has only 2 layers" in rows["5"]["error"]
-    failed_id = rows["5"]["trial_id"]
-    # tried twice (max_failures: 1), each try a Ray Train run of its own
-    assert sorted(p.name for p in (tmp_path / "search" / "train-runs" / failed_id).iterdir()) == ["run-0", "run-1"]
-    assert found.best_config == {"finetune.freeze.layers": 1}
-    assert (found.winner_dir / "model.safetensors").is_file()
-
-
 def kill_train_workers_of_one_trial(search: Path, kills: int, done: threading.Event, killed: list) -> None:
     """A real fault from outside: SIGKILL the Ray Train workers of the first trial each time one of its Ray Train
     runs has written a checkpoint (so it is mid-run, not starting up), `kills` times; other trials are left alone.
@@ -141,34 +115,46 @@ def kill_train_workers_of_one_trial(search: Path, kills: int, done: threading.Ev
         time.sleep(0.2)
 
 
-def test_a_trial_whose_workers_keep_dying_is_marked_failed_and_the_rest_finish(tiny_bert, tmp_path, local_ray):
+def test_failing_trials_are_retried_then_marked_failed_and_the_survivor_wins(tiny_bert, tmp_path, local_ray):
+    """Three trials, one at a time in grid order (so the worker processes alive are one trial's): the tiny BERT has
+    2 layers, so freezing 5 fails when the trial builds its model, every time it is tried; the next trial's workers
+    are SIGKILLed from outside each time one of its runs has written a checkpoint; the third trains to the end."""
     data = write_reviews(tmp_path / "reviews.tsv", rows=120)
     tune = {
         "algorithm": "grid",
         "num_samples": 1,
         "max_failures": 1,
-        "max_concurrent_trials": 1,  # one trial at a time, so the worker processes alive are the killed trial's
+        "max_concurrent_trials": 1,
         "mlflow": False,
-        "search_space": {"train.lr": {"type": "grid", "values": [1e-2, 5e-3]}},
+        "search_space": {"finetune.freeze.layers": {"type": "grid", "values": [5, 1, 0]}},
     }
-    cfg = tune_cfg(tmp_path / "runs", "dying", tiny_bert, data, tune, train={"max_failures": 0})
+    sections = {
+        "finetune": {"method": "partial", "freeze": {"layers": 1}},
+        "train": {"max_steps": 8, "max_failures": 0},
+    }
+    cfg = tune_cfg(tmp_path / "runs", "failing", tiny_bert, data, tune, **sections)
+    search = tmp_path / "search"
     done, killed = threading.Event(), []
-    killer = threading.Thread(target=kill_train_workers_of_one_trial, args=(tmp_path / "search", 2, done, killed))
+    killer = threading.Thread(target=kill_train_workers_of_one_trial, args=(search, 2, done, killed))
     killer.start()
     try:
-        found = tune_experiment(cfg, tmp_path / "search")
+        found = tune_experiment(cfg, search)
     finally:
         done.set()
         killer.join()
 
+    rows = {r["finetune.freeze.layers"]: r for r in csv.DictReader(open(search / "trials.csv"))}
+    assert set(rows) == {"5", "1", "0"}
+    # tried twice (tune.max_failures: 1), each try a Ray Train run of its own, then marked failed with the cause
+    assert rows["5"]["status"] == "ERROR"
+    assert "finetune.freeze.layers is 5 but the model has only 2 layers" in rows["5"]["error"]
+    assert sorted(p.name for p in (search / "train-runs" / rows["5"]["trial_id"]).iterdir()) == ["run-0", "run-1"]
     # its worker died in both tries (train.max_failures 0, tune.max_failures 1): two Ray Train runs, both killed
     assert [(run, n) for _, run, n in killed] == [("run-0", 1), ("run-1", 1)]
-    dead_trial = killed[0][0]
-    rows = {r["trial_id"]: r for r in csv.DictReader(open(tmp_path / "search" / "trials.csv"))}
-    assert rows[dead_trial]["status"] == "ERROR" and "worker process has died" in rows[dead_trial]["error"], rows[
-        dead_trial
-    ]
-    [other] = [r for trial, r in rows.items() if trial != dead_trial]
-    assert other["status"] == "TERMINATED" and int(other["last_step"]) == 16
-    assert found.best_config == {"train.lr": float(other["train.lr"])}
+    dead = rows["1"]
+    assert killed[0][0] == dead["trial_id"]
+    assert dead["status"] == "ERROR" and "worker process has died" in dead["error"], dead
+    survivor = rows["0"]
+    assert survivor["status"] == "TERMINATED" and int(survivor["last_step"]) == 8
+    assert found.best_config == {"finetune.freeze.layers": 0}
     assert (found.winner_dir / "model.safetensors").is_file()

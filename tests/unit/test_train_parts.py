@@ -216,7 +216,7 @@ def test_checkpoint_files_are_read_weights_only_and_a_planted_pickle_never_runs(
     assert torch.load is original  # restored on the way out
 
 
-def test_a_restarted_trial_without_a_tune_checkpoint_takes_the_newest_whole_one_of_its_earlier_runs(tmp_path):
+def test_a_restarted_trial_finds_the_newest_whole_checkpoint_of_its_earlier_runs(tmp_path):
     from raytune_ft.tune.trial import _earlier_checkpoint
 
     (tmp_path / "run-0").mkdir()
@@ -225,7 +225,7 @@ def test_a_restarted_trial_without_a_tune_checkpoint_takes_the_newest_whole_one_
     newest = make_checkpoint(tmp_path / "run-0" / "step_000008", 8)
     (newest / "manifest.rank1.json").unlink()  # killed mid-write: never whole
     # run-1 (the attempt before this one) died before its first checkpoint: look further back
-    assert _earlier_checkpoint(tmp_path, attempt=2) == str(tmp_path / "run-0" / "step_000004")
+    assert _earlier_checkpoint(tmp_path, attempt=2) == (str(tmp_path / "run-0" / "step_000004"), 4)
     assert _earlier_checkpoint(tmp_path, attempt=0) is None
     make_checkpoint(tmp_path / "run-1" / "step_000012", 12)
-    assert _earlier_checkpoint(tmp_path, attempt=2) == str(tmp_path / "run-1" / "step_000012")
+    assert _earlier_checkpoint(tmp_path, attempt=2) == (str(tmp_path / "run-1" / "step_000012"), 12)

@@ -87,6 +87,9 @@ def test_algorithms_and_schedulers(tmp_path):
     pbt = scheduler(settings(algorithm="pbt", perturbation_interval=20), 5)
     assert isinstance(pbt, PopulationBasedTraining) and pbt._perturbation_interval == 20
     assert pbt._time_attr == "step"  # perturbation interval counts optimizer steps
+    assert pbt._perturbation_factors == (1.2, 0.8)  # Ray's own default, unless the experiment names others
+    doubling = scheduler(settings(algorithm="pbt", perturbation_interval=20, perturbation_factors=[2, 2]), 5)
+    assert doubling._perturbation_factors == (2.0, 2.0)
     from ray.tune.search.optuna import OptunaSearch
 
     assert isinstance(search_algorithm(settings(algorithm="optuna"), 0), OptunaSearch)
