@@ -1,24 +1,29 @@
 # Two entry points for a fresh machine: `make run` and `make test`. Each sets up .venv first, skipping
 # whatever is already installed.
 #
-# TORCH is the torch requirement installed before everything else. The default is the CPU build;
-# on a GPU machine pass your CUDA build, e.g. `make run TORCH=torch` (or a pinned CUDA wheel).
+# Every package comes from constraints.txt, the tested set (pyproject.toml keeps ranges for users who install the
+# package beside their own libraries); `make lock` writes it again from the newest releases pyproject.toml allows.
+#
+# TORCH is the torch requirement installed before everything else, 2.13.0 as the lock pins it. This machine has
+# its CPU build on disk; on a GPU machine the same requirement from PyPI is the CUDA build.
 PYTHON ?= python3
 TORCH ?= torch==2.13.0
+LOCK := constraints.txt
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 EXPERIMENT ?= jobs/sst2-minilm-full-pbt.yaml
 PYTEST_ARGS ?=
 
-.PHONY: setup run test lint unit integration clean
+.PHONY: setup run test lint unit integration lock clean
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install "$(TORCH)"
-	$(BIN)/pip install -e ".[dev]"
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -c $(LOCK) "$(TORCH)"
+	$(BIN)/pip install -c $(LOCK) -e ".[dev]"
+	$(BIN)/python -c "from raytune_ft.train.engine import build_cpu_adam; build_cpu_adam()"
 	touch $(STAMP)
 
 # The whole job on an embedded local Ray: SST-2 data report, PBT search over full fine-tuning of the packaged
@@ -29,8 +34,8 @@ run: $(STAMP)
 	$(BIN)/raytune-ft run $(EXPERIMENT) $(RUN_ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check raytune_ft tests
-	$(BIN)/ruff format --check raytune_ft tests
+	$(BIN)/ruff check raytune_ft tests .ci/lock.py
+	$(BIN)/ruff format --check raytune_ft tests .ci/lock.py
 
 # pytest exits 5 when it collects no tests; that is not a failure of the suite.
 test: lint
@@ -41,6 +46,16 @@ unit: $(STAMP)
 
 integration: $(STAMP)
 	$(BIN)/python -m pytest tests/integration $(PYTEST_ARGS)
+
+# constraints.txt from a fresh venv with the newest releases pyproject.toml allows; then run `make test`
+lock:
+	rm -rf .lock-venv
+	$(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/pip install "$(TORCH)"
+	.lock-venv/bin/pip install -e ".[dev]"
+	$(PYTHON) .ci/lock.py write .lock-venv/bin/python > $(LOCK).new
+	mv $(LOCK).new $(LOCK)
+	rm -rf .lock-venv
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

@@ -27,6 +27,16 @@ def enable_activation_checkpointing(model: torch.nn.Module) -> None:
         config.use_cache = False  # a KV cache is of no use in training and conflicts with recomputation
 
 
+def build_cpu_adam() -> None:
+    """Compile DeepSpeed's CPU Adam (ZeRO-Offload's optimizer) into torch's extension cache now, if it is not
+    there yet: DeepSpeed builds it on first use, about a minute on a small CPU, inside the first offloaded run.
+    `make setup` calls this once per machine."""
+    import_deepspeed()
+    from deepspeed.accelerator import get_accelerator
+
+    get_accelerator().create_op_builder("CPUAdamBuilder").load()
+
+
 def make_optimizer(cfg: ExperimentConfig, groups: list[dict[str, Any]], on_gpu: bool) -> torch.optim.Optimizer:
     if cfg.deepspeed.offload_optimizer:
         import_deepspeed()

@@ -1,5 +1,5 @@
-"""`serve --detach`, `bench serve` and `serve stop` as a user runs them: separate processes, an embedded Ray in the
-background server, real HTTP load."""
+"""`serve --detach`, `bench serve`, `bench soak` and `serve stop` as a user runs them: separate processes, an
+embedded Ray in the background server, real HTTP load."""
 
 from __future__ import annotations
 
@@ -69,6 +69,17 @@ def test_detached_server_is_benchmarked_then_stopped(classifier_run, tmp_path):
         assert result["batching_gain"] == pytest.approx(levels[1]["rps"] / levels[0]["rps"])
         assert result["noop_p50_ms"] > 0 and plot.stat().st_size > 10_000
         assert "batching gain" in bench.stdout and "no-op Ray Serve app" in bench.stdout
+
+        # `bench soak` from the command line: a fixed rate for a bounded time, in windows, with the replica's memory
+        soaked = tmp_path / "soak.json"
+        args = ["--rate", "10", "--duration", "6", "--window", "3", "--json", str(soaked)]
+        soak = cli("bench", "soak", url, *args, env=env)
+        assert soak.returncode == 0, soak.stderr[-3000:]
+        figures = json.loads(soaked.read_text())
+        assert figures["requests"] == 60 and figures["errors"] == 0, figures["error_kinds"]
+        assert [w["requests"] for w in figures["windows"]] == [30, 30]
+        assert all(m["replica_rss_mb"] for m in figures["memory"])
+        assert "soak at 10 req/s for 6 s" in soak.stdout
     finally:
         stopped = cli("serve", "stop", env=env)
     assert stopped.returncode == 0, stopped.stderr[-3000:]

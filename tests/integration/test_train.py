@@ -9,15 +9,16 @@ checkpoint.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import curve, make_cfg
+from helpers import cli, curve, make_cfg, write_experiment
 from safetensors.torch import load_file
 
 from raytune_ft.train import CheckpointError, train, verify_checkpoint
-from raytune_ft.train.checkpoint import TRAINABLE, list_checkpoints
+from raytune_ft.train.checkpoint import TRAINABLE, list_checkpoints, read_state
 
 pytestmark = pytest.mark.integration
 
@@ -115,7 +116,7 @@ def test_killed_workers_are_replaced_and_the_run_ends_the_same(baseline, tiny_be
 
 def test_interrupted_run_resumes_past_a_corrupted_checkpoint_to_the_same_end(baseline, tiny_bert, reviews):
     """An exception at step 14 (no retries) leaves checkpoints 6 and 12; a fresh run in that directory is refused;
-    the newest checkpoint is then truncated, and the resume skips it for step 6 and ends like the baseline."""
+    the newest checkpoint is then truncated, and `train --resume` skips it for step 6 and ends like the baseline."""
     result, root = baseline
     cfg = make_cfg(root, "resumed", tiny_bert, reviews, train={"max_failures": 0})
     with pytest.raises(Exception, match="interrupted at step 14"):
@@ -128,9 +129,13 @@ def test_interrupted_run_resumes_past_a_corrupted_checkpoint_to_the_same_end(bas
     target.write_bytes(target.read_bytes()[: target.stat().st_size // 2])
     with pytest.raises(CheckpointError, match="checksum mismatch"):
         verify_checkpoint(checkpoints[-1])
-    resumed = train(cfg, resume=True, export=False)
-    assert [h["resumed_step"] for h in resumed.history if "resumed_step" in h] == [6]
-    assert curve(resumed) == pytest.approx(curve(result), abs=1e-5)
+    # `raytune-ft train --resume RUN_DIR`, as a user runs it: its own process, its own embedded Ray
+    resumed = cli("train", "--resume", str(root / "resumed"), "--no-export", env={**os.environ})
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "newest checkpoint is not whole" in resumed.stderr or "skipping checkpoint step_000012" in resumed.stderr
+    history = read_state(list_checkpoints(root / "resumed" / "train")[-1])["history"]
+    assert [h["resumed_step"] for h in history if "resumed_step" in h] == [6]
+    assert [round(h["eval_loss"], 6) for h in history] == pytest.approx(curve(result), abs=1e-5)
 
 
 def test_rerunning_a_finished_run_reuses_it(baseline, tiny_bert, reviews):
@@ -140,9 +145,12 @@ def test_rerunning_a_finished_run_reuses_it(baseline, tiny_bert, reviews):
     assert curve(again) == curve(result)
 
 
-def test_resume_without_checkpoint_is_an_error(tiny_bert, reviews, tmp_path):
-    with pytest.raises(CheckpointError, match="nothing to resume"):
-        train(make_cfg(tmp_path, "empty", tiny_bert, reviews), resume=True)
+def test_train_resume_of_a_run_without_a_checkpoint_is_refused(tiny_bert, reviews, tmp_path):
+    run_dir = tmp_path / "empty"
+    run_dir.mkdir()
+    write_experiment(run_dir / "config.yaml", make_cfg(tmp_path, "empty", tiny_bert, reviews))
+    refused = cli("train", "--resume", str(run_dir), env={**os.environ})
+    assert refused.returncode == 1 and "nothing to resume" in refused.stderr, refused.stderr[-2000:]
 
 
 def test_lora_changes_only_adapters_and_partial_keeps_frozen_layers(baseline, tiny_bert, reviews):

@@ -303,6 +303,24 @@ def test_eval_command_prints_the_summary_and_refuses_a_missing_file(classifier, 
     assert not_export.exit_code == 2 and "raytune_ft.json" in not_export.output
 
 
+def test_eval_command_with_edge_cases_slices_and_json_prints_the_report(classifier, tmp_path):
+    data = write(tmp_path / "d.tsv", "text\tlabel\tsource", ["good\t1\tweb", "bad\t0\tweb", "good film\t1\tprint"])
+    edge = write(
+        tmp_path / "edge.tsv", "text\texpected\tkind", ["not good\tnegative\tnegation", "GOOD\tpositive\tcase"]
+    )
+    args = ["eval", str(classifier), str(data), "--slice", "source", "--edge-cases", str(edge), "--json"]
+    done = CliRunner().invoke(app, [*args, "--latency-requests", "2"])
+    assert done.exit_code == 0, done.output
+    report = json.loads(done.stdout)  # the whole eval.json, and nothing else, on standard output
+    assert report["metrics"]["rows"] == 3 and report["metrics"]["accuracy"] == pytest.approx(2 / 3)  # always "1"
+    source = report["slices"]["source"]["slices"]
+    assert source["web"]["accuracy"] == 0.5 and source["print"]["accuracy"] == 1.0
+    edge_result = report["edge_cases"]
+    assert edge_result["cases"] == 2 and edge_result["passed"] == 1
+    assert [f["text"] for f in edge_result["failures"]] == ["not good"]
+    assert report == json.loads((classifier / "eval" / "d" / "eval.json").read_text())
+
+
 def test_the_html_report_shows_the_winners_card_and_reliability_diagram(classifier, tmp_path):
     from raytune_ft.report.html import markdown_html
 
