@@ -113,10 +113,15 @@ def client(address: str | None) -> Any:
     address = address or os.environ.get("RAY_ADDRESS")
     if not address:
         raise JobError("no cluster: pass --address http://HEAD:8265 (the dashboard's address) or set RAY_ADDRESS")
+    # Ray's client takes RAY_API_SERVER_ADDRESS (then RAY_ADDRESS) from the environment over the address it is
+    # given: a user's --address would silently go to another cluster. The address named here wins.
+    hidden = {k: os.environ.pop(k) for k in ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS") if k in os.environ}
     try:
         return JobSubmissionClient(address)
     except Exception as exc:  # Ray raises ConnectionError, RuntimeError or an HTTP error depending on the cause
         raise JobError(f"cannot reach the Ray dashboard at {address}: {_first_line(exc)}{_auth_hint(exc)}") from None
+    finally:
+        os.environ.update(hidden)
 
 
 def submit(jobs: Any, spec: JobSpec, submission_id: str | None = None) -> str:

@@ -53,14 +53,15 @@ def _noop_loop(config: dict[str, Any]) -> None:
 
 
 def run_on_ray(
-    cfg: ExperimentConfig, loop: Callable, loop_config: dict[str, Any], storage: str, name: str
+    cfg: ExperimentConfig, loop: Callable, loop_config: dict[str, Any], storage: str, name: str, stock: bool = False
 ) -> tuple[dict[str, Any], float]:
-    """Fit once; the worker-0 metrics and the wall time at which fit() was called."""
+    """Fit once (STOCK: on Ray's own TorchTrainer); the worker-0 metrics and the wall time at which fit() was
+    called."""
     from ray.train import RunConfig
 
-    from raytune_ft.train.trainer import torch_trainer
+    from raytune_ft.train.ray_run import torch_trainer
 
-    trainer = torch_trainer(cfg, loop, loop_config, RunConfig(name=name, storage_path=storage))
+    trainer = torch_trainer(cfg, loop, loop_config, RunConfig(name=name, storage_path=storage), stock=stock)
     started = time.time()
     result = trainer.fit()
     return dict(result.metrics), started
@@ -202,9 +203,9 @@ def bench_throughput(
         "pad_token_id": worker_data["pad_token_id"],
     }
     with tempfile.TemporaryDirectory(prefix="raytune-ft-bench-") as storage:
-        log(f"no-op TorchTrainer on {cfg.scaling.num_workers} worker(s)")
+        log(f"no-op loop on Ray's own TorchTrainer, {cfg.scaling.num_workers} worker(s)")
         _fresh_ray(cfg)
-        noop, noop_started = run_on_ray(bcfg, _noop_loop, {}, storage, "noop")
+        noop, noop_started = run_on_ray(bcfg, _noop_loop, {}, storage, "noop", stock=True)
         log(f"Ray Train + DeepSpeed loop: {steps} steps of {global_batch(cfg)} samples")
         _fresh_ray(cfg)
         ray_metrics, ray_started = run_on_ray(

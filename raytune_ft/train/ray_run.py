@@ -34,9 +34,15 @@ def run_train_loop(config: dict[str, Any]) -> None:
 
 
 def torch_trainer(
-    cfg: ExperimentConfig, loop: Callable, loop_config: dict[str, Any], run_config: Any, **trainer_args: Any
+    cfg: ExperimentConfig,
+    loop: Callable,
+    loop_config: dict[str, Any],
+    run_config: Any,
+    stock: bool = False,
+    **trainer_args: Any,
 ) -> Any:
-    """A trainer on the experiment's workers with a torch.distributed process group: gloo on CPU, NCCL on GPU."""
+    """A trainer on the experiment's workers with a torch.distributed process group: gloo on CPU, NCCL on GPU.
+    STOCK: Ray's own TorchTrainer as it comes (the reference `bench train` measures start-up against)."""
     from ray.train import ScalingConfig
 
     from raytune_ft.train.process_group import ProcessGroupConfig, ray_helpers_present
@@ -51,7 +57,7 @@ def torch_trainer(
         resources_per_worker=resources,
         placement_strategy=cfg.scaling.placement_strategy,
     )
-    if not ray_helpers_present():  # another Ray release: its own TorchTrainer, whose controller imports torch
+    if stock or not ray_helpers_present():  # else another Ray release: its TorchTrainer, whose controller imports torch
         from ray.train.torch import TorchConfig, TorchTrainer
 
         return TorchTrainer(

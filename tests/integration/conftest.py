@@ -87,16 +87,20 @@ def serve_port() -> int:
     return free_port()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def no_serve_app_after_the_module():
-    """A Serve app holds its replicas' CPUs in the session's Ray; the next module's training needs them."""
-    yield
+def free_serve_cpus() -> None:
+    """A Serve app holds its replicas' CPUs in the session's Ray, and a 2-worker run needs both: stop Serve."""
     import ray
 
     if ray.is_initialized():
         from ray import serve
 
         serve.shutdown()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_serve_app_after_the_module():
+    yield
+    free_serve_cpus()
 
 
 @pytest.fixture(autouse=True)
@@ -117,6 +121,7 @@ def classifier_run(tmp_path_factory, tiny_bert, reviews, local_ray):
     (result, runs root)"""
     from raytune_ft.train import train
 
+    free_serve_cpus()  # a session fixture can first be asked for while a module's app is deployed
     root = tmp_path_factory.mktemp("runs")
     return train(make_cfg(root, "baseline", tiny_bert, reviews)), root
 
@@ -126,6 +131,7 @@ def lm_run(tmp_path_factory, tiny_llama, local_ray):
     """The tiny Llama trained as a causal LM (ZeRO-3 over 2 workers, 6 steps) and exported. (result, config)"""
     from raytune_ft.train import train
 
+    free_serve_cpus()
     cfg = lm_cfg(tmp_path_factory.mktemp("lm"), "lm", tiny_llama)
     return train(cfg), cfg
 

@@ -93,16 +93,17 @@ def ray_head(
         args = [*args, f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1"]
     # a job's driver runs `raytune-ft` from the head's PATH, as on a cluster whose image installed the project
     head_env = {**os.environ, "RAY_TMPDIR": tmp, "PATH": os.pathsep.join([bin_dir, os.environ.get("PATH", "")])}
+    head_env.update(env or {})
+    head_env.pop("RAY_ADDRESS", None)
+    own = dict(head_env)  # what the head's processes inherit; clients get head_env
     if dashboard is not None:
         # The pytest session's own Ray runs beside this head: Ray Train's placement-group cleaner must find this
         # cluster's state API, not look for "the" local Ray and find two.
-        head_env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dashboard}"
-    head_env.update(env or {})
-    head_env.pop("RAY_ADDRESS", None)
+        own["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dashboard}"
     head = subprocess.Popen(
         [f"{bin_dir}/ray", "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", *args]
         + ["--disable-usage-stats", "--block"],
-        env=head_env,
+        env=own,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
