@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -c $(LOCK) "$(TORCH)"
 	$(BIN)/pip install -c $(LOCK) -e ".[dev]"
-	$(BIN)/python -c "from raytune_ft.train.engine import build_cpu_adam; build_cpu_adam()"
+	$(BIN)/python -c "from raytune_ft.train.engine import build_deepspeed_ops; build_deepspeed_ops()"
 	touch $(STAMP)
 
 # The whole job on an embedded local Ray: SST-2 data report, PBT search over full fine-tuning of the packaged

@@ -96,6 +96,7 @@ def deploy(export: Path, cfg: ExperimentConfig, log: Callable[[str], None] = pri
     app = build_app(export, cfg.serve, api_key_of(cfg))
     ensure_ray(cfg)  # ClusterError when cluster.address cannot be joined
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
+    refuse_other_proxy(cfg)
     serve.run(app, name=APP_NAME, route_prefix=cfg.serve.route_prefix)
     url = url_of(cfg)
     if cfg.cluster.address is None:
@@ -111,6 +112,20 @@ def deploy(export: Path, cfg: ExperimentConfig, log: Callable[[str], None] = pri
         }
         state_file(cfg.serve.port).write_text(json.dumps(state))
     return url
+
+
+def refuse_other_proxy(cfg: ExperimentConfig) -> None:
+    """Serve's proxy keeps the host and port it started with for the cluster's lifetime, and serve.start only logs
+    that it ignored new ones: the app would answer somewhere other than the URL given to the user."""
+    from ray.serve.context import _get_global_client
+
+    running = _get_global_client().http_config
+    if (running.host, running.port) != (cfg.serve.host, cfg.serve.port):
+        raise ServeError(
+            f"Serve already runs on this cluster with its HTTP proxy on {running.host}:{running.port}; "
+            f"serve.host/serve.port ask for {cfg.serve.host}:{cfg.serve.port}: set serve.port={running.port} "
+            f"(and serve.host={running.host}), or shut Serve down there first (`serve shutdown` with Ray's CLI)"
+        )
 
 
 def serve_until_interrupted(port: int, log: Callable[[str], None]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 import sys
 import types
 from typing import Any
@@ -74,6 +75,7 @@ def import_deepspeed() -> types.ModuleType:
     stand_in_for_deepspeed_muon()
     if "deepspeed" in sys.modules:
         return sys.modules["deepspeed"]
+    own_ninja_first()
     hide_mlflow = "mlflow" not in sys.modules
     if hide_mlflow:
         sys.modules["mlflow"] = None  # type: ignore[assignment]  # `import mlflow` raises ImportError meanwhile
@@ -83,6 +85,18 @@ def import_deepspeed() -> types.ModuleType:
         if hide_mlflow and sys.modules.get("mlflow", False) is None:
             del sys.modules["mlflow"]
     return deepspeed
+
+
+def own_ninja_first() -> None:
+    """Put this Python environment's `ninja` (a DeepSpeed dependency) first on PATH when it has one. torch builds
+    DeepSpeed's C++ ops (CPU Adam, the CPU shared-memory all-reduce) with the first `ninja` on PATH, and a system
+    ninja of another version reads the shared build log differently: every process that found the other one
+    rebuilt the ops (about 40 s of two cores), e.g. workers of a `ray start` head (venv on PATH) and of an embedded
+    Ray started from `.venv/bin/python` (not)."""
+    bin_dir = os.path.dirname(sys.executable)
+    path = os.environ.get("PATH", "").split(os.pathsep)
+    if os.path.isfile(os.path.join(bin_dir, "ninja")) and path[:1] != [bin_dir]:
+        os.environ["PATH"] = os.pathsep.join([bin_dir, *[p for p in path if p != bin_dir]])
 
 
 def stand_in_for_deepspeed_muon() -> None:

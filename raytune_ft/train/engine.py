@@ -27,14 +27,17 @@ def enable_activation_checkpointing(model: torch.nn.Module) -> None:
         config.use_cache = False  # a KV cache is of no use in training and conflicts with recomputation
 
 
-def build_cpu_adam() -> None:
-    """Compile DeepSpeed's CPU Adam (ZeRO-Offload's optimizer) into torch's extension cache now, if it is not
-    there yet: DeepSpeed builds it on first use, about a minute on a small CPU, inside the first offloaded run.
-    `make setup` calls this once per machine."""
+def build_deepspeed_ops() -> None:
+    """Compile the DeepSpeed C++ ops a CPU run loads into torch's extension cache now, if they are not there yet:
+    CPU Adam (ZeRO-Offload's optimizer) and, without a GPU, the shared-memory all-reduce every run's engine loads.
+    DeepSpeed builds each on first use, 40-60 s on a small CPU, inside the first run. `make setup` calls this."""
     import_deepspeed()
     from deepspeed.accelerator import get_accelerator
 
-    get_accelerator().create_op_builder("CPUAdamBuilder").load()
+    accelerator = get_accelerator()
+    accelerator.create_op_builder("CPUAdamBuilder").load()
+    if accelerator.device_name() == "cpu":
+        accelerator.create_op_builder("ShareMemCommBuilder").load()
 
 
 def make_optimizer(cfg: ExperimentConfig, groups: list[dict[str, Any]], on_gpu: bool) -> torch.optim.Optimizer:

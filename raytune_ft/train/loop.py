@@ -211,6 +211,12 @@ def train_loop(config: dict[str, Any]) -> None:
             _log(rank, "the config differs from the checkpoint's (e.g. a PBT exploit): its hyper-parameters apply")
     elif config.get("require_checkpoint"):
         raise CheckpointError("resume was asked for but the run has no checkpoint")
+    if resume_dir is not None and (state.get("finished") or int(state["step"]) >= total):
+        # Nothing left to train (a Tune trial restarted after a final report its driver never received, workers
+        # lost after the last save): report that checkpoint again, so the run ends on its final result.
+        _log(rank, f"{resume_dir.name} is the last checkpoint (step {state['step']} of {total}); nothing to train")
+        _report_again(resume_dir, {**state["metrics"], "resumed_step": int(state["step"])}, rank)
+        return
 
     ewc = None
     if cfg.finetune.ewc is not None:
@@ -586,6 +592,23 @@ def _save_and_report(
     write_manifest(tmp, rank)
     ray.train.report(
         metrics, checkpoint=ray.train.Checkpoint.from_directory(str(tmp)), checkpoint_dir_name=checkpoint_name(step)
+    )
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _report_again(checkpoint: Path, metrics: dict[str, Any], rank: int) -> None:
+    """Rank 0 reports a copy (the checkpoint may sit where Ray Train would write it); the other ranks the metrics."""
+    import ray.train
+
+    if rank != 0:
+        ray.train.report(metrics)
+        return
+    tmp = Path(tempfile.mkdtemp(prefix="raytune-ft-ckpt-again-"))
+    shutil.copytree(checkpoint, tmp, dirs_exist_ok=True)
+    ray.train.report(
+        metrics,
+        checkpoint=ray.train.Checkpoint.from_directory(str(tmp)),
+        checkpoint_dir_name=checkpoint_name(int(metrics["step"])),
     )
     shutil.rmtree(tmp, ignore_errors=True)
 

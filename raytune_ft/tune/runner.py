@@ -338,6 +338,7 @@ def _trainable(cfg: ExperimentConfig, storage: str, log: Callable[[str], None]) 
     shared = {
         "experiment": cfg.model_dump(mode="json", by_alias=True),
         "train_storage": f"{storage}/train-runs",
+        "trials_dir": f"{storage}/{EXPERIMENT}",  # each trial's result.json: what the driver received
         # PBT/PB2 (and their replay) would exploit at a trial's last report into a restart with nothing left to
         # train; marked `done`, that report ends the trial. Other schedulers and searchers must see it as a
         # result (HyperBandForBOHB and TuneBOHB take the full-budget result only from on_trial_result).

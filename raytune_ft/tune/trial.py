@@ -77,18 +77,40 @@ def _attempts(storage: str) -> int:
     return sum(1 for i in fs.get_file_info(FileSelector(path, allow_not_found=True)) if i.base_name.startswith("run-"))
 
 
-def _earlier_checkpoint(storage: Path, attempt: int) -> tuple[str, int] | None:
-    """The newest whole checkpoint an earlier run of this trial left, and its step.
+def _earlier_checkpoint(storage: Path, attempt: int, logged_step: int) -> tuple[str, int] | None:
+    """The newest whole checkpoint an earlier run of this trial left, at or before LOGGED_STEP, and its step.
 
     Tune saves its experiment state every few seconds: a driver killed just after a trial's report restores
-    that trial with the checkpoint of an earlier report, or none, though the newer one is whole on disk."""
-    from raytune_ft.train.checkpoint import list_checkpoints, newest_whole_checkpoint
+    that trial with the checkpoint of an earlier report, or none, though the newer one is whole on disk. Steps
+    past the driver's log were never reported: a trial that PBT paused trains on until its workers stop, and the
+    schedule resumes it from the pause, not from where those workers got to."""
+    from raytune_ft.train.checkpoint import CHECKPOINT_PREFIX, list_checkpoints, newest_whole_checkpoint
 
     for run in range(attempt - 1, -1, -1):
-        found = newest_whole_checkpoint(list_checkpoints(storage / f"run-{run}"), log=lambda m: None)
+        logged = [
+            p
+            for p in list_checkpoints(storage / f"run-{run}")
+            if int(p.name.removeprefix(CHECKPOINT_PREFIX)) <= logged_step
+        ]
+        found = newest_whole_checkpoint(logged, log=lambda m: None)
         if found is not None:
             return str(found[0]), int(found[1]["step"])
     return None
+
+
+def logged_step(trial_dir: Path) -> int:
+    """The newest step in the trial's result.json: what the driver received from it (0 when nothing)."""
+    import json
+
+    path = trial_dir / "result.json"
+    steps = [0]
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                steps.append(int(json.loads(line).get("step") or 0))
+            except (ValueError, AttributeError):
+                continue  # a line cut short by the driver's kill
+    return max(steps)
 
 
 def run_trial(config: dict[str, Any], shared: dict[str, Any]) -> None:
@@ -117,7 +139,8 @@ def run_trial(config: dict[str, Any], shared: dict[str, Any]) -> None:
     if attempt and is_local(storage) and (record is None or not record["exploit"]):
         # the same trial with the same values (an exploit's donor checkpoint is never replaced): resume from the
         # newest whole checkpoint its own earlier runs left when Tune hands back an older one, or none
-        earlier = _earlier_checkpoint(Path(storage.removeprefix("file://")), attempt)
+        trial_dir = Path(shared["trials_dir"].removeprefix("file://")) / Path(ctx.get_trial_dir()).name
+        earlier = _earlier_checkpoint(Path(storage.removeprefix("file://")), attempt, logged_step(trial_dir))
         if earlier is not None and (record is None or earlier[1] > record["donor_step"]):
             restore = earlier[0]
     loop_config = {

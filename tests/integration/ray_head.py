@@ -91,6 +91,17 @@ def ray_head(
     if dashboard is None and "--include-dashboard=false" not in args:
         dashboard = str(free_port())
         args = [*args, f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1"]
+    # The agent's fixed default ports are taken by any other Ray on this machine (the pytest session's): without
+    # its agent the head refuses every job ("No available agent to submit job").
+    for option in (
+        "--dashboard-agent-listen-port",
+        "--dashboard-agent-grpc-port",
+        "--metrics-export-port",
+        "--runtime-env-agent-port",
+        "--ray-client-server-port",
+    ):
+        if not any(a.startswith(f"{option}=") for a in args):
+            args = [*args, f"{option}={free_port()}"]
     # a job's driver runs `raytune-ft` from the head's PATH, as on a cluster whose image installed the project
     head_env = {**os.environ, "RAY_TMPDIR": tmp, "PATH": os.pathsep.join([bin_dir, os.environ.get("PATH", "")])}
     head_env.update(env or {})

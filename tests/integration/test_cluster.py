@@ -34,7 +34,13 @@ def head():
         return cli("jobs", "list", "--address", address, env=env, timeout=60).returncode == 0
 
     with ray_head(port, args, ready) as client_env:
-        yield f"127.0.0.1:{port}", address, client_env
+        yield f"127.0.0.1:{port}", address, client_env, free_port()
+
+
+@pytest.fixture
+def head_serve_port(head):
+    """Serve's proxy port on the head: the first deployment fixes it for the cluster's lifetime."""
+    return head[3]
 
 
 @pytest.fixture
@@ -154,12 +160,12 @@ def test_a_running_job_is_stopped(head_with_dashboard, tiny_bert, tmp_path):
     assert state.returncode == 1
 
 
-def test_train_and_serve_on_a_cluster_that_scales_out_then_delete(tiny_bert, tmp_path, head_node):
+def test_train_and_serve_on_a_cluster_that_scales_out_then_delete(tiny_bert, tmp_path, head_node, head_serve_port):
     address, env = head_node
     env = {**env, "RAYTUNE_FT_STATE_DIR": str(tmp_path / "state")}
     train_tiny_classifier(tmp_path, tiny_bert, "on-cluster", env, f"cluster.address={address}")
 
-    port = free_port()
+    port = head_serve_port
     deployed = cli(
         "serve",
         str(tmp_path / "on-cluster"),
@@ -179,6 +185,10 @@ def test_train_and_serve_on_a_cluster_that_scales_out_then_delete(tiny_bert, tmp
     assert not list((tmp_path / "state").glob("serve-*.json"))
     status, _ = classify(url, "the good film")
     assert status == 200
+    # the proxy cannot move while Serve runs there: another port is refused, naming the field, the app untouched
+    elsewhere = cli("serve", str(tmp_path / "on-cluster"), "--address", address, f"serve.port={free_port()}", env=env)
+    assert elsewhere.returncode == 2 and f"serve.port={port}" in elsewhere.stderr, elsewhere.stderr[-2000:]
+    assert classify(url, "the good film")[0] == 200
 
     # load from 8 clients at once: above one ongoing request per replica, Serve adds the second replica
     replicas: set[str] = set()
@@ -226,13 +236,13 @@ def classify(url: str, text: str) -> tuple[int, dict]:
         return 0, {}
 
 
-def test_run_with_address_searches_and_serves_on_the_cluster(tiny_bert, tmp_path, head_node):
+def test_run_with_address_searches_and_serves_on_the_cluster(tiny_bert, tmp_path, head_node, head_serve_port):
     """`raytune-ft run --address`: the whole job against the cluster; the app it deploys outlives the command."""
     from test_run import experiment
 
     address, env = head_node
     env = {**env, "RAYTUNE_FT_STATE_DIR": str(tmp_path / "state")}
-    port = free_port()
+    port = head_serve_port
     exp = experiment(tmp_path, tiny_bert, port)
     raw = yaml.safe_load(exp.read_text())
     raw["bench"] = {"concurrency": [1], "requests": 20, "warmup_requests": 2}

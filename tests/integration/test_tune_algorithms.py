@@ -94,10 +94,13 @@ def test_each_algorithm_runs_end_to_end(case, tiny_bert, tmp_path, local_ray):
         assert told and {round(loss, 6) for loss in told} <= reported_losses(tmp_path / "search")
 
 
-def kill_train_workers_of_one_trial(search: Path, kills: int, done: threading.Event, killed: list) -> None:
+def kill_train_workers_of_one_trial(
+    search: Path, kills: int, last_step: int, done: threading.Event, killed: list
+) -> None:
     """A real fault from outside: SIGKILL the Ray Train workers of the first trial each time one of its Ray Train
-    runs has written a checkpoint (so it is mid-run, not starting up), `kills` times; other trials are left alone.
-    Only this test's Ray instance is touched: its workers are the raylet's children."""
+    runs has written a checkpoint before its last (so it is mid-run, neither starting up nor ending: the workers
+    alive are its own), `kills` times; other trials are left alone. Only this test's Ray instance is touched: its
+    workers are the raylet's children."""
     import ray
 
     raylet = psutil.Process(ray._private.worker._global_node.all_processes["raylet"][0].process.pid)
@@ -106,6 +109,9 @@ def kill_train_workers_of_one_trial(search: Path, kills: int, done: threading.Ev
         for run in sorted({step.parent for step in search.glob("train-runs/*/run-*/step_*")} - runs_killed):
             if killed and run.parent.name != killed[0][0]:
                 continue  # another trial: it must finish
+            if max(int(step.name.split("_")[1]) for step in run.glob("step_*")) >= last_step:
+                runs_killed.add(run)  # finished: the workers alive may be the next trial's
+                continue
             workers = [p for p in raylet.children(recursive=True) if "RayTrainWorker" in " ".join(p.cmdline())]
             for worker in workers:
                 worker.kill()
@@ -126,16 +132,16 @@ def test_failing_trials_are_retried_then_marked_failed_and_the_survivor_wins(tin
         "max_failures": 1,
         "max_concurrent_trials": 1,
         "mlflow": False,
-        "search_space": {"finetune.freeze.layers": {"type": "grid", "values": [5, 1, 0]}},
+        "search_space": {"finetune.freeze.layers": {"type": "grid", "values": [5, 1, 2]}},
     }
     sections = {
         "finetune": {"method": "partial", "freeze": {"layers": 1}},
-        "train": {"max_steps": 8, "max_failures": 0},
+        "train": {"max_steps": 12, "max_failures": 0},
     }
     cfg = tune_cfg(tmp_path / "runs", "failing", tiny_bert, data, tune, **sections)
     search = tmp_path / "search"
     done, killed = threading.Event(), []
-    killer = threading.Thread(target=kill_train_workers_of_one_trial, args=(search, 2, done, killed))
+    killer = threading.Thread(target=kill_train_workers_of_one_trial, args=(search, 2, 12, done, killed))
     killer.start()
     try:
         found = tune_experiment(cfg, search)
@@ -144,7 +150,7 @@ def test_failing_trials_are_retried_then_marked_failed_and_the_survivor_wins(tin
         killer.join()
 
     rows = {r["finetune.freeze.layers"]: r for r in csv.DictReader(open(search / "trials.csv"))}
-    assert set(rows) == {"5", "1", "0"}
+    assert set(rows) == {"5", "1", "2"}
     # tried twice (tune.max_failures: 1), each try a Ray Train run of its own, then marked failed with the cause
     assert rows["5"]["status"] == "ERROR"
     assert "finetune.freeze.layers is 5 but the model has only 2 layers" in rows["5"]["error"]
@@ -154,7 +160,7 @@ def test_failing_trials_are_retried_then_marked_failed_and_the_survivor_wins(tin
     dead = rows["1"]
     assert killed[0][0] == dead["trial_id"]
     assert dead["status"] == "ERROR" and "worker process has died" in dead["error"], dead
-    survivor = rows["0"]
-    assert survivor["status"] == "TERMINATED" and int(survivor["last_step"]) == 8
-    assert found.best_config == {"finetune.freeze.layers": 0}
+    survivor = rows["2"]
+    assert survivor["status"] == "TERMINATED" and int(survivor["last_step"]) == 12
+    assert found.best_config == {"finetune.freeze.layers": 2}
     assert (found.winner_dir / "model.safetensors").is_file()

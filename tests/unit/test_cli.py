@@ -12,8 +12,23 @@ from typer.testing import CliRunner
 
 from raytune_ft.cli import app
 
-COMMANDS = ["validate", "data", "train", "tune", "serve", "bench", "submit", "run"]
 runner = CliRunner()
+
+
+def command_tree(command=None, words: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], object]]:
+    """Every command a user can type, each group's subcommands included (`bench train`, `jobs list`): (words, the
+    click command)."""
+    import typer.main
+
+    command = command or typer.main.get_command(app)
+    found = []
+    for name, sub in sorted(getattr(command, "commands", {}).items()):
+        found.append(((*words, name), sub))
+        found += command_tree(sub, (*words, name))
+    return found
+
+
+COMMANDS = [words for words, _ in command_tree()]
 
 
 def experiment(tmp_path: Path, data_lines: list[str], extra: str = "") -> Path:
@@ -33,11 +48,20 @@ def balanced_rows(n: int) -> list[str]:
     return [f"review number {i} is {'good' if i % 2 else 'bad'}\t{i % 2}" for i in range(n)]
 
 
-@pytest.mark.parametrize("command", COMMANDS)
-def test_every_command_has_help(command):
-    result = runner.invoke(app, [command, "--help"])
+def test_the_command_tree_holds_the_groups_subcommands():
+    assert {("bench", "train"), ("bench", "lm"), ("bench", "tune"), ("bench", "serve"), ("bench", "soak")} <= set(
+        COMMANDS
+    )
+    assert {("jobs", "list"), ("jobs", "status"), ("jobs", "logs"), ("jobs", "stop"), ("eval",), ("report",)} <= set(
+        COMMANDS
+    )
+
+
+@pytest.mark.parametrize("words", COMMANDS, ids=" ".join)
+def test_every_command_has_help(words):
+    result = runner.invoke(app, [*words, "--help"], prog_name="raytune-ft")
     assert result.exit_code == 0, result.output
-    assert "Usage" in result.output
+    assert f"Usage: raytune-ft {' '.join(words)}" in " ".join(result.output.split())
 
 
 def test_console_script_is_installed_and_prints_version():

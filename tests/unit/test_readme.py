@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 from pydantic import BaseModel
+from test_cli import command_tree
 
-from raytune_ft.cli import app
 from raytune_ft.config.schema import ExperimentConfig, nested_models
 
 README = (Path(__file__).resolve().parents[2] / "README.md").read_text()
@@ -30,6 +31,18 @@ def test_config_key_is_documented(key):
     assert f"| `{key}` |" in README, f"README has no table row for config key {key}"
 
 
-@pytest.mark.parametrize("command", [c.name or c.callback.__name__ for c in app.registered_commands])
-def test_cli_command_is_documented(command):
-    assert f"raytune-ft {command}" in README or f"`{command} " in README
+COMMAND_ROWS = [re.split(r"(?<!\\)\|", line)[1] for line in README.splitlines() if line.startswith("| `raytune-ft ")]
+
+
+@pytest.mark.parametrize("words, command", command_tree(), ids=[" ".join(w) for w, _ in command_tree()])
+def test_cli_command_and_its_options_are_documented(words, command):
+    """The command-line table has a row for every command a user can type, group subcommands included, and that
+    row names each of its options."""
+    name = "raytune-ft " + " ".join(words)
+    rows = [cell for cell in COMMAND_ROWS if cell.strip().startswith((f"`{name} ", f"`{name}`"))]
+    assert rows, f"README's command table has no row for `{name}`"
+    if hasattr(command, "commands"):
+        return  # a group: its subcommands have rows of their own
+    options = [o for param in command.params for o in param.opts if o.startswith("--") and o != "--help"]
+    missing = [o for o in options if not any(o in cell for cell in rows)]
+    assert not missing, f"README's row for `{name}` does not name {missing}"

@@ -239,3 +239,29 @@ The actor is dead because its worker process has died. Worker exit type: SYSTEM_
     assert root_cause(RuntimeError("Traceback\nValueError: finetune.freeze.layers is 5")) == (
         "ValueError: finetune.freeze.layers is 5"
     )
+
+
+def test_a_restarted_trial_goes_no_further_than_the_driver_logged(tmp_path):
+    """A restart uses the trial's own newest whole checkpoint up to the newest step in its result.json: a driver
+    killed before it saved its state loses no reported work, and a trial PBT paused at step 8 (its workers trained
+    on to 16 before they stopped, unreported) resumes from 8."""
+    import json
+
+    from test_train_parts import make_checkpoint
+
+    from raytune_ft.tune.trial import _earlier_checkpoint, logged_step
+
+    runs = tmp_path / "train-runs" / "t1"
+    (runs / "run-0").mkdir(parents=True)
+    for step in (4, 8, 12, 16):
+        make_checkpoint(runs / "run-0" / f"step_{step:06d}", step)
+    trial_dir = tmp_path / "trials" / "run_trial_t1"
+    trial_dir.mkdir(parents=True)
+    assert logged_step(trial_dir) == 0
+    (trial_dir / "result.json").write_text("\n".join(json.dumps({"step": s}) for s in (4, 8)) + '\n{"step": 1')
+    assert logged_step(trial_dir) == 8  # the cut line is skipped
+    assert _earlier_checkpoint(runs, 1, 8) == (str(runs / "run-0" / "step_000008"), 8)
+    assert _earlier_checkpoint(runs, 1, 3) is None
+    # a torn checkpoint at the logged step falls back to the one before it
+    (runs / "run-0" / "step_000008" / "manifest.rank1.json").unlink()
+    assert _earlier_checkpoint(runs, 1, 10) == (str(runs / "run-0" / "step_000004"), 4)
