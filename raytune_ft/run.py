@@ -20,6 +20,7 @@ same export); promote, bench and report run again when a run reaches them.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 import urllib.error
@@ -30,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from raytune_ft.config import ExperimentConfig
+from raytune_ft.config.schema import GridDim
 
 STAGES = ("data", "tune", "eval", "promote", "serve", "bench", "report")
 CHECK_TEXTS = 32  # validation texts sent to the served app and run in-process, to prove they agree
@@ -204,7 +206,10 @@ class TuneProgress:
 
     def __init__(self, cfg: ExperimentConfig, log: Callable[[str], None]) -> None:
         assert cfg.tune is not None
-        self.metric, self.mode, self.samples, self.log = cfg.tune.metric, cfg.tune.mode, cfg.tune.num_samples, log
+        self.metric, self.mode, self.log = cfg.tune.metric, cfg.tune.mode, log
+        # Tune repeats the whole grid num_samples times
+        grids = [len(dim.values) for dim in cfg.tune.search_space.values() if isinstance(dim, GridDim)]
+        self.samples = cfg.tune.num_samples * math.prod(grids)
         self.best: tuple[float, str, Any] | None = None
         self.first: tuple[float, int] | None = None  # (time, steps done) at the first report
 

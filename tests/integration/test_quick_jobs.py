@@ -37,6 +37,16 @@ def run_quick(name: str, output_dir: Path, **env_vars: str) -> tuple[Path, dict]
     return output_dir / name / "tune", tested
 
 
+def beats_the_majority_class(tested: dict) -> None:
+    """Above always answering the test split's most common label, by a margin the seeded quick runs clear
+    (measured 2026-12-06: accuracy 0.626 and 0.631 against a majority share of 0.551, macro F1 0.599 and 0.584
+    against the 0.355 of that constant answer)."""
+    counts = tested["confusion_matrix"]["counts"]  # rows: true labels
+    majority = max(sum(row) for row in counts) / sum(map(sum, counts))
+    assert tested["test_accuracy"] >= majority + 0.04, (tested["test_accuracy"], majority)
+    assert tested["test_f1_macro"] >= 0.5, tested["test_f1_macro"]
+
+
 def trials(run_dir: Path) -> list[dict]:
     return list(csv.DictReader(open(run_dir / "trials.csv")))
 
@@ -58,7 +68,7 @@ def test_sst2_lora_pbt_quick_exploits_and_exports(tmp_path):
         # LoRA: the exploit moves the adapter and its optimizer state, not MiniLM's 22M frozen weights (~90 MB)
         assert 0 < e["bytes_moved"] < 20_000_000
     assert "zero_pp_rank_0_mp_rank_00_optim_states.pt" in deepspeed_files(run_dir)  # ZeRO-2 on one worker
-    assert 0 <= tested["test_accuracy"] <= 1 and "confusion_matrix" in tested
+    beats_the_majority_class(tested)
 
     from transformers import AutoModelForSequenceClassification
 
@@ -74,7 +84,7 @@ def test_sst2_full_optuna_quick_searches_and_exports(tmp_path):
     assert len({r["train.lr"] for r in rows}) == len(rows)  # Optuna proposed different points
     assert {r["status"] for r in rows} <= {"TERMINATED", "STOPPED"}
     assert "zero_pp_rank_0_mp_rank_00_optim_states.pt" in deepspeed_files(run_dir)
-    assert 0 <= tested["test_accuracy"] <= 1
+    beats_the_majority_class(tested)
 
 
 def test_shakespeare_zero3_quick_shards_over_two_workers_and_exports(tmp_path, tiny_llama):

@@ -1,4 +1,4 @@
-"""`raytune-ft run` end to end, as a user runs it: a tiny BERT on toy reviews it can learn (a tenth mislabelled),
+"""`raytune-ft run` end to end, as a user runs it: a tiny BERT on toy reviews it can learn (a tenth ambiguous),
 through data, a 2-trial search, the winner tested once, the promotion gate, a detached server, the benchmark and
 the report; then a rerun that skips what is complete, and a gate that refuses a winner."""
 
@@ -21,13 +21,15 @@ pytestmark = pytest.mark.integration
 
 
 def reviews(path: Path, rows: int) -> Path:
-    """The toy reviews with every tenth label flipped: learnable, but no model scores 1.0 on them."""
+    """The toy reviews, where one row in ten (either label) says "good bad": learnable, but not to 1.0."""
     lines = write_reviews(path, rows=rows).read_text().splitlines()
-    flipped = [
-        f"{text}\t{1 - int(label) if i % 10 == 7 else label}\t{source}"
-        for i, (text, label, source) in enumerate(line.split("\t") for line in lines[1:])
-    ]
-    path.write_text("\n".join([lines[0], *flipped]) + "\n")
+    rows_out = []
+    for i, line in enumerate(lines[1:]):
+        text, label, source = line.split("\t")
+        if i % 20 in (7, 14):
+            text = text.replace("good" if label == "1" else "bad", "good bad", 1)
+        rows_out.append(f"{text}\t{label}\t{source}")
+    path.write_text("\n".join([lines[0], *rows_out]) + "\n")
     return path
 
 
@@ -79,9 +81,9 @@ def experiment(tmp_path: Path, tiny_bert: Path, port: int) -> Path:
         },
         "serve": {"port": port, "max_batch_size": 8},
         "bench": {"concurrency": [1, 4], "requests": 40, "warmup_requests": 4},
-        # what the seeded run reaches (test accuracy X, macro F1 Y, p95 Z ms on this machine), with a margin:
-        # a chance-level winner (0.5) or a server ten times slower than measured is refused
-        "promote": {"min_test_accuracy": 0.75, "min_test_f1": 0.75, "max_p95_latency_ms": 1000},
+        # what the seeded run reaches, with a margin (test accuracy 0.9125, macro F1 0.912, p95 at concurrency 1
+        # 17.8 ms on this machine): a chance-level winner (0.5) or a server fifty times slower is refused
+        "promote": {"min_test_accuracy": 0.85, "min_test_f1": 0.85, "max_p95_latency_ms": 1000},
         "eval": {
             "data": [str(held_out(tmp_path))],
             "edge_cases": str(edge_cases(tmp_path)),
@@ -184,7 +186,8 @@ def test_run_without_a_search_trains_once_and_stops_its_server_when_asked(tiny_b
 
     done = cli("run", str(exp), "--stop-server", env=env, timeout=900)
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
-    assert "step 8/16 | train_loss" in done.stdout + done.stderr  # the worker's line after each evaluation
+    # the worker's line after each evaluation (one epoch of 240 rows in batches of 16 is 15 steps, under max_steps)
+    assert "step 8/15 | train_loss" in done.stdout + done.stderr
     tested = json.loads((root / "export" / "test_metrics.json").read_text())
     assert tested["test_rows"] > 0 and len(reads_of_test_split(root / "data")) == 1
     summary = json.loads((root / "run.json").read_text())["summary"]

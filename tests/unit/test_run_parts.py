@@ -76,3 +76,25 @@ def test_verdict_is_written_and_a_miss_names_the_threshold(cfg, tmp_path):
     saved = json.loads((tmp_path / "promotion.json").read_text())
     assert [c["threshold"] for c in saved["checks"]] == ["min_test_accuracy", "min_test_f1", "max_p95_latency_ms"]
     assert saved["promoted"] is False
+
+
+def test_tune_progress_counts_every_trial_of_a_grid(tmp_path, cfg):
+    """Two grid values, num_samples 2: four trials of 10 steps; one finished, one at step 5."""
+    from types import SimpleNamespace
+
+    from raytune_ft.run import TuneProgress
+
+    path = tmp_path / "exp.yaml"
+    path.write_text(
+        path.read_text() + "tune:\n  num_samples: 2\n  metric: eval_loss\n  mode: min\n"
+        "  search_space: {train.lr: {type: grid, values: [0.001, 0.0001]}}\n"
+    )
+    lines: list[str] = []
+    progress = TuneProgress(load_config(path), lines.append)
+    trials = [
+        SimpleNamespace(trial_id="a", status="TERMINATED", last_result={"step": 10}),
+        SimpleNamespace(trial_id="b", status="RUNNING", last_result={}),
+    ]
+    progress(trials, {"trial_id": "b", "step": 5, "total_steps": 10, "eval_loss": 0.5})
+    assert lines[-1].startswith("tune: 1/4 trials finished, 1 running")
+    assert "| 38% of steps" in lines[-1]  # 15 of 40

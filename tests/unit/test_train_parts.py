@@ -225,7 +225,7 @@ def test_a_restarted_trial_finds_the_newest_whole_checkpoint_of_its_earlier_runs
     newest = make_checkpoint(tmp_path / "run-0" / "step_000008", 8)
     (newest / "manifest.rank1.json").unlink()  # killed mid-write: never whole
     # run-1 (the attempt before this one) died before its first checkpoint: look further back
-    assert _earlier_checkpoint(tmp_path, attempt=2) == (str(tmp_path / "run-0" / "step_000004"), 4)
-    assert _earlier_checkpoint(tmp_path, attempt=0) is None
+    assert _earlier_checkpoint(tmp_path, attempt=2, logged_step=12) == (str(tmp_path / "run-0" / "step_000004"), 4)
+    assert _earlier_checkpoint(tmp_path, attempt=0, logged_step=12) is None
     make_checkpoint(tmp_path / "run-1" / "step_000012", 12)
-    assert _earlier_checkpoint(tmp_path, attempt=2) == (str(tmp_path / "run-1" / "step_000012"), 12)
+    assert _earlier_checkpoint(tmp_path, attempt=2, logged_step=12) == (str(tmp_path / "run-1" / "step_000012"), 12)
