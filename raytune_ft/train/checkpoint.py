@@ -36,6 +36,11 @@ def checkpoint_name(step: int) -> str:
     return f"{CHECKPOINT_PREFIX}{step:06d}"
 
 
+def checkpoint_step(directory: Path) -> int:
+    """The step a checkpoint directory was written at, from its name (checkpoint_name's inverse)."""
+    return int(directory.name.removeprefix(CHECKPOINT_PREFIX))
+
+
 def config_hash(experiment: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(experiment, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -84,14 +84,10 @@ def _earlier_checkpoint(storage: Path, attempt: int, logged_step: int) -> tuple[
     that trial with the checkpoint of an earlier report, or none, though the newer one is whole on disk. Steps
     past the driver's log were never reported: a trial that PBT paused trains on until its workers stop, and the
     schedule resumes it from the pause, not from where those workers got to."""
-    from raytune_ft.train.checkpoint import CHECKPOINT_PREFIX, list_checkpoints, newest_whole_checkpoint
+    from raytune_ft.train.checkpoint import checkpoint_step, list_checkpoints, newest_whole_checkpoint
 
     for run in range(attempt - 1, -1, -1):
-        logged = [
-            p
-            for p in list_checkpoints(storage / f"run-{run}")
-            if int(p.name.removeprefix(CHECKPOINT_PREFIX)) <= logged_step
-        ]
+        logged = [p for p in list_checkpoints(storage / f"run-{run}") if checkpoint_step(p) <= logged_step]
         found = newest_whole_checkpoint(logged, log=lambda m: None)
         if found is not None:
             return str(found[0]), int(found[1]["step"])
@@ -138,7 +134,8 @@ def run_trial(config: dict[str, Any], shared: dict[str, Any]) -> None:
     attempt = _attempts(storage)
     if attempt and is_local(storage) and (record is None or not record["exploit"]):
         # the same trial with the same values (an exploit's donor checkpoint is never replaced): resume from the
-        # newest whole checkpoint its own earlier runs left when Tune hands back an older one, or none
+        # newest whole checkpoint its own earlier runs left, up to the step its driver logged, when Tune hands
+        # back an older one, or none
         trial_dir = Path(shared["trials_dir"].removeprefix("file://")) / Path(ctx.get_trial_dir()).name
         earlier = _earlier_checkpoint(Path(storage.removeprefix("file://")), attempt, logged_step(trial_dir))
         if earlier is not None and (record is None or earlier[1] > record["donor_step"]):

@@ -16,6 +16,7 @@ import pytest
 from helpers import write_reviews
 from test_tune import tune_cfg
 
+from raytune_ft.train.checkpoint import checkpoint_step
 from raytune_ft.tune import tune_experiment
 
 pytestmark = pytest.mark.integration
@@ -109,7 +110,7 @@ def kill_train_workers_of_one_trial(
         for run in sorted({step.parent for step in search.glob("train-runs/*/run-*/step_*")} - runs_killed):
             if killed and run.parent.name != killed[0][0]:
                 continue  # another trial: it must finish
-            if max(int(step.name.split("_")[1]) for step in run.glob("step_*")) >= last_step:
+            if max(checkpoint_step(step) for step in run.glob("step_*")) >= last_step:
                 runs_killed.add(run)  # finished: the workers alive may be the next trial's
                 continue
             workers = [p for p in raylet.children(recursive=True) if "RayTrainWorker" in " ".join(p.cmdline())]
