@@ -137,12 +137,14 @@ def test_failing_trials_are_retried_then_marked_failed_and_the_survivor_wins(tin
     }
     sections = {
         "finetune": {"method": "partial", "freeze": {"layers": 1}},
-        "train": {"max_steps": 12, "max_failures": 0},
+        # 20 steps, a checkpoint every 4: a run killed at its first checkpoint may still reach step 8 before the
+        # kill lands, and the retry resumed there still writes one (12) before its last, for the second kill
+        "train": {"max_steps": 20, "max_failures": 0},
     }
     cfg = tune_cfg(tmp_path / "runs", "failing", tiny_bert, data, tune, **sections)
     search = tmp_path / "search"
     done, killed = threading.Event(), []
-    killer = threading.Thread(target=kill_train_workers_of_one_trial, args=(search, 2, 12, done, killed))
+    killer = threading.Thread(target=kill_train_workers_of_one_trial, args=(search, 2, 20, done, killed))
     killer.start()
     try:
         found = tune_experiment(cfg, search)
@@ -162,6 +164,6 @@ def test_failing_trials_are_retried_then_marked_failed_and_the_survivor_wins(tin
     assert killed[0][0] == dead["trial_id"]
     assert dead["status"] == "ERROR" and "worker process has died" in dead["error"], dead
     survivor = rows["2"]
-    assert survivor["status"] == "TERMINATED" and int(survivor["last_step"]) == 12
+    assert survivor["status"] == "TERMINATED" and int(survivor["last_step"]) == 20
     assert found.best_config == {"finetune.freeze.layers": 2}
     assert (found.winner_dir / "model.safetensors").is_file()
