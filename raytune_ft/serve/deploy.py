@@ -192,12 +192,14 @@ def _healthy(url: str) -> bool:
 def stop(address: str | None, log: Callable[[str], None] = print, timeout_s: float = 60.0) -> int:
     """Stop the local servers (or delete the app from the cluster at ADDRESS); how many were stopped."""
     if address is not None:
+        import ray
         from ray import serve
 
         from raytune_ft.train.ray_cluster import ClusterError, join_cluster
 
         try:
-            join_cluster(address, logging_level="ERROR")
+            if not ray.is_initialized():  # `run --address --stop-server` has joined it already
+                join_cluster(address, logging_level="ERROR")
         except ClusterError as exc:
             raise ServeError(str(exc)) from None
         if APP_NAME not in serve.status().applications:

@@ -3,7 +3,8 @@ through the CLI a user runs, every step in its own process:
 - Ray jobs: a small tune job followed to SUCCEEDED and its export, a job that fails on the cluster (FAILED, the
   error in its log), a job stopped while it runs, an unknown job id and an unreachable cluster refused;
 - serving: train there, deploy there with `serve --address` (the app outlives the command, autoscales to two
-  replicas under load, `serve stop --address` deletes it), and `run --address` for the whole job."""
+  replicas under load, `serve stop --address` deletes it), and `run --address --stop-server` for the whole job of an
+  experiment without a search."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ import pytest
 import yaml
 from helpers import cli, free_port, make_cfg, write_experiment, write_reviews
 from ray_head import ray_head
+
+from raytune_ft.data import reads_of_test_split
 
 pytestmark = pytest.mark.integration
 
@@ -236,8 +239,13 @@ def classify(url: str, text: str) -> tuple[int, dict]:
         return 0, {}
 
 
-def test_run_with_address_searches_and_serves_on_the_cluster(tiny_bert, tmp_path, head_node, head_serve_port):
-    """`raytune-ft run --address`: the whole job against the cluster; the app it deploys outlives the command."""
+def test_run_with_address_without_a_search_trains_once_and_serves_on_the_cluster(
+    tiny_bert, tmp_path, head_node, head_serve_port
+):
+    """`raytune-ft run --address --stop-server` of an experiment without a search: one training run, tested once,
+    served from the cluster and benchmarked there, then the cluster's app deleted. (The search path of `run` is
+    test_run.py's, on an embedded Ray; searches on a cluster are the tune jobs above and test_autoscaling.py; an app
+    that outlives its command, the scale-out test's.)"""
     from test_run import experiment
 
     address, env = head_node
@@ -245,16 +253,26 @@ def test_run_with_address_searches_and_serves_on_the_cluster(tiny_bert, tmp_path
     port = head_serve_port
     exp = experiment(tmp_path, tiny_bert, port)
     raw = yaml.safe_load(exp.read_text())
+    del raw["tune"]
+    raw["train"]["lr"] = 1e-2
     raw["bench"] = {"concurrency": [1], "requests": 20, "warmup_requests": 2}
     exp.write_text(yaml.safe_dump(raw))
-
-    done = cli("run", str(exp), "--address", address, env=env, timeout=900)
-    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     root = tmp_path / "runs" / "e2e"
-    stages = json.loads((root / "run.json").read_text())["stages"]
-    assert all(stage["state"] in ("done", "passed") for stage in stages.values()), stages
-    assert not list((tmp_path / "state").glob("serve-*.json"))  # nothing local: the app is on the cluster
+
+    done = cli("run", str(exp), "--address", address, "--stop-server", env=env, timeout=900)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    # the worker's line after each evaluation reaches the user (one epoch of 240 rows in batches of 16 is 15 steps,
+    # under max_steps)
+    assert "step 8/15 | train_loss" in done.stdout + done.stderr
+    state = json.loads((root / "run.json").read_text())
+    assert all(stage["state"] in ("done", "passed") for stage in state["stages"].values()), state["stages"]
+    tested = json.loads((root / "export" / "test_metrics.json").read_text())
+    assert tested["test_rows"] > 0 and len(reads_of_test_split(root / "data")) == 1
+    summary = state["summary"]
+    assert summary["test"]["test_accuracy"] == tested["test_accuracy"] and summary["hyperparameters"] == {}
+    assert json.loads((root / "serve.json").read_text())["check"]["agree"] == 32
+    assert "Serving" in (root / "report.html").read_text()
+    assert not list((tmp_path / "state").glob("serve-*.json"))  # nothing local: the app was on the cluster
+    assert f"deleted the Serve app 'raytune_ft' from {address}" in done.stdout + done.stderr  # --stop-server
     status, _ = classify(f"http://127.0.0.1:{port}", "the good film")
-    assert status == 200
-    stopped = cli("serve", "stop", "--address", address, env=env)
-    assert stopped.returncode == 0 and "deleted the Serve app" in stopped.stderr
+    assert status != 200

@@ -1,6 +1,7 @@
 """`raytune-ft run` end to end, as a user runs it: a tiny BERT on toy reviews it can learn (a tenth ambiguous),
 through data, a 2-trial search, the winner tested once, the promotion gate, a detached server, the benchmark and
-the report; then a rerun that skips what is complete, and a gate that refuses a winner."""
+the report; then a rerun that skips what is complete, and a gate that refuses a winner. The run without a search
+(and --stop-server) is tested on a cluster, in test_cluster.py."""
 
 from __future__ import annotations
 
@@ -172,26 +173,3 @@ def test_run_goes_from_data_to_report_and_a_rerun_skips_what_is_done(tiny_bert, 
     assert "not promoted: min_test_accuracy (limit 1" in refused.stderr
     assert json.loads((root / "run.json").read_text())["stages"]["promote"]["state"] == "not promoted"
     assert not list((tmp_path / "state").glob("serve-*.json"))
-
-
-def test_run_without_a_search_trains_once_and_stops_its_server_when_asked(tiny_bert, tmp_path):
-    env = {**os.environ, "RAYTUNE_FT_STATE_DIR": str(tmp_path / "state")}
-    exp = experiment(tmp_path, tiny_bert, free_port())
-    raw = yaml.safe_load(exp.read_text())
-    del raw["tune"]
-    raw["train"]["lr"] = 1e-2
-    raw["bench"] = {"concurrency": [1], "requests": 20, "warmup_requests": 2}
-    exp.write_text(yaml.safe_dump(raw))
-    root = tmp_path / "runs" / "e2e"
-
-    done = cli("run", str(exp), "--stop-server", env=env, timeout=900)
-    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
-    # the worker's line after each evaluation (one epoch of 240 rows in batches of 16 is 15 steps, under max_steps)
-    assert "step 8/15 | train_loss" in done.stdout + done.stderr
-    tested = json.loads((root / "export" / "test_metrics.json").read_text())
-    assert tested["test_rows"] > 0 and len(reads_of_test_split(root / "data")) == 1
-    summary = json.loads((root / "run.json").read_text())["summary"]
-    assert summary["test"]["test_accuracy"] == tested["test_accuracy"] and summary["hyperparameters"] == {}
-    assert json.loads((root / "serve.json").read_text())["check"]["agree"] == 32
-    assert "Serving" in (root / "report.html").read_text()
-    assert not list((tmp_path / "state").glob("serve-*.json"))  # --stop-server: nothing left running
