@@ -86,12 +86,15 @@ class MemorySampler:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="raytune-ft-memory", daemon=True)
 
-    def _run(self) -> None:
+    def _sample(self) -> None:
         import psutil
 
-        me = psutil.Process()
+        rss = psutil.Process().memory_info().rss / 2**20
+        self.samples.append((time.time(), rss, psutil.virtual_memory().used / 2**20))
+
+    def _run(self) -> None:
         while not self._stop.is_set():
-            self.samples.append((time.time(), me.memory_info().rss / 2**20, psutil.virtual_memory().used / 2**20))
+            self._sample()
             self._stop.wait(1.0)
 
     def __enter__(self) -> MemorySampler:
@@ -101,10 +104,13 @@ class MemorySampler:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
+        self._sample()  # the search is over and every trial's workers are gone: a sample after the last trial
 
     def at(self, when: float) -> tuple[float, float] | None:
-        """The first sample at or after `when` (driver RSS MB, used MB)."""
-        later = [s for s in self.samples if s[0] >= when]
+        """The first sample at or after `when` (driver RSS MB, used MB); past the end, the sample taken at the end.
+        (A search that ends within a second or two of its last trial's last report has no periodic sample after
+        it: its last trial's memory used to be missing.)"""
+        later = [s for s in self.samples if s[0] >= when] or self.samples[-1:]
         return (later[0][1], later[0][2]) if later else None
 
 

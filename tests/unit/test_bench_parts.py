@@ -223,3 +223,19 @@ def test_steps_trained_counts_what_each_trial_ran_not_where_it_ended(tmp_path):
     trial("run_trial_c", [])  # never reported
     (tmp_path / "trials" / "searcher-state.pkl").write_bytes(b"")
     assert steps_trained(str(tmp_path)) == 120 + 80
+
+
+def test_memory_after_the_last_trial_is_sampled_even_when_the_search_ends_at_once():
+    """`bench tune` reads each trial's memory 2 s after its last report; a search that ends sooner has no periodic
+    sample then, and the sample taken as the sampler stops (every trial's workers gone) stands in."""
+    import time
+
+    from raytune_ft.bench.tune import MemorySampler
+
+    with MemorySampler() as memory:
+        last_report = time.time()
+    assert memory.samples  # the one taken as it stopped, at least
+    after = memory.at(last_report + 2.0)
+    assert after is not None and after[0] > 0 and after[1] > 0
+    assert after == memory.samples[-1][1:]
+    assert memory.at(0.0) == memory.samples[0][1:]  # a time it sampled past: the first sample at or after it
