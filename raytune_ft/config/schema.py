@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 Task = Literal["sequence-classification", "causal-lm"]
 PositiveInt = Annotated[int, Field(gt=0)]
@@ -320,7 +320,11 @@ class TuneConfig(Section):
     scheduler: Literal["none", "asha", "hyperband", "median"] = "none"
     metric: str = "eval_loss"
     mode: Literal["min", "max"] = "min"
-    num_samples: PositiveInt = 4
+    num_samples: PositiveInt | None = Field(
+        default=None,
+        description="Trials to sample (with grid dimensions: repeats of the grid); default 4, or 1 when every "
+        "dimension is a grid: each trial has the experiment's seed, so a repeat of a grid point trains a copy.",
+    )
     max_concurrent_trials: PositiveInt | None = Field(
         default=None,
         description="Trials running at once; default: what the embedded Ray's CPUs/GPUs fit, no cap on a cluster.",
@@ -359,6 +363,13 @@ class TuneConfig(Section):
         description="Where trials and checkpoints are stored: a directory or a pyarrow URI (s3://, gs://); "
         "default: the run directory.",
     )
+
+    @model_validator(mode="after")
+    def _samples(self) -> TuneConfig:
+        if self.num_samples is None:
+            dims = self.search_space.values()
+            self.num_samples = 1 if dims and all(d.type == "grid" for d in dims) else 4
+        return self
 
 
 class AutoscalingConfig(Section):

@@ -68,8 +68,19 @@ class ExperimentLog:
         self.last_config: dict[str, dict[str, Any]] = {}
         self.scores: dict[str, float] = {}  # checkpoint path -> metric
         self.logged: set[tuple] = set()
+        self.trials: list[Any] = []  # Tune's own list of the search's trials, as its callbacks receive it
+        self.saved: list[set[str]] = []  # each trial's latest checkpoint when Tune last saved its state, and before
+
+    def state_saved(self) -> None:
+        """Tune has just written its experiment state (the trials with their latest checkpoints), the state that
+        `tune --resume` restores after a crash: pin those checkpoints until the next save, and one save longer
+        in case the driver dies while writing it. Without this, a driver killed a few reports after a save left
+        a state that named a checkpoint since pruned, and the resumed trial failed."""
+        latest = {t.checkpoint.path for t in self.trials if t.checkpoint is not None}
+        self.saved = [*self.saved[-1:], latest]
 
     def on_trial_result(self, trials: list[Any], trial: Any, result: dict[str, Any]) -> None:
+        self.trials = trials
         record = result.get(EXPLOIT_KEY)
         key = (trial.trial_id, record and record.get("donor_checkpoint"), record and record.get("seconds"))
         if record and record.get("exploit") and key not in self.logged:
@@ -133,6 +144,7 @@ class ExperimentLog:
             scored = [r for r in manager.best_checkpoint_results if self.metric in r.metrics]
             if scored:
                 keep.add(min(scored, key=lambda r: sign * float(r.metrics[self.metric])).checkpoint.path)
+        keep.update(*self.saved)
         for state in getattr(self.pbt, "_trial_state", {}).values():
             last = getattr(state, "last_checkpoint", None)
             if getattr(last, "path", None):
@@ -429,7 +441,13 @@ def _callback(run_dir: Path, settings: Any, trial_scheduler: Any, progress: Call
                 progress(trials, result)
 
         def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            log.trials = trials
             log.on_trial_start(trial)
+
+        def get_state(self) -> None:
+            # Tune asks its callbacks for their state each time it saves the experiment's, right after the trials
+            log.state_saved()
+            return None
 
     return Callback()
 

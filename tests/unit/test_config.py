@@ -218,6 +218,18 @@ def test_override_reaches_dotted_search_space_keys(tmp_path, model_dir):
     assert cfg.tune.search_space["train.lr"].high == pytest.approx(0.01)
 
 
+def test_a_grid_runs_once_unless_asked_and_a_sampled_space_four_times(tmp_path, model_dir):
+    """Every trial has the experiment's seed: a second pass over an all-grid space would train copies."""
+    grid = MINIMAL + "tune:\n  algorithm: grid\n  search_space:\n    train.lr: {type: grid, values: [1.0e-3, 1.0e-2]}\n"
+    path = write(tmp_path, grid, model_dir)
+    assert load_config(path).tune.num_samples == 1
+    assert load_config(path, ["tune.num_samples=3"]).tune.num_samples == 3
+    mixed = grid.replace("algorithm: grid", "algorithm: random")
+    mixed += "    train.weight_decay: {type: uniform, low: 0, high: 0.1}\n"
+    mixed = write(tmp_path, mixed, model_dir)
+    assert load_config(mixed).tune.num_samples == 4
+
+
 def test_parse_override_values_are_yaml():
     assert parse_override("a.b=3e-5") == ("a.b", 3e-5)
     assert parse_override("a=true") == ("a", True)

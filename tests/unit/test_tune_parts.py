@@ -143,6 +143,24 @@ def test_retention_keeps_newest_best_and_every_checkpoint_an_exploit_may_need(tm
     assert sorted(p.name for p in b.iterdir()) == ["checkpoint_000001", "checkpoint_000004"]  # donor pinned
 
 
+def test_retention_keeps_the_checkpoints_the_last_two_saved_experiment_states_name(tmp_path):
+    """`tune --resume` after a crash restores each trial from the checkpoint Tune's last saved state names."""
+    a = tmp_path / "trial_a"
+    for i in range(6):
+        (a / f"checkpoint_00000{i}").mkdir(parents=True)
+    log = ExperimentLog(tmp_path, keep=1, metric="eval_loss", mode="min", pbt=None)
+    log.trials = [_trial(a, checkpoint=str(a / "checkpoint_000001"))]
+    log.state_saved()
+    log.trials = [_trial(a, checkpoint=str(a / "checkpoint_000003"))]
+    log.state_saved()
+    log.trials = [_trial(a, checkpoint=str(a / "checkpoint_000005"))]
+    log.prune(log.trials)
+    assert sorted(p.name for p in a.iterdir()) == ["checkpoint_000001", "checkpoint_000003", "checkpoint_000005"]
+    log.state_saved()  # the save before last is now two saves ago
+    log.prune(log.trials)
+    assert sorted(p.name for p in a.iterdir()) == ["checkpoint_000003", "checkpoint_000005"]
+
+
 CONDITIONAL = {
     "finetune.method": {"type": "choice", "values": ["full", "lora"]},
     "train.lr": {"type": "loguniform", "low": 1e-5, "high": 1e-3},
