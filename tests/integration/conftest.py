@@ -79,6 +79,14 @@ def local_ray():
     ray.shutdown()
 
 
+@pytest.fixture
+def session_ray_address(local_ray) -> str:
+    """The session Ray's address, for a `raytune-ft` process to join (cluster.address=...) instead of starting
+    an embedded Ray of its own (4-8 s here, and as long again to stop); Serve is not running in it."""
+    free_serve_cpus()
+    return local_ray.get_runtime_context().gcs_address
+
+
 @pytest.fixture(scope="session")
 def serve_port() -> int:
     """Serve's HTTP proxy keeps the port it first started with in a Ray session: one port for the session."""

@@ -1,5 +1,5 @@
 """`raytune-ft bench tune` as a user runs it: Tune's overhead with a trivial trainable and the real engine (tiny
-BERT), memory per trial, and a search comparison, through the CLI on an embedded local Ray."""
+BERT), memory per trial, and a search comparison, through the CLI, on the pytest session's Ray."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from helpers import write_reviews
 pytestmark = pytest.mark.integration
 
 
-def test_bench_tune_measures_overhead_memory_and_compares_searches(tiny_bert, tmp_path):
+def test_bench_tune_measures_overhead_memory_and_compares_searches(tiny_bert, tmp_path, session_ray_address):
     data = write_reviews(tmp_path / "reviews.tsv", rows=120)
     experiment = {
         "name": "bench-tune",
@@ -33,7 +33,9 @@ def test_bench_tune_measures_overhead_memory_and_compares_searches(tiny_bert, tm
     path = tmp_path / "exp.yaml"
     path.write_text(yaml.safe_dump(experiment))
     out = tmp_path / "bench.json"
-    cmd = [sys.executable, "-m", "raytune_ft.cli", "bench", "tune", str(path), "--trials", "2", "--steps", "2"]
+    # on the pytest session's Ray (cluster.address): the embedded start is what test_bench_train.py's command pays
+    cmd = [sys.executable, "-m", "raytune_ft.cli", "bench", "tune", str(path), f"cluster.address={session_ray_address}"]
+    cmd += ["--trials", "2", "--steps", "2"]
     cmd += ["--compare", "random", "--seeds", "1", "--samples", "2", "--json", str(out)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env={**os.environ})
     assert done.returncode == 0, done.stderr[-4000:]

@@ -6,6 +6,7 @@ pytest session's Ray."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,8 +17,10 @@ pytestmark = pytest.mark.integration
 
 
 def test_two_workers_on_two_nodes(tiny_bert, tmp_path):
+    # Ray Train's controller polls every 0.1 s, as on the embedded Ray `raytune-ft` starts (Ray's default: 2 s)
+    env = {**os.environ, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1"}
     done = subprocess.run(
-        [sys.executable, __file__, str(tiny_bert), str(tmp_path)], capture_output=True, text=True, timeout=600
+        [sys.executable, __file__, str(tiny_bert), str(tmp_path)], capture_output=True, text=True, timeout=600, env=env
     )
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     found = json.loads(done.stdout.strip().splitlines()[-1])

@@ -21,10 +21,13 @@ pytestmark = pytest.mark.integration
 JOBS = Path(__file__).resolve().parents[2] / "jobs"
 
 
-def run_quick(name: str, output_dir: Path, **env_vars: str) -> tuple[Path, dict]:
-    """`raytune-ft tune jobs/NAME.yaml output_dir=...`; the run directory and the export's test metrics."""
+def run_quick(name: str, output_dir: Path, address: str, **env_vars: str) -> tuple[Path, dict]:
+    """`raytune-ft tune jobs/NAME.yaml output_dir=... cluster.address=ADDRESS` on the pytest session's Ray (an
+    embedded start, which these jobs would otherwise pay each, is test_run.py's); the run directory and the
+    export's test metrics."""
     env = {**os.environ, **env_vars}
-    done = cli("tune", str(JOBS / f"{name}.yaml"), f"output_dir={output_dir}", env=env, timeout=900)
+    overrides = [f"output_dir={output_dir}", f"cluster.address={address}"]
+    done = cli("tune", str(JOBS / f"{name}.yaml"), *overrides, env=env, timeout=900)
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     [export] = re.findall(r"^export: (.+)$", done.stdout, re.MULTILINE)
     export = Path(export)
@@ -57,9 +60,9 @@ def deepspeed_files(run_dir: Path) -> set[str]:
     return {p.name for p in (run_dir / "train-runs").rglob("ds/*.pt")}
 
 
-def test_sst2_lora_pbt_quick_exploits_and_exports(tmp_path):
+def test_sst2_lora_pbt_quick_exploits_and_exports(tmp_path, session_ray_address):
     shared_data("sst2", "train.tsv")  # the YAML's default path: the shared data beside the checkout
-    run_dir, tested = run_quick("sst2-minilm-quick", tmp_path)
+    run_dir, tested = run_quick("sst2-minilm-quick", tmp_path, session_ray_address)
     cfg = load_config(JOBS / "sst2-minilm-quick.yaml")
     rows = trials(run_dir)
     assert len(rows) == cfg.tune.num_samples and {r["status"] for r in rows} == {"TERMINATED"}
@@ -78,9 +81,9 @@ def test_sst2_lora_pbt_quick_exploits_and_exports(tmp_path):
     assert model.config.num_labels == 2
 
 
-def test_sst2_full_optuna_quick_searches_and_exports(tmp_path):
+def test_sst2_full_optuna_quick_searches_and_exports(tmp_path, session_ray_address):
     shared_data("sst2", "train.tsv")
-    run_dir, tested = run_quick("sst2-minilm-full-optuna-quick", tmp_path)
+    run_dir, tested = run_quick("sst2-minilm-full-optuna-quick", tmp_path, session_ray_address)
     rows = trials(run_dir)
     assert len(rows) == load_config(JOBS / "sst2-minilm-full-optuna-quick.yaml").tune.num_samples
     assert len({r["train.lr"] for r in rows}) == len(rows)  # Optuna proposed different points
@@ -89,10 +92,14 @@ def test_sst2_full_optuna_quick_searches_and_exports(tmp_path):
     beats_the_majority_class(tested)
 
 
-def test_shakespeare_zero3_quick_shards_over_two_workers_and_exports(tmp_path, tiny_llama):
+def test_shakespeare_zero3_quick_shards_over_two_workers_and_exports(tmp_path, tiny_llama, session_ray_address):
     text = shared_data("tinyshakespeare", "input.txt")
     run_dir, tested = run_quick(
-        "shakespeare-zero3-quick", tmp_path, SHAKESPEARE_MODEL=str(tiny_llama), SHAKESPEARE_PATH=str(text)
+        "shakespeare-zero3-quick",
+        tmp_path,
+        session_ray_address,
+        SHAKESPEARE_MODEL=str(tiny_llama),
+        SHAKESPEARE_PATH=str(text),
     )
     rows = trials(run_dir)
     assert len(rows) == 1 and rows[0]["status"] == "TERMINATED"
