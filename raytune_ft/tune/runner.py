@@ -80,7 +80,6 @@ class ExperimentLog:
         self.saved = [*self.saved[-1:], latest]
 
     def on_trial_result(self, trials: list[Any], trial: Any, result: dict[str, Any]) -> None:
-        self.trials = trials
         record = result.get(EXPLOIT_KEY)
         key = (trial.trial_id, record and record.get("donor_checkpoint"), record and record.get("seconds"))
         if record and record.get("exploit") and key not in self.logged:
@@ -440,8 +439,10 @@ def _callback(run_dir: Path, settings: Any, trial_scheduler: Any, progress: Call
             if progress is not None:
                 progress(trials, result)
 
-        def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
             log.trials = trials
+
+        def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             log.on_trial_start(trial)
 
         def get_state(self) -> None:

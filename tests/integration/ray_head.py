@@ -80,6 +80,14 @@ class NodeCounts:
         self._process.wait(timeout=30)
 
 
+def train_poll() -> dict[str, str]:
+    """The Ray Train poll interval `raytune-ft` gives an embedded Ray, for a test's own cluster."""
+    from raytune_ft.train.ray_cluster import embedded_settings
+
+    key = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+    return {key: embedded_settings()[1][key]}
+
+
 @contextmanager
 def ray_head(
     port: int, args: list[str], ready: Callable[[dict], bool], env: dict[str, str] | None = None
@@ -104,9 +112,9 @@ def ray_head(
             args = [*args, f"{option}={free_port()}"]
     # a job's driver runs `raytune-ft` from the head's PATH, as on a cluster whose image installed the project
     head_env = {**os.environ, "RAY_TMPDIR": tmp, "PATH": os.pathsep.join([bin_dir, os.environ.get("PATH", "")])}
-    # what `raytune-ft` gives an embedded Ray (ray_cluster.embedded_settings): Ray Train's controller polls its
-    # workers every 0.1 s, not every 2 s, so a run on this head does not wait seconds to see each checkpoint
-    head_env["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.1"
+    # Ray Train's poll as `raytune-ft` sets it on an embedded Ray (0.1 s; Ray's default: 2 s), so that a run on
+    # this head does not wait seconds to see each checkpoint
+    head_env.update(train_poll())
     head_env.update(env or {})
     head_env.pop("RAY_ADDRESS", None)
     own = dict(head_env)  # what the head's processes inherit; clients get head_env

@@ -12,13 +12,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from ray_head import train_poll
 
 pytestmark = pytest.mark.integration
 
 
 def test_two_workers_on_two_nodes(tiny_bert, tmp_path):
-    # Ray Train's controller polls every 0.1 s, as on the embedded Ray `raytune-ft` starts (Ray's default: 2 s)
-    env = {**os.environ, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1"}
+    env = {**os.environ, **train_poll()}  # Ray Train's poll as on an embedded Ray, not Ray's default 2 s
     done = subprocess.run(
         [sys.executable, __file__, str(tiny_bert), str(tmp_path)], capture_output=True, text=True, timeout=600, env=env
     )
