@@ -80,6 +80,7 @@ def lm_config(
     activation_checkpointing: bool = False,
     compile_model: bool = False,
     fused_adamw: bool | None = None,
+    address: str | None = None,
 ) -> ExperimentConfig:
     return ExperimentConfig.model_validate(
         {
@@ -108,6 +109,7 @@ def lm_config(
                 "cpus_per_worker": cpus_per_worker,
                 "gpus_per_worker": 1 if use_gpu else 0,
             },
+            "cluster": {"address": address},
         }
     )
 
@@ -197,10 +199,13 @@ def bench_lm(
     use_gpu: bool | None = None,
     bare: bool = True,
     peak_tflops: float | None = None,
+    address: str | None = None,
     log: Callable[[str], None] = print,
     **engine: Any,
 ) -> dict[str, Any]:
-    """ENGINE: precision, attn, activation_checkpointing, compile_model, fused_adamw (see lm_config)."""
+    """ENGINE: precision, attn, activation_checkpointing, compile_model, fused_adamw (see lm_config). ADDRESS: a
+    running Ray cluster on this machine to run on instead of an embedded one (the model is built in a local
+    temporary directory, which only this machine's workers can read)."""
     import ray
     import torch
 
@@ -238,11 +243,12 @@ def bench_lm(
                     workers=workers,
                     use_gpu=use_gpu,
                     cpus_per_worker=cpus_per_worker,
+                    address=address,
                     **engine,
                 )
                 experiment = cfg.model_dump(mode="json", by_alias=True)
                 if data_ref is None:
-                    ensure_ray(cfg)  # an embedded local Ray, as `raytune-ft train` starts it
+                    ensure_ray(cfg)  # an embedded local Ray unless ADDRESS, as `raytune-ft train` starts it
                     data_ref = ray.put(data)
                 log(f"ZeRO-{stage} {method}: Ray Train + DeepSpeed, {workers} worker(s), {steps} steps")
                 loop_config = {

@@ -129,6 +129,13 @@ def _print_data_report(report: dict[str, Any]) -> None:
         out.print(f"class weights (train): {report['class_weights']}", highlight=False, soft_wrap=True)
 
 
+def overrides_after_a_run_dir(config: Path | None, overrides: list[str] | None) -> list[str]:
+    """With --resume/--replay RUN_DIR there is no experiment file: the first argument is an override."""
+    if config is not None and config.suffix not in (".yaml", ".yml"):
+        return [str(config), *(overrides or [])]
+    return list(overrides or [])
+
+
 @app.command()
 def train(
     config: Annotated[
@@ -149,8 +156,7 @@ def train(
     from raytune_ft.train.storage import StorageError
 
     if resume is not None:
-        if config is not None and config.suffix not in (".yaml", ".yml"):
-            overrides = [str(config), *(overrides or [])]
+        overrides = overrides_after_a_run_dir(config, overrides)
         saved = resume / CONFIG_FILE
         if not saved.is_file():
             fail(f"{resume} is not a run directory: {CONFIG_FILE} not found", EXIT_CONFIG)
@@ -180,7 +186,7 @@ def train(
 @app.command()
 def tune(
     config: Annotated[
-        Path | None, typer.Argument(help="Experiment YAML file (omit with --resume).", show_default=False)
+        Path | None, typer.Argument(help="Experiment YAML file (omit with --resume or --replay).", show_default=False)
     ] = None,
     overrides: OverridesArg = None,
     run_dir: Annotated[
@@ -204,8 +210,9 @@ def tune(
     if replay is not None:
         if not (replay / "config.yaml").is_file():
             fail(f"{replay} is not a tune run directory: config.yaml not found", EXIT_CONFIG)
+        cfg = load_experiment(replay / "config.yaml", overrides_after_a_run_dir(config, overrides))
         try:
-            export = replay_schedule(replay, trial, run_dir, log=lambda m: err.print(m, highlight=False))
+            export = replay_schedule(replay, trial, run_dir, cfg=cfg, log=lambda m: err.print(m, highlight=False))
         except (FileNotFoundError, FileExistsError, ValueError) as exc:
             fail(str(exc), EXIT_CONFIG)
         except (DataError, ModelSourceError, CheckpointError, RuntimeError) as exc:
@@ -213,8 +220,7 @@ def tune(
         out.print(f"replayed schedule exported to {export}", highlight=False, soft_wrap=True)
         return
     if resume is not None:
-        if config is not None and config.suffix not in (".yaml", ".yml"):
-            overrides = [str(config), *(overrides or [])]
+        overrides = overrides_after_a_run_dir(config, overrides)
         if not (resume / "config.yaml").is_file():
             fail(f"{resume} is not a tune run directory: config.yaml not found", EXIT_CONFIG)
         cfg = load_experiment(resume / "config.yaml", overrides)

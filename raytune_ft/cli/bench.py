@@ -162,6 +162,10 @@ def bench_lm_command(
     peak_tflops: Annotated[
         float | None, typer.Option("--peak-tflops", help="Accelerator peak for MFU when its name is not known.")
     ] = None,
+    address: Annotated[
+        str | None,
+        typer.Option("--address", help="A Ray cluster running on this machine (default: an embedded local Ray)."),
+    ] = None,
     json_path: Annotated[Path | None, typer.Option("--json", help="Also write the figures to this JSON file.")] = None,
 ) -> None:
     """A Llama-style causal LM from a config (random weights) on packed random tokens: tokens/s, MFU, peak
@@ -188,6 +192,7 @@ def bench_lm_command(
             use_gpu=use_gpu,
             bare=not skip_bare,
             peak_tflops=peak_tflops,
+            address=address,
             log=log,
             precision=precision,
             attn=attn,

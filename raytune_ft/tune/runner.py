@@ -240,11 +240,17 @@ def tune_experiment(
 
 
 def replay_schedule(
-    run_dir: Path, trial: str | None = None, out_dir: Path | None = None, *, log: Callable[[str], None] = print
+    run_dir: Path,
+    trial: str | None = None,
+    out_dir: Path | None = None,
+    *,
+    cfg: ExperimentConfig | None = None,
+    log: Callable[[str], None] = print,
 ) -> Path:
     """Re-run one PBT/PB2 trial's recorded hyper-parameter schedule (Ray's PopulationBasedTrainingReplay): it
     starts from the configuration the trial inherited and switches at the recorded training iterations. The
-    result is exported to OUT_DIR/winner; the test split is not read again."""
+    result is exported to OUT_DIR/winner; the test split is not read again. CFG: the search's experiment with
+    overrides (a cluster to run on); by default RUN_DIR's own."""
     from ray import tune
 
     from raytune_ft.config import load_config
@@ -252,7 +258,7 @@ def replay_schedule(
 
     run_dir = Path(run_dir).resolve()
     policy = _policy_file(run_dir, trial)
-    cfg = load_config(run_dir / "config.yaml")
+    cfg = cfg or load_config(run_dir / "config.yaml")
     assert cfg.tune is not None
     name = trial or "winner"
     out_dir = Path(out_dir).resolve() if out_dir else run_dir / "replays" / name

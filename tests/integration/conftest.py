@@ -7,6 +7,7 @@ its own process (ray.cluster_utils.Cluster)."""
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -83,7 +84,7 @@ def local_ray():
 def session_ray_address(local_ray) -> str:
     """The session Ray's address, for a `raytune-ft` process to join (cluster.address=...) instead of starting
     an embedded Ray of its own (4-8 s here, and as long again to stop); Serve is not running in it."""
-    free_serve_cpus()
+    free_session_cpus()
     return local_ray.get_runtime_context().gcs_address
 
 
@@ -95,20 +96,36 @@ def serve_port() -> int:
     return free_port()
 
 
-def free_serve_cpus() -> None:
-    """A Serve app holds its replicas' CPUs in the session's Ray, and a 2-worker run needs both: stop Serve."""
+def free_session_cpus(wait_s: float = 120.0) -> None:
+    """A Serve app holds its replicas' CPUs in the session's Ray, and a 2-worker run needs both: stop Serve. Then
+    wait until every CPU is free again (a finished run's actors and placement groups go asynchronously); whatever
+    still holds one after WAIT_S ends the session, named, rather than leaving every later run waiting for it."""
     import ray
 
-    if ray.is_initialized():
-        from ray import serve
+    if not ray.is_initialized():
+        return
+    from ray import serve
 
-        serve.shutdown()
+    serve.shutdown()
+    deadline = time.monotonic() + wait_s
+    while ray.available_resources().get("CPU", 0) < ray.cluster_resources().get("CPU", 0):
+        if time.monotonic() > deadline:
+            from ray.util.state import list_actors, list_placement_groups
+
+            actors = [f"{a.class_name} ({a.state})" for a in list_actors(filters=[("state", "!=", "DEAD")])]
+            groups = [f"{g.placement_group_id} ({g.state})" for g in list_placement_groups()]
+            pytest.exit(
+                f"the session's Ray has CPUs held {wait_s:.0f} s after the last run: "
+                f"{ray.available_resources()} of {ray.cluster_resources()}; actors {actors}; placement groups {groups}",
+                returncode=1,
+            )
+        time.sleep(0.2)
 
 
 @pytest.fixture(scope="module", autouse=True)
 def no_serve_app_after_the_module():
     yield
-    free_serve_cpus()
+    free_session_cpus()
 
 
 @pytest.fixture(autouse=True)
@@ -129,7 +146,7 @@ def classifier_run(tmp_path_factory, tiny_bert, reviews, local_ray):
     (result, runs root)"""
     from raytune_ft.train import train
 
-    free_serve_cpus()  # a session fixture can first be asked for while a module's app is deployed
+    free_session_cpus()  # a session fixture can first be asked for while a module's app is deployed
     root = tmp_path_factory.mktemp("runs")
     return train(make_cfg(root, "baseline", tiny_bert, reviews)), root
 
@@ -139,7 +156,7 @@ def lm_run(tmp_path_factory, tiny_llama, local_ray):
     """The tiny Llama trained as a causal LM (ZeRO-3 over 2 workers, 6 steps) and exported. (result, config)"""
     from raytune_ft.train import train
 
-    free_serve_cpus()
+    free_session_cpus()
     cfg = lm_cfg(tmp_path_factory.mktemp("lm"), "lm", tiny_llama)
     return train(cfg), cfg
 

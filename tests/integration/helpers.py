@@ -120,16 +120,21 @@ def post_json(url: str, payload: object, headers: dict | None = None):
     return request(url, json.dumps(payload).encode(), headers={"Content-Type": "application/json", **(headers or {})})
 
 
-def cli(*args: str, env: dict, timeout: int = 600, sigint_ignored: bool = False) -> subprocess.CompletedProcess:
-    """Run raytune-ft; `sigint_ignored` as a script's `raytune-ft ... &` does (its children inherit that)."""
-    return subprocess.run(
-        [sys.executable, "-m", "raytune_ft.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-        preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if sigint_ignored else None,
-    )
+def cli(*args: str, env: dict, timeout: int = 240, sigint_ignored: bool = False) -> subprocess.CompletedProcess:
+    """Run raytune-ft; `sigint_ignored` as a script's `raytune-ft ... &` does (its children inherit that). One that
+    runs past TIMEOUT (inside pytest's per-test limit) fails with the end of what it printed."""
+    try:
+        return subprocess.run(
+            [sys.executable, "-m", "raytune_ft.cli", *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=env,
+            preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if sigint_ignored else None,
+        )
+    except subprocess.TimeoutExpired as exc:
+        printed = "".join(part.decode() if isinstance(part, bytes) else part or "" for part in (exc.stdout, exc.stderr))
+        raise AssertionError(f"raytune-ft {' '.join(args)} ran past {timeout} s:\n{printed[-4000:]}") from None
 
 
 def write_experiment(path: Path, cfg: ExperimentConfig, **sections: dict) -> Path:

@@ -53,7 +53,7 @@ def test_tune_makes_the_autoscaler_add_nodes_that_leave_when_idle(autoscaling_he
     try:
         before = watch.wait_for(1, timeout_s=60)
         # no max_concurrent_trials: on a cluster joined by address both trials start and wait for workers
-        tuned = cli("tune", str(experiment), f"cluster.address={address}", env=env, timeout=900)
+        tuned = cli("tune", str(experiment), f"cluster.address={address}", env=env)
         assert tuned.returncode == 0, tuned.stderr[-3000:]
         assert "export:" in tuned.stdout
         during = max(watch.seen)

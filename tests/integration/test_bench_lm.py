@@ -1,5 +1,6 @@
 """`raytune-ft bench lm` as a user runs it on CPU (on a GPU the same command measures bf16 throughput and MFU):
-a subprocess, an embedded local Ray, a tiny Llama from a config, the JSON it writes."""
+a subprocess on the session's Ray (`--address`; an embedded start is test_run.py's), a tiny Llama from a config,
+the JSON it writes."""
 
 from __future__ import annotations
 
@@ -14,21 +15,21 @@ pytestmark = pytest.mark.integration
 SIDE_KEYS = {"tokens_per_s", "samples_per_s", "peak_rss_mb", "time_to_first_step_s", "mfu", "mfu_6n", "n_params"}
 
 
-def bench_lm(tmp_path, *args: str) -> tuple[dict, str]:
+def bench_lm(tmp_path, address: str, *args: str) -> tuple[dict, str]:
     out = tmp_path / "lm.json"
     cmd = [sys.executable, "-m", "raytune_ft.cli", "bench", "lm", "--size", "tiny", "--seq-len", "64"]
-    cmd += ["--micro-batch", "2", "--steps", "3", "--device", "cpu", "--json", str(out), *args]
+    cmd += ["--micro-batch", "2", "--steps", "3", "--device", "cpu", "--address", address, "--json", str(out), *args]
     env = {**os.environ}
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
     assert done.returncode == 0, done.stderr[-4000:]
     return json.loads(out.read_text()), done.stdout
 
 
-def test_each_zero_stage_and_method_runs_through_ray_and_through_bare_deepspeed(tmp_path):
+def test_each_zero_stage_and_method_runs_through_ray_and_through_bare_deepspeed(tmp_path, session_ray_address):
     # ZeRO-3 (partitioned parameters, the harder case to count and gather) with both methods; ZeRO-2 runs in the
     # Ray loop below and in `bench train`'s bare loop, which starts its engine with the same code. Half the cost of
     # the whole 2x2 grid, which the README's CPU figures show.
-    figures, table = bench_lm(tmp_path, "--zero-stages", "3", "--methods", "full,lora")
+    figures, table = bench_lm(tmp_path, session_ray_address, "--zero-stages", "3", "--methods", "full,lora")
     assert (figures["size"], figures["seq_len"], figures["workers"]) == ("tiny", 64, 1)
     runs = {(r["zero_stage"], r["method"]): r for r in figures["runs"]}
     assert set(runs) == {(3, "full"), (3, "lora")}
@@ -49,9 +50,9 @@ def test_each_zero_stage_and_method_runs_through_ray_and_through_bare_deepspeed(
     assert "Ray/bare" in table and "tokens/s" in table
 
 
-def test_activation_checkpointing_compile_and_fused_adamw_run_in_the_ray_loop(tmp_path):
+def test_activation_checkpointing_compile_and_fused_adamw_run_in_the_ray_loop(tmp_path, session_ray_address):
     args = ["--zero-stages", "2", "--methods", "full", "--no-bare", "--activation-checkpointing", "--compile"]
-    figures, _ = bench_lm(tmp_path, *args, "--fused-adamw")
+    figures, _ = bench_lm(tmp_path, session_ray_address, *args, "--fused-adamw")
     [run] = figures["runs"]
     assert "bare" not in run and run["ray"]["tokens_per_s"] > 0
     assert figures["engine"] == {

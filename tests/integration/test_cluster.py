@@ -259,7 +259,7 @@ def test_run_with_address_without_a_search_trains_once_and_serves_on_the_cluster
     exp.write_text(yaml.safe_dump(raw))
     root = tmp_path / "runs" / "e2e"
 
-    done = cli("run", str(exp), "--address", address, "--stop-server", env=env, timeout=900)
+    done = cli("run", str(exp), "--address", address, "--stop-server", env=env)
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     # the worker's line after each evaluation reaches the user (one epoch of 240 rows in batches of 16 is 15 steps,
     # under max_steps)

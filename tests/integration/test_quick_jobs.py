@@ -27,7 +27,7 @@ def run_quick(name: str, output_dir: Path, address: str, **env_vars: str) -> tup
     export's test metrics."""
     env = {**os.environ, **env_vars}
     overrides = [f"output_dir={output_dir}", f"cluster.address={address}"]
-    done = cli("tune", str(JOBS / f"{name}.yaml"), *overrides, env=env, timeout=900)
+    done = cli("tune", str(JOBS / f"{name}.yaml"), *overrides, env=env)
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     [export] = re.findall(r"^export: (.+)$", done.stdout, re.MULTILINE)
     export = Path(export)

@@ -102,7 +102,7 @@ def test_run_goes_from_data_to_report_and_a_rerun_skips_what_is_done(tiny_bert, 
     exp = experiment(tmp_path, tiny_bert, port)
     root = tmp_path / "runs" / "e2e"
     try:
-        done = cli("run", str(exp), env=env, timeout=900)
+        done = cli("run", str(exp), env=env)
         assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
         # live progress: the stage, and after each trial report the trials and the best metric so far
         assert "[2/7] tune" in done.stderr and "trials finished" in done.stderr and "best eval_accuracy" in done.stderr
@@ -159,7 +159,7 @@ def test_run_goes_from_data_to_report_and_a_rerun_skips_what_is_done(tiny_bert, 
         assert "served at" in done.stdout and str(root) in done.stdout.replace("\n", "")
 
         # a rerun: data, tune and serve are complete, so they are reused; the test split is not read again
-        again = cli("run", str(exp), "--until", "serve", env=env, timeout=600)
+        again = cli("run", str(exp), "--until", "serve", env=env)
         assert again.returncode == 0, (again.stdout + again.stderr)[-4000:]
         stages = json.loads((root / "run.json").read_text())["stages"]
         assert [stages[s]["state"] for s in ("data", "tune", "serve")] == ["reused", "reused", "reused"]
@@ -168,7 +168,7 @@ def test_run_goes_from_data_to_report_and_a_rerun_skips_what_is_done(tiny_bert, 
         cli("serve", "stop", env=env)
 
     # a stricter gate: the winner is refused with the threshold named, and nothing is served
-    refused = cli("run", str(exp), "promote.min_test_accuracy=1.0", "--from", "promote", env=env, timeout=600)
+    refused = cli("run", str(exp), "promote.min_test_accuracy=1.0", "--from", "promote", env=env)
     assert refused.returncode == 3, refused.stderr[-3000:]
     assert "not promoted: min_test_accuracy (limit 1" in refused.stderr
     assert json.loads((root / "run.json").read_text())["stages"]["promote"]["state"] == "not promoted"

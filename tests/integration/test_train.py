@@ -114,7 +114,9 @@ def test_killed_workers_are_replaced_and_the_run_ends_the_same(baseline, tiny_be
         verify_checkpoint(checkpoint)  # step 12 was written again, in full
 
 
-def test_interrupted_run_resumes_past_a_corrupted_checkpoint_to_the_same_end(baseline, tiny_bert, reviews):
+def test_interrupted_run_resumes_past_a_corrupted_checkpoint_to_the_same_end(
+    baseline, tiny_bert, reviews, session_ray_address
+):
     """An exception at step 14 (no retries) leaves checkpoints 6 and 12; a fresh run in that directory is refused;
     the newest checkpoint is then truncated, and `train --resume` skips it for step 6 and ends like the baseline."""
     result, root = baseline
@@ -129,8 +131,10 @@ def test_interrupted_run_resumes_past_a_corrupted_checkpoint_to_the_same_end(bas
     target.write_bytes(target.read_bytes()[: target.stat().st_size // 2])
     with pytest.raises(CheckpointError, match="checksum mismatch"):
         verify_checkpoint(checkpoints[-1])
-    # `raytune-ft train --resume RUN_DIR`, as a user runs it: its own process, its own embedded Ray
-    resumed = cli("train", "--resume", str(root / "resumed"), "--no-export", env={**os.environ})
+    # `raytune-ft train --resume RUN_DIR`, as a user runs it, in its own process (on the session's Ray: an embedded
+    # start is test_run.py's)
+    address = f"cluster.address={session_ray_address}"
+    resumed = cli("train", "--resume", str(root / "resumed"), address, "--no-export", env={**os.environ})
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "newest checkpoint is not whole" in resumed.stderr or "skipping checkpoint step_000012" in resumed.stderr
     history = read_state(list_checkpoints(root / "resumed" / "train")[-1])["history"]

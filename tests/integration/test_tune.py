@@ -33,7 +33,9 @@ def tune_cfg(root, name, tiny_bert, data, tune, **sections):
     )
 
 
-def test_pbt_winner_exploited_the_donor_checkpoint_is_tested_once_and_replays(tiny_bert, tmp_path, local_ray):
+def test_pbt_winner_exploited_the_donor_checkpoint_is_tested_once_and_replays(
+    tiny_bert, tmp_path, local_ray, session_ray_address
+):
     data = write_reviews(tmp_path / "reviews.tsv", rows=200)
     tune = {
         "algorithm": "pbt",
@@ -111,13 +113,13 @@ def test_pbt_winner_exploited_the_donor_checkpoint_is_tested_once_and_replays(ti
     env = {**os.environ}
     # the directory holds a finished search: a new search there is refused before anything starts
     experiment_file = write_experiment(tmp_path / "pbt.yaml", cfg)
-    again = cli("tune", str(experiment_file), "--run-dir", str(search), env=env, timeout=300)
+    again = cli("tune", str(experiment_file), "--run-dir", str(search), env=env)
     assert again.returncode == 1 and "already holds a finished search" in again.stderr, again.stderr[-2000:]
 
     # `tune --replay RUN_DIR` with its defaults replays the winner's schedule: it starts from the config the trial
     # inherited and switches where PBT switched it, and the engine trains with each value (constant schedule:
-    # reported lr == configured lr)
-    replayed = cli("tune", "--replay", str(search), env=env)
+    # reported lr == configured lr). On the session's Ray: KEY=VALUE overrides apply to the search's experiment.
+    replayed = cli("tune", "--replay", str(search), f"cluster.address={session_ray_address}", env=env)
     assert replayed.returncode == 0, replayed.stderr[-3000:]
     export = search / "replays" / "winner" / "winner"
     assert f"replayed schedule exported to {export}" in replayed.stdout.replace("\n", "")
