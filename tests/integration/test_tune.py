@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 from helpers import cli, make_cfg, write_experiment, write_reviews
 
+from raytune_ft.config import load_config
 from raytune_ft.data import reads_of_test_split
 from raytune_ft.report import write_report
 from raytune_ft.tune import tune_experiment
@@ -33,9 +34,7 @@ def tune_cfg(root, name, tiny_bert, data, tune, **sections):
     )
 
 
-def test_pbt_winner_exploited_the_donor_checkpoint_is_tested_once_and_replays(
-    tiny_bert, tmp_path, local_ray, session_ray_address
-):
+def test_pbt_winner_exploited_the_donor_checkpoint_is_tested_once_and_replays(tiny_bert, tmp_path, local_ray):
     data = write_reviews(tmp_path / "reviews.tsv", rows=200)
     tune = {
         "algorithm": "pbt",
@@ -118,12 +117,15 @@ def test_pbt_winner_exploited_the_donor_checkpoint_is_tested_once_and_replays(
 
     # `tune --replay RUN_DIR` with its defaults replays the winner's schedule: it starts from the config the trial
     # inherited and switches where PBT switched it, and the engine trains with each value (constant schedule:
-    # reported lr == configured lr). On the session's Ray: KEY=VALUE overrides apply to the search's experiment.
-    replayed = cli("tune", "--replay", str(search), f"cluster.address={session_ray_address}", env=env)
+    # reported lr == configured lr). On an embedded Ray of its own, as test_quick_jobs.py's PBT job: a replay's
+    # restarts are PBT's. A KEY=VALUE override after --replay applies to the search's experiment (one that
+    # changes nothing the schedule depends on).
+    replayed = cli("tune", "--replay", str(search), "train.keep_checkpoints=3", env=env)
     assert replayed.returncode == 0, replayed.stderr[-3000:]
     export = search / "replays" / "winner" / "winner"
     assert f"replayed schedule exported to {export}" in replayed.stdout.replace("\n", "")
     assert (export / "model.safetensors").is_file()
+    assert load_config(search / "replays" / "winner" / "config.yaml").train.keep_checkpoints == 3
     [replay] = (search / "replays" / "winner" / "trials").glob("run_trial_*")
     reports = [json.loads(line) for line in open(replay / "result.json")]
     assert [r["step"] for r in reports] == [4, 8, 12, 16]  # every report, across the switch
