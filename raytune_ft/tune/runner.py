@@ -22,6 +22,7 @@ from typing import Any
 from pyarrow.fs import FileSelector, FileType
 
 from raytune_ft.config import ExperimentConfig, config_to_yaml
+from raytune_ft.train.ray_cluster import remove_leftover_placement_groups
 from raytune_ft.train.storage import bytes_needed, check_storage
 from raytune_ft.tune.search import RestartsClean, require_extra, scheduler, search_algorithm, tuner_space
 from raytune_ft.tune.space import trial_experiment
@@ -236,6 +237,7 @@ def tune_experiment(
             run_config=_run_config(cfg, run_dir, storage, trial_scheduler, progress),
         )
     results = tuner.fit()
+    remove_leftover_placement_groups(log)
     return _finish(cfg, run_dir, results, worker_data, log)
 
 
@@ -282,6 +284,7 @@ def replay_schedule(
         run_config=_run_config(cfg, out_dir, storage, None),
     )
     results = tuner.fit()
+    remove_leftover_placement_groups(log)
     result = results[0]
     if result.error:
         raise RuntimeError(f"the replay failed: {result.error}")
