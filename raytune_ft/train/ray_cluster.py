@@ -106,8 +106,9 @@ def inherited_environment(env: dict[str, str]) -> Iterator[None]:
                 os.environ[key] = value
 
 
-def remove_leftover_placement_groups(log: Callable[[str], None] = print) -> int:
-    """Remove the placement groups this driver's job still holds once its runs are over; how many there were.
+def remove_leftover_placement_groups(log: Callable[[str], None] = print, *, any_job: bool = False) -> list[str]:
+    """Remove the placement groups this driver's job (ANY_JOB: every job) still holds once its runs are over;
+    their ids.
 
     Ray 2.60 can leave one behind when Tune stops a trial mid-run (a PBT pause or exploit, an early stop, the end
     of a search): the trial's Ray Train controller is killed with its owner, sees its workers die first and asks
@@ -117,10 +118,10 @@ def remove_leftover_placement_groups(log: Callable[[str], None] = print) -> int:
     import ray
     from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
 
-    job = ray.get_runtime_context().get_job_id()
+    job = "" if any_job else ray.get_runtime_context().get_job_id()
     left = [pg for pg, info in placement_group_table().items() if pg.endswith(job) and info["state"] != "REMOVED"]
     for pg in left:
         remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(pg))))
     if left:
-        log(f"removed {len(left)} placement group(s) that Ray Train left behind (a stopped trial's)")
-    return len(left)
+        log(f"removed {len(left)} placement group(s) that Ray Train left behind (a stopped trial's): {left}")
+    return left

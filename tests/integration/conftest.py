@@ -112,12 +112,9 @@ def free_session_cpus(wait_s: float = 60.0) -> None:
 
     serve.shutdown()
     if not cpus_free_within(wait_s):
-        from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
+        from raytune_ft.train.ray_cluster import remove_leftover_placement_groups
 
-        left = [pg for pg, info in placement_group_table().items() if info["state"] != "REMOVED"]
-        for pg in left:
-            remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(pg))))
-        warnings.warn(f"placement groups left behind in the session's Ray, removed: {left}", stacklevel=1)
+        remove_leftover_placement_groups(lambda m: warnings.warn(f"session's Ray: {m}", stacklevel=1), any_job=True)
     if not cpus_free_within(30.0):
         from ray.util.state import list_actors
 
