@@ -5,7 +5,9 @@
 # package beside their own libraries); `make lock` writes it again from the newest releases pyproject.toml allows.
 #
 # TORCH is the torch requirement installed before everything else, 2.13.0 as the lock pins it. This machine has
-# its CPU build on disk; on a GPU machine the same requirement from PyPI is the CUDA build.
+# its CPU build on disk; on a GPU machine the same requirement from PyPI is the CUDA build. pip installs it (pip
+# reads pip.conf's find-links and indexes, where a local CPU build lies); uv, pinned in the lock too, installs the
+# rest and keeps that torch: 50 s here with bytecode compiled on both cores, pip took 160 s (one core).
 PYTHON ?= python3
 TORCH ?= torch==2.13.0
 LOCK := constraints.txt
@@ -22,7 +24,8 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -c $(LOCK) "$(TORCH)"
-	$(BIN)/pip install -c $(LOCK) -e ".[dev]"
+	$(BIN)/pip install -q -c $(LOCK) uv
+	$(BIN)/uv pip install --python $(BIN)/python --compile-bytecode -c $(LOCK) -e ".[dev]"
 	$(BIN)/python -c "from raytune_ft.train.engine import build_deepspeed_ops; build_deepspeed_ops()"
 	touch $(STAMP)
 
@@ -52,7 +55,7 @@ lock:
 	rm -rf .lock-venv
 	$(PYTHON) -m venv .lock-venv
 	.lock-venv/bin/pip install "$(TORCH)"
-	.lock-venv/bin/pip install -e ".[dev]"
+	.lock-venv/bin/pip install uv -e ".[dev]"
 	$(PYTHON) .ci/lock.py write .lock-venv/bin/python > $(LOCK).new
 	mv $(LOCK).new $(LOCK)
 	rm -rf .lock-venv

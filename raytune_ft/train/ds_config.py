@@ -84,6 +84,10 @@ def import_deepspeed() -> types.ModuleType:
     finally:
         if hide_mlflow and sys.modules.get("mlflow", False) is None:
             del sys.modules["mlflow"]
+    # On a CPU, DeepSpeed's comm backend builds (25 s of two cores, once) and loads its shared-memory all-reduce,
+    # which only DeepSpeed inference's tensor parallelism calls; training all-reduces through torch.distributed.
+    # Marked incompatible, the backend skips it (it reads this probe, cached on first use, before loading it).
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     return deepspeed
 
 

@@ -28,16 +28,14 @@ def enable_activation_checkpointing(model: torch.nn.Module) -> None:
 
 
 def build_deepspeed_ops() -> None:
-    """Compile the DeepSpeed C++ ops a CPU run loads into torch's extension cache now, if they are not there yet:
-    CPU Adam (ZeRO-Offload's optimizer) and, without a GPU, the shared-memory all-reduce every run's engine loads.
-    DeepSpeed builds each on first use, 40-60 s on a small CPU, inside the first run. `make setup` calls this."""
+    """Compile the DeepSpeed C++ op a run may load into torch's extension cache now, if it is not there yet: CPU
+    Adam (ZeRO-Offload's optimizer). DeepSpeed builds it on first use, 45 s on a small CPU, inside the first run
+    that offloads. `make setup` calls this. (The other op a CPU run would build, the shared-memory all-reduce, is
+    switched off in import_deepspeed.)"""
     import_deepspeed()
     from deepspeed.accelerator import get_accelerator
 
-    accelerator = get_accelerator()
-    accelerator.create_op_builder("CPUAdamBuilder").load()
-    if accelerator.device_name() == "cpu":
-        accelerator.create_op_builder("ShareMemCommBuilder").load()
+    get_accelerator().create_op_builder("CPUAdamBuilder").load()
 
 
 def make_optimizer(cfg: ExperimentConfig, groups: list[dict[str, Any]], on_gpu: bool) -> torch.optim.Optimizer:
