@@ -1,15 +1,19 @@
 """A tune experiment on the local autoscaling cluster (cluster/local-autoscaling.yaml: Ray's fake multi-node
 provider, a head with no CPUs, `trial_worker` nodes of 2 CPUs): two trials of 2 workers each make the autoscaler
-add two worker nodes, and once the search ends the idle nodes go away."""
+add two worker nodes; `raytune-ft train` of 2 workers with STRICT_SPREAD trains across two of those nodes, one
+worker on each; once nothing runs the idle nodes go away."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 import yaml
 from helpers import cli, free_port, make_cfg, write_reviews
 from ray_head import NodeCounts, alive_nodes, ray_head
+
+from raytune_ft.train.checkpoint import list_checkpoints, read_state
 
 pytestmark = pytest.mark.integration
 
@@ -57,6 +61,16 @@ def test_tune_makes_the_autoscaler_add_nodes_that_leave_when_idle(autoscaling_he
         assert tuned.returncode == 0, tuned.stderr[-3000:]
         assert "export:" in tuned.stdout
         during = max(watch.seen)
+
+        # `raytune-ft train` of the same experiment across two nodes: 2 workers of 1 CPU, STRICT_SPREAD (one per
+        # node), on the trial_worker nodes the search brought up (or new ones, had they gone idle already)
+        spread = "scaling.placement_strategy=STRICT_SPREAD"
+        seen_before_training = len(watch.seen)
+        trained = cli("train", str(experiment), f"cluster.address={address}", spread, env=env)
+        assert trained.returncode == 0, trained.stderr[-3000:]
+        [export] = re.findall(r"^export: (.+)$", trained.stdout, re.MULTILINE)
+        nodes_while_training = max(watch.seen[seen_before_training:])
+
         after = watch.wait_for(1, timeout_s=180)  # idle workers removed after idle_timeout_minutes
     finally:
         watch.close()
@@ -64,3 +78,7 @@ def test_tune_makes_the_autoscaler_add_nodes_that_leave_when_idle(autoscaling_he
     assert before == 1  # the head alone
     assert during == 3  # the head and two trial_worker nodes, one per trial
     assert after == 1
+    assert nodes_while_training == 3
+    state = read_state(list_checkpoints(tmp_path / "runs" / "autoscaled" / "train")[-1])
+    assert state["world_size"] == 2 and [h["step"] for h in state["history"]] == [3, 6]
+    assert (Path(export) / "model.safetensors").is_file()

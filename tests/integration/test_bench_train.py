@@ -1,4 +1,5 @@
-"""`raytune-ft bench train` as a user runs it: a subprocess on an embedded local Ray, a tiny BERT, a JSON file."""
+"""`raytune-ft bench train` as a user runs it: a subprocess that joins the pytest session's Ray (cluster.address; an
+embedded start is test_run.py's), a tiny BERT, a JSON file."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ pytestmark = pytest.mark.integration
 KEYS = {"samples_per_s", "tokens_per_s", "time_to_first_step_s", "peak_rss_mb"}
 
 
-def test_bench_train_compares_bare_and_ray_and_measures_zero_memory(tiny_bert, tmp_path):
+def test_bench_train_compares_bare_and_ray_and_measures_zero_memory(tiny_bert, tmp_path, session_ray_address):
     data = write_reviews(tmp_path / "reviews.tsv", rows=480)
     experiment = {
         "name": "bench-tiny",
@@ -31,6 +32,7 @@ def test_bench_train_compares_bare_and_ray_and_measures_zero_memory(tiny_bert, t
     path.write_text(yaml.safe_dump(experiment))
     out = tmp_path / "figures" / "bench.json"
     cmd = [sys.executable, "-m", "raytune_ft.cli", "bench", "train", str(path), "--steps", "4"]
+    cmd += [f"cluster.address={session_ray_address}"]
     cmd += ["--zero-stages", "0,3", "--memory-model", "tiny", "--json", str(out)]
     env = {**os.environ}
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)

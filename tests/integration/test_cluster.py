@@ -2,9 +2,9 @@
 through the CLI a user runs, every step in its own process:
 - Ray jobs: a small tune job followed to SUCCEEDED and its export, a job that fails on the cluster (FAILED, the
   error in its log), a job stopped while it runs, an unknown job id and an unreachable cluster refused;
-- serving: train there, deploy there with `serve --address` (the app outlives the command, autoscales to two
-  replicas under load, `serve stop --address` deletes it), and `run --address --stop-server` for the whole job of an
-  experiment without a search."""
+- `run --address --stop-server` for the whole job of an experiment without a search (trained, tested, served and
+  benchmarked there, the app deleted), then its export deployed there with `serve --address` (the app outlives the
+  command, autoscales to two replicas under load, `serve stop --address` deletes it)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import cli, free_port, make_cfg, write_experiment, write_reviews
+from helpers import cli, free_port, make_cfg, write_reviews
 from ray_head import ray_head
 
 from raytune_ft.data import reads_of_test_split
@@ -54,18 +54,6 @@ def head_with_dashboard(head):
 @pytest.fixture
 def head_node(head):
     return head[0], head[2]
-
-
-def train_tiny_classifier(tmp_path: Path, tiny_bert: Path, name: str, env: dict, *overrides: str) -> Path:
-    """`raytune-ft train` (2 steps, 1 worker) of the tiny BERT on the toy reviews; its run directory."""
-    data = write_reviews(tmp_path / "reviews.tsv", rows=60)
-    cfg = make_cfg(
-        tmp_path, name, tiny_bert, data, train={"max_steps": 2, "eval_every_steps": 2}, scaling={"num_workers": 1}
-    )
-    experiment = write_experiment(tmp_path / "exp.yaml", cfg)
-    trained = cli("train", str(experiment), *overrides, env=env)
-    assert trained.returncode == 0, trained.stderr[-3000:]
-    return tmp_path / name
 
 
 def job_experiment(tmp_path: Path, tiny_bert: Path, name: str, max_steps: int = 4, **sections) -> Path:
@@ -163,69 +151,6 @@ def test_a_running_job_is_stopped(head_with_dashboard, tiny_bert, tmp_path):
     assert state.returncode == 1
 
 
-def test_train_and_serve_on_a_cluster_that_scales_out_then_delete(tiny_bert, tmp_path, head_node, head_serve_port):
-    address, env = head_node
-    env = {**env, "RAYTUNE_FT_STATE_DIR": str(tmp_path / "state")}
-    train_tiny_classifier(tmp_path, tiny_bert, "on-cluster", env, f"cluster.address={address}")
-
-    port = head_serve_port
-    deployed = cli(
-        "serve",
-        str(tmp_path / "on-cluster"),
-        "--address",
-        address,
-        f"serve.port={port}",
-        "serve.autoscaling.min_replicas=1",
-        "serve.autoscaling.max_replicas=2",
-        "serve.autoscaling.target_ongoing_requests=1",
-        "serve.autoscaling.upscale_delay_s=1",
-        env=env,
-    )
-    assert deployed.returncode == 0, deployed.stderr[-3000:]
-    url = deployed.stdout.strip().splitlines()[-1]
-    assert url == f"http://127.0.0.1:{port}" and "serve stop --address" in deployed.stderr
-    # the command has exited; the app lives on the cluster
-    assert not list((tmp_path / "state").glob("serve-*.json"))
-    status, _ = classify(url, "the good film")
-    assert status == 200
-    # the proxy cannot move while Serve runs there: another port is refused, naming the field, the app untouched
-    elsewhere = cli("serve", str(tmp_path / "on-cluster"), "--address", address, f"serve.port={free_port()}", env=env)
-    assert elsewhere.returncode == 2 and f"serve.port={port}" in elsewhere.stderr, elsewhere.stderr[-2000:]
-    assert classify(url, "the good film")[0] == 200
-
-    # load from 8 clients at once: above one ongoing request per replica, Serve adds the second replica
-    replicas: set[str] = set()
-    errors: list[int] = []
-    done = threading.Event()
-
-    def client() -> None:
-        while not done.is_set():
-            status, headers = classify(url, "a film that is good")
-            if status != 200:
-                errors.append(status)
-            else:
-                replicas.add(headers["x-replica"])
-            if len(replicas) >= 2:
-                done.set()
-
-    threads = [threading.Thread(target=client) for _ in range(8)]
-    for t in threads:
-        t.start()
-    done.wait(timeout=180)
-    done.set()
-    for t in threads:
-        t.join()
-    assert len(replicas) == 2, f"still one replica after 180 s of load: {replicas}"
-    assert errors == []
-
-    stopped = cli("serve", "stop", "--address", address, env=env)
-    assert stopped.returncode == 0 and "deleted the Serve app" in stopped.stderr, stopped.stderr[-2000:]
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and classify(url, "gone?")[0] == 200:
-        time.sleep(1)
-    assert classify(url, "gone?")[0] != 200
-
-
 def classify(url: str, text: str) -> tuple[int, dict]:
     body = json.dumps({"text": text}).encode()
     req = urllib.request.Request(f"{url}/v1/classify", data=body, headers={"Content-Type": "application/json"})
@@ -239,13 +164,14 @@ def classify(url: str, text: str) -> tuple[int, dict]:
         return 0, {}
 
 
-def test_run_with_address_without_a_search_trains_once_and_serves_on_the_cluster(
+def test_run_with_address_trains_once_and_serves_then_the_export_scales_out_on_the_cluster(
     tiny_bert, tmp_path, head_node, head_serve_port
 ):
     """`raytune-ft run --address --stop-server` of an experiment without a search: one training run, tested once,
-    served from the cluster and benchmarked there, then the cluster's app deleted. (The search path of `run` is
-    test_run.py's, on an embedded Ray; searches on a cluster are the tune jobs above and test_autoscaling.py; an app
-    that outlives its command, the scale-out test's.)"""
+    served from the cluster and benchmarked there, then the cluster's app deleted. Then its export deployed there
+    with `serve --address`: the app outlives the command, autoscales to two replicas under load, and `serve stop
+    --address` deletes it. (The search path of `run` is test_run.py's, on an embedded Ray; searches on a cluster
+    are the tune jobs above and test_autoscaling.py.)"""
     from test_run import experiment
 
     address, env = head_node
@@ -276,3 +202,60 @@ def test_run_with_address_without_a_search_trains_once_and_serves_on_the_cluster
     assert f"deleted the Serve app 'raytune_ft' from {address}" in done.stdout + done.stderr  # --stop-server
     status, _ = classify(f"http://127.0.0.1:{port}", "the good film")
     assert status != 200
+
+    # the export the run trained, deployed on the cluster by `serve --address` (the proxy keeps the run's port)
+    deployed = cli(
+        "serve",
+        str(root),
+        "--address",
+        address,
+        f"serve.port={port}",
+        "serve.autoscaling.min_replicas=1",
+        "serve.autoscaling.max_replicas=2",
+        "serve.autoscaling.target_ongoing_requests=1",
+        "serve.autoscaling.upscale_delay_s=1",
+        env=env,
+    )
+    assert deployed.returncode == 0, deployed.stderr[-3000:]
+    url = deployed.stdout.strip().splitlines()[-1]
+    assert url == f"http://127.0.0.1:{port}" and "serve stop --address" in deployed.stderr
+    # the command has exited; the app lives on the cluster
+    assert not list((tmp_path / "state").glob("serve-*.json"))
+    status, _ = classify(url, "the good film")
+    assert status == 200
+    # the proxy cannot move while Serve runs there: another port is refused, naming the field, the app untouched
+    elsewhere = cli("serve", str(root), "--address", address, f"serve.port={free_port()}", env=env)
+    assert elsewhere.returncode == 2 and f"serve.port={port}" in elsewhere.stderr, elsewhere.stderr[-2000:]
+    assert classify(url, "the good film")[0] == 200
+
+    # load from 8 clients at once: above one ongoing request per replica, Serve adds the second replica
+    replicas: set[str] = set()
+    errors: list[int] = []
+    enough = threading.Event()
+
+    def client() -> None:
+        while not enough.is_set():
+            status, headers = classify(url, "a film that is good")
+            if status != 200:
+                errors.append(status)
+            else:
+                replicas.add(headers["x-replica"])
+            if len(replicas) >= 2:
+                enough.set()
+
+    threads = [threading.Thread(target=client) for _ in range(8)]
+    for t in threads:
+        t.start()
+    enough.wait(timeout=180)
+    enough.set()
+    for t in threads:
+        t.join()
+    assert len(replicas) == 2, f"still one replica after 180 s of load: {replicas}"
+    assert errors == []
+
+    stopped = cli("serve", "stop", "--address", address, env=env)
+    assert stopped.returncode == 0 and "deleted the Serve app" in stopped.stderr, stopped.stderr[-2000:]
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and classify(url, "gone?")[0] == 200:
+        time.sleep(1)
+    assert classify(url, "gone?")[0] != 200

@@ -11,6 +11,7 @@ import re
 from pathlib import Path
 
 import pytest
+from conftest import cpus_free_within
 from helpers import cli
 from shared_data import shared_data
 
@@ -21,13 +22,12 @@ pytestmark = pytest.mark.integration
 JOBS = Path(__file__).resolve().parents[2] / "jobs"
 
 
-def run_quick(name: str, output_dir: Path, address: str | None, **env_vars: str) -> tuple[Path, dict]:
+def run_quick(name: str, output_dir: Path, address: str, **env_vars: str) -> tuple[Path, dict]:
     """`raytune-ft tune jobs/NAME.yaml output_dir=... cluster.address=ADDRESS` on the pytest session's Ray (an
-    embedded start, which these jobs would otherwise pay each, is test_run.py's), or with ADDRESS None on an
-    embedded Ray of its own; the run directory and the export's test metrics."""
+    embedded start, which these jobs would otherwise pay each, is test_run.py's); the run directory and the
+    export's test metrics."""
     env = {**os.environ, **env_vars}
-    overrides = [f"output_dir={output_dir}", *([f"cluster.address={address}"] if address else [])]
-    done = cli("tune", str(JOBS / f"{name}.yaml"), *overrides, env=env)
+    done = cli("tune", str(JOBS / f"{name}.yaml"), f"output_dir={output_dir}", f"cluster.address={address}", env=env)
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     [export] = re.findall(r"^export: (.+)$", done.stdout, re.MULTILINE)
     export = Path(export)
@@ -60,12 +60,13 @@ def deepspeed_files(run_dir: Path) -> set[str]:
     return {p.name for p in (run_dir / "train-runs").rglob("ds/*.pt")}
 
 
-def test_sst2_lora_pbt_quick_exploits_and_exports(tmp_path):
+def test_sst2_lora_pbt_quick_exploits_and_exports(tmp_path, session_ray_address):
     shared_data("sst2", "train.tsv")  # the YAML's default path: the shared data beside the checkout
-    # On an embedded Ray of its own: a PBT search whose driver exits can leave a trial's Ray Train controller and
-    # its placement group (1 CPU) behind on a cluster it joined (Ray 2.60; seen twice in six full runs), which
-    # would starve the session's next 2-worker run.
-    run_dir, tested = run_quick("sst2-minilm-quick", tmp_path, None)
+    # A PBT search on a cluster it joined: Ray 2.60 can leave a stopped trial's placement group behind there, and
+    # the search removes it before it exits (ray_cluster.remove_leftover_placement_groups); the session's guard
+    # (conftest.free_session_cpus) would warn about one it missed.
+    run_dir, tested = run_quick("sst2-minilm-quick", tmp_path, session_ray_address)
+    assert cpus_free_within(60.0), "the search exited with a CPU of the session's Ray still held"
     cfg = load_config(JOBS / "sst2-minilm-quick.yaml")
     rows = trials(run_dir)
     assert len(rows) == cfg.tune.num_samples and {r["status"] for r in rows} == {"TERMINATED"}

@@ -1,6 +1,7 @@
 """`raytune-ft run` end to end, as a user runs it: a tiny BERT on toy reviews it can learn (a tenth ambiguous),
 through data, a 2-trial search, the winner tested once, the promotion gate, a detached server, the benchmark and
-the report; then a rerun that skips what is complete, and a gate that refuses a winner. The run without a search
+the report; `bench serve` and `bench soak` against the server it left running; a rerun that skips what is
+complete; `serve stop`; and a gate that refuses a winner. The run without a search
 (and --stop-server) is tested on a cluster, in test_cluster.py."""
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import urllib.request
 from pathlib import Path
 
@@ -80,7 +82,7 @@ def experiment(tmp_path: Path, tiny_bert: Path, port: int) -> Path:
             "num_samples": 1,  # once through the grid: 2 trials
             "search_space": {"train.lr": {"type": "grid", "values": [1e-2, 1e-3]}},
         },
-        "serve": {"port": port, "max_batch_size": 8},
+        "serve": {"port": port, "max_batch_size": 8, "batch_wait_timeout_s": 0.005},
         "bench": {"concurrency": [1, 4], "requests": 40, "warmup_requests": 4},
         # what the seeded run reaches, with a margin (test accuracy 0.9125, macro F1 0.912, p95 at concurrency 1
         # 17.8 ms on this machine): a chance-level winner (0.5) or a server fifty times slower is refused
@@ -102,8 +104,12 @@ def test_run_goes_from_data_to_report_and_a_rerun_skips_what_is_done(tiny_bert, 
     exp = experiment(tmp_path, tiny_bert, port)
     root = tmp_path / "runs" / "e2e"
     try:
-        done = cli("run", str(exp), env=env)
+        # SIGINT ignored, as a script's `raytune-ft run ... &` has it: the background server inherits that, and
+        # `serve stop` must still stop it (it used to give up after 60 s, signal SIGTERM and return while the
+        # server still held the port, and a server started next joined the dying one)
+        done = cli("run", str(exp), env=env, sigint_ignored=True)
         assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+        server_pid = int(re.search(r"server pid (\d+)", done.stderr).group(1))
         # live progress: the stage, and after each trial report the trials and the best metric so far
         assert "[2/7] tune" in done.stderr and "trials finished" in done.stderr and "best eval_accuracy" in done.stderr
         assert "% of steps, ETA" in done.stderr
@@ -158,6 +164,9 @@ def test_run_goes_from_data_to_report_and_a_rerun_skips_what_is_done(tiny_bert, 
         assert "Promotion: promoted" in html and "Serving" in html and html.count("data:image/png;base64,") >= 3
         assert "served at" in done.stdout and str(root) in done.stdout.replace("\n", "")
 
+        # the server the run left running, measured from the command line: `bench serve` and `bench soak`
+        bench_serve_and_soak(url, tmp_path, env)
+
         # a rerun: data, tune and serve are complete, so they are reused; the test split is not read again
         again = cli("run", str(exp), "--until", "serve", env=env)
         assert again.returncode == 0, (again.stdout + again.stderr)[-4000:]
@@ -165,7 +174,15 @@ def test_run_goes_from_data_to_report_and_a_rerun_skips_what_is_done(tiny_bert, 
         assert [stages[s]["state"] for s in ("data", "tune", "serve")] == ["reused", "reused", "reused"]
         assert len(reads_of_test_split(root / "data")) == 1
     finally:
-        cli("serve", "stop", env=env)
+        stopped = cli("serve", "stop", env=env)
+    assert stopped.returncode == 0, stopped.stderr[-3000:]
+    assert "stopped the server" in stopped.stderr
+    # gone when `serve stop` returns, SIGINT ignored and all
+    with pytest.raises(ProcessLookupError):
+        os.kill(server_pid, 0)
+    with pytest.raises(OSError):
+        urllib.request.urlopen(f"{url}/healthz", timeout=5)
+    assert not list((tmp_path / "state").glob("serve-*.json"))
 
     # a stricter gate: the winner is refused with the threshold named, and nothing is served
     refused = cli("run", str(exp), "promote.min_test_accuracy=1.0", "--from", "promote", env=env)
@@ -173,3 +190,33 @@ def test_run_goes_from_data_to_report_and_a_rerun_skips_what_is_done(tiny_bert, 
     assert "not promoted: min_test_accuracy (limit 1" in refused.stderr
     assert json.loads((root / "run.json").read_text())["stages"]["promote"]["state"] == "not promoted"
     assert not list((tmp_path / "state").glob("serve-*.json"))
+
+
+def bench_serve_and_soak(url: str, tmp_path: Path, env: dict) -> None:
+    """`bench serve` (closed loop at 1 and 8 clients, open loop at 50 req/s, the in-process floor, the no-op Serve
+    app, a plot) and a short `bench soak` (two windows with the replica's memory) against URL."""
+    out, plot = tmp_path / "bench.json", tmp_path / "bench.png"
+    args = ["--concurrency", "1,8", "--rates", "50", "--requests", "60", "--warmup", "5", "--baseline-noop"]
+    bench = cli("bench", "serve", url, *args, "--json", str(out), "--plot", str(plot), env=env)
+    assert bench.returncode == 0, bench.stderr[-3000:]
+    result = json.loads(out.read_text())
+    levels = result["levels"]
+    assert [lv.get("concurrency") for lv in levels[:2]] == [1, 8] and levels[2]["rate"] == 50
+    for level in levels:
+        assert level["errors"] == 0 and level["requests"] == 60 and level["rps"] > 0
+        assert 0 < level["p50_ms"] <= level["p90_ms"] <= level["p99_ms"] <= level["max_ms"]
+    assert levels[1]["server_batch_max"] > 1  # 8 clients at once share batches
+    assert result["floor"]["p50_ms"] > 0 and result["floor"]["batched_rps"] > 0
+    assert result["overhead_ms"] == pytest.approx(levels[0]["p50_ms"] - result["floor"]["p50_ms"])
+    assert result["batching_gain"] == pytest.approx(levels[1]["rps"] / levels[0]["rps"])
+    assert result["noop_p50_ms"] > 0 and plot.stat().st_size > 10_000
+    assert "batching gain" in bench.stdout and "no-op Ray Serve app" in bench.stdout
+
+    soaked = tmp_path / "soak.json"
+    soak = cli("bench", "soak", url, "--rate", "10", "--duration", "6", "--window", "3", "--json", str(soaked), env=env)
+    assert soak.returncode == 0, soak.stderr[-3000:]
+    figures = json.loads(soaked.read_text())
+    assert figures["requests"] == 60 and figures["errors"] == 0, figures["error_kinds"]
+    assert [w["requests"] for w in figures["windows"]] == [30, 30]
+    assert all(m["replica_rss_mb"] for m in figures["memory"])
+    assert "soak at 10 req/s for 6 s" in soak.stdout

@@ -142,11 +142,17 @@ def test_interrupted_run_resumes_past_a_corrupted_checkpoint_to_the_same_end(
     assert [round(h["eval_loss"], 6) for h in history] == pytest.approx(curve(result), abs=1e-5)
 
 
-def test_rerunning_a_finished_run_reuses_it(baseline, tiny_bert, reviews):
+def test_rerunning_a_finished_run_reuses_it(baseline, tiny_bert, reviews, tmp_path):
     result, root = baseline
-    again = train(make_cfg(root, "baseline", tiny_bert, reviews))
+    cfg = make_cfg(root, "baseline", tiny_bert, reviews)
+    again = train(cfg)
     assert again.export_dir == result.export_dir
     assert curve(again) == curve(result)
+    # `raytune-ft train EXPERIMENT`, as a user runs it: the finished run is reused, its export printed
+    done = cli("train", str(write_experiment(tmp_path / "baseline.yaml", cfg)), env={**os.environ})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "already finished training" in done.stderr and "reusing it" in done.stderr
+    assert f"export: {result.export_dir}" in done.stdout.replace("\n", "")
 
 
 def test_train_resume_of_a_run_without_a_checkpoint_is_refused(tiny_bert, reviews, tmp_path):

@@ -34,7 +34,7 @@ def tune_cfg(root, name, tiny_bert, data, tune, **sections):
     )
 
 
-def test_pbt_winner_exploited_the_donor_checkpoint_is_tested_once_and_replays(tiny_bert, tmp_path, local_ray):
+def test_pbt_winner_exploited_the_donor_checkpoint_is_tested_once_and_replays(tiny_bert, tmp_path, session_ray_address):
     data = write_reviews(tmp_path / "reviews.tsv", rows=200)
     tune = {
         "algorithm": "pbt",
@@ -117,10 +117,10 @@ def test_pbt_winner_exploited_the_donor_checkpoint_is_tested_once_and_replays(ti
 
     # `tune --replay RUN_DIR` with its defaults replays the winner's schedule: it starts from the config the trial
     # inherited and switches where PBT switched it, and the engine trains with each value (constant schedule:
-    # reported lr == configured lr). On an embedded Ray of its own, as test_quick_jobs.py's PBT job: a replay's
-    # restarts are PBT's. A KEY=VALUE override after --replay applies to the search's experiment (one that
-    # changes nothing the schedule depends on).
-    replayed = cli("tune", "--replay", str(search), "train.keep_checkpoints=3", env=env)
+    # reported lr == configured lr). KEY=VALUE overrides after --replay apply to the search's experiment: here
+    # the session's Ray to join, and one that changes nothing the schedule depends on.
+    overrides = [f"cluster.address={session_ray_address}", "train.keep_checkpoints=3"]
+    replayed = cli("tune", "--replay", str(search), *overrides, env=env)
     assert replayed.returncode == 0, replayed.stderr[-3000:]
     export = search / "replays" / "winner" / "winner"
     assert f"replayed schedule exported to {export}" in replayed.stdout.replace("\n", "")
