@@ -30,8 +30,8 @@ def enable_activation_checkpointing(model: torch.nn.Module) -> None:
 def build_deepspeed_ops() -> None:
     """Compile the DeepSpeed C++ op a run may load into torch's extension cache now, if it is not there yet: CPU
     Adam (ZeRO-Offload's optimizer). DeepSpeed builds it on first use, 45 s on a small CPU, inside the first run
-    that offloads. `make setup` calls this. (The other op a CPU run would build, the shared-memory all-reduce, is
-    switched off in import_deepspeed.)"""
+    that offloads. `make test` runs this beside the suite. (The other op a CPU run would build, the shared-memory
+    all-reduce, is switched off in import_deepspeed.)"""
     import_deepspeed()
     from deepspeed.accelerator import get_accelerator
 

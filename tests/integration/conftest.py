@@ -1,8 +1,8 @@
 """Integration fixtures: one real local Ray for the pytest session, tiny real Hugging Face model directories, and
 the two exports (a classifier and a causal LM) that the training tests check and the serving tests serve.
 
-A module that needs a cluster of its own starts it beside this one (`ray start --head` in a temp dir) or runs in
-its own process (ray.cluster_utils.Cluster)."""
+A module that needs a cluster of its own starts it beside this one (`ray start --head` in a temp dir, tests/
+integration/ray_head.py)."""
 
 from __future__ import annotations
 
