@@ -46,7 +46,7 @@ def test_tune_makes_the_autoscaler_add_nodes_that_leave_when_idle(autoscaling_he
         data,
         train={"max_steps": 6, "eval_every_steps": 3, "checkpoint_every_steps": 3},
         scaling={"num_workers": 2, "cpus_per_worker": 1},  # 2 CPUs: a whole trial_worker node per trial
-        tune={"algorithm": "random", "num_samples": 2, "metric": "eval_loss", "mode": "min"},
+        tune={"algorithm": "random", "num_samples": 2, "metric": "eval_loss", "mode": "min", "mlflow": False},
     )
     raw = cfg.model_dump(mode="json", by_alias=True)
     raw["tune"]["search_space"] = {"train.lr": {"type": "choice", "values": [0.01, 0.02]}}

@@ -1,6 +1,7 @@
-"""Multi-task fine-tuning on a real local Ray: SST-2 sentiment and a second label set derived from the same
-sentences (short or long) on one tiny BERT, 2 workers, ZeRO-2; metrics per task, one export that serves both
-tasks over real HTTP."""
+"""Multi-task fine-tuning on a real local Ray, in one run: a tiny Llama's causal LM (Shakespeare) with two
+classification heads, sentiment (toy reviews) and a label set derived from SST-2 sentences (short or long, loss
+weight 0.5), under LoRA and ZeRO-3 on 2 workers; metrics per task, each task's test split read once, and one export
+that serves completions and both classifiers over real HTTP as it answers in this process."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
-from helpers import make_cfg, post_json, with_serve, write_reviews
+from helpers import post_json, with_serve, write_reviews
 from ray import serve
 from shared_data import shared_data
 
@@ -31,85 +32,31 @@ def sentences(tmp_path: Path, rows: int = 480) -> tuple[Path, Path]:
     return sentiment, length
 
 
-def test_two_tasks_train_on_two_workers_with_zero2_and_the_export_serves_both(
-    tiny_bert, tmp_path, local_ray, serve_port
+def test_a_causal_lm_and_two_classification_tasks_train_under_lora_and_zero3_and_the_export_serves_each(
+    tiny_llama, tmp_path, local_ray, serve_port
 ):
-    sentiment, length = sentences(tmp_path)
-    cfg = make_cfg(
-        tmp_path / "runs",
-        "two-tasks",
-        tiny_bert,
-        sentiment,
-        train={"max_steps": 16, "eval_every_steps": 8, "checkpoint_every_steps": 8, "lr": 5e-3},
-    )
-    raw = cfg.model_dump(mode="json", by_alias=True)
-    raw["data"].update(
-        columns={"text": "sentence", "label": "label"}, labels=["0", "1"], label_names=["negative", "positive"]
-    )
-    raw["tasks"] = [
-        {
-            "name": "length",
-            "data": {"path": str(length), "columns": {"text": "sentence", "label": "size"}, "max_length": 16},
-            "loss_weight": 0.5,
-        }
-    ]
-    raw["multitask"] = {"primary": "sentiment", "sampling": "uniform"}
-    from raytune_ft.config.loader import validate_raw
-
-    cfg = validate_raw(raw, None, "two-tasks.yaml", [], base_dir=tmp_path)
-    result = train(cfg)
-
-    # metrics per task at every evaluation, and the combined objective Tune can optimise
-    assert [h["step"] for h in result.history] == [8, 16]
-    for h in result.history:
-        assert {"eval_accuracy", "eval_length_accuracy", "eval_length_f1_macro", "eval_combined_loss"} <= set(h)
-        assert h["eval_combined_loss"] == pytest.approx((h["eval_loss"] + 0.5 * h["eval_length_loss"]) / 1.5)
-    # the extra task has its own data directory and splits (its test split apart, for the winner's test)
-    assert (tmp_path / "runs" / "two-tasks" / "tasks" / "length" / "data" / "test.parquet").is_file()
-    state = json.loads((result.best_checkpoint / "state.json").read_text())
-    assert state["world_size"] == 2 and state["zero_stage"] == 2
-
-    export = result.export_dir
-    meta = json.loads((export / "raytune_ft.json").read_text())
-    assert [t["name"] for t in meta["tasks"]] == ["sentiment", "length"]
-    assert (export / "task_heads.safetensors").is_file()
-    assert "length (sequence-classification: long, short, loss weight 0.5)" in (export / "README.md").read_text()
-    local = LoadedModel(export)
-    texts = ["a gorgeous , witty , seductive movie .", "it is a terrible film , with no story at all and no fun"]
-    assert {p["label"] for p in local.classify(texts)} <= {"negative", "positive"}
-    assert {p["label"] for p in local.classify(texts, task="length")} <= {"long", "short"}
-
-    # over HTTP: the classify route takes the task's name; an unknown one is refused with 422
-    url = deploy(export, with_serve(cfg, port=serve_port))
-    try:
-        status, _, body = post_json(f"{url}/v1/classify", {"text": texts, "task": "length"})
-        assert status == 200 and [p["label"] for p in body["predictions"]] == [
-            p["label"] for p in local.classify(texts, task="length")
-        ]
-        status, _, body = post_json(f"{url}/v1/classify", {"text": texts})
-        assert status == 200
-        assert [p["label"] for p in body["predictions"]] == [p["label"] for p in local.classify(texts)]
-        status, _, body = post_json(f"{url}/v1/classify", {"text": "fine", "task": "topic"})
-        assert status == 422 and "task" in json.dumps(body)
-    finally:
-        serve.shutdown()  # its replica's CPU goes back to the next test's 2 training workers
-
-
-def test_causal_lm_with_a_classification_task_under_lora_and_zero3(tiny_llama, tmp_path, local_ray, serve_port):
     text = shared_data("tinyshakespeare", "input.txt").read_text()[:20_000]
     (tmp_path / "plays.txt").write_text(text)
     reviews = write_reviews(tmp_path / "reviews.tsv", rows=120)
+    _, length = sentences(tmp_path)
     raw = {
-        "name": "lm-and-sentiment",
+        "name": "lm-and-heads",
         "seed": 5,
         "output_dir": str(tmp_path / "runs"),
         "model": {"name_or_path": str(tiny_llama), "task": "causal-lm"},
         "data": {"path": str(tmp_path / "plays.txt"), "block_size": 32, "split": {"validation": 0.1, "test": 0.1}},
         "finetune": {"method": "lora", "lora": {"r": 4, "target_modules": ["q_proj", "v_proj"]}},
         "deepspeed": {"zero_stage": 3},
-        "train": {"lr": 5e-3, "batch_size": 4, "max_steps": 8, "eval_every_steps": 8, "checkpoint_every_steps": 8},
+        "train": {"lr": 5e-3, "batch_size": 4, "max_steps": 8, "eval_every_steps": 4, "checkpoint_every_steps": 8},
         "scaling": {"num_workers": 2, "cpus_per_worker": 1},
-        "tasks": [{"name": "sentiment", "data": {"path": str(reviews), "max_length": 16}}],
+        "tasks": [
+            {"name": "sentiment", "data": {"path": str(reviews), "max_length": 16}},
+            {
+                "name": "length",
+                "data": {"path": str(length), "columns": {"text": "sentence", "label": "size"}, "max_length": 16},
+                "loss_weight": 0.5,
+            },
+        ],
         "multitask": {"primary": "plays", "sampling": "temperature", "temperature": 2.0},
     }
     from raytune_ft.config.loader import validate_raw
@@ -118,29 +65,46 @@ def test_causal_lm_with_a_classification_task_under_lora_and_zero3(tiny_llama, t
 
     cfg = validate_raw(raw, None, "lm.yaml", [], base_dir=tmp_path)
     result = train(cfg)
-    [last] = result.history
-    assert last["eval_perplexity"] > 1 and 0 <= last["eval_sentiment_accuracy"] <= 1
-    export = result.export_dir
-    tested = test_metrics(export, cfg, tmp_path / "runs" / "lm-and-sentiment" / "data", None)
-    assert tested["test_perplexity"] > 1 and tested["test_sentiment_rows"] > 0
-    task_data = tmp_path / "runs" / "lm-and-sentiment" / "tasks" / "sentiment" / "data"
-    assert len(reads_of_test_split(task_data)) == 1  # the extra task's test split, read once too
 
-    # the export: a plain causal LM (LoRA merged) plus the sentiment head; completions and classify both served
+    # metrics per task at every evaluation, and the combined objective Tune can optimise
+    assert [h["step"] for h in result.history] == [4, 8]
+    for h in result.history:
+        assert h["eval_perplexity"] > 1 and 0 <= h["eval_sentiment_accuracy"] <= 1
+        assert {"eval_length_accuracy", "eval_length_f1_macro", "eval_combined_loss"} <= set(h)
+        weighted = h["eval_loss"] + h["eval_sentiment_loss"] + 0.5 * h["eval_length_loss"]
+        assert h["eval_combined_loss"] == pytest.approx(weighted / 2.5)
+    state = json.loads((result.best_checkpoint / "state.json").read_text())
+    assert state["world_size"] == 2 and state["zero_stage"] == 3
+    export = result.export_dir
+    tested = test_metrics(export, cfg, tmp_path / "runs" / "lm-and-heads" / "data", None)
+    assert tested["test_perplexity"] > 1 and tested["test_sentiment_rows"] > 0 and tested["test_length_rows"] > 0
+    for task in ("sentiment", "length"):  # each extra task has its own splits; its test split is read once too
+        task_data = tmp_path / "runs" / "lm-and-heads" / "tasks" / task / "data"
+        assert (task_data / "test.parquet").is_file() and len(reads_of_test_split(task_data)) == 1
+
+    # the export: a plain causal LM (LoRA merged) plus a head per task, named in its metadata and card
+    meta = json.loads((export / "raytune_ft.json").read_text())
+    assert [t["name"] for t in meta["tasks"]] == ["plays", "sentiment", "length"]
+    assert (export / "task_heads.safetensors").is_file()
+    assert "length (sequence-classification: long, short, loss weight 0.5)" in (export / "README.md").read_text()
     local = LoadedModel(export)
-    assert local.task == "causal-lm" and set(local.heads) == {"sentiment"}
-    texts = ["a good film", "a bad film", "the review is not good"]
-    expected = local.classify(texts, task="sentiment")
-    assert {p["label"] for p in expected} <= {"0", "1"}
+    assert local.task == "causal-lm" and set(local.heads) == {"sentiment", "length"}
+    texts = ["a good film", "a bad film", "the review is not good at all , with no story and no fun"]
+    expected = {task: local.classify(texts, task=task) for task in ("sentiment", "length")}
+    assert {p["label"] for p in expected["sentiment"]} <= {"0", "1"}
+    assert {p["label"] for p in expected["length"]} <= {"long", "short"}
     url = deploy(export, with_serve(cfg, port=serve_port))
     try:
         # over HTTP, the answers the export gives in this process: labels, probabilities, greedy completions
-        status, _, body = post_json(f"{url}/v1/classify", {"text": texts, "task": "sentiment"})
-        assert status == 200 and [p["label"] for p in body["predictions"]] == [p["label"] for p in expected]
-        for got, want in zip(body["predictions"], expected, strict=True):
-            assert got["probs"] == pytest.approx(want["probs"], abs=1e-5)
+        for task, want in expected.items():
+            status, _, body = post_json(f"{url}/v1/classify", {"text": texts, "task": task})
+            assert status == 200 and [p["label"] for p in body["predictions"]] == [p["label"] for p in want]
+            for got, one in zip(body["predictions"], want, strict=True):
+                assert got["probs"] == pytest.approx(one["probs"], abs=1e-5)
         status, _, _ = post_json(f"{url}/v1/classify", {"text": "a good film"})  # the LM has no labels: name a task
         assert status == 422
+        status, _, body = post_json(f"{url}/v1/classify", {"text": "fine", "task": "topic"})
+        assert status == 422 and "task" in json.dumps(body)
         status, _, body = post_json(f"{url}/v1/completions", {"prompt": "to be", "max_tokens": 4, "temperature": 0})
         assert status == 200 and body["choices"][0]["finish_reason"] in {"stop", "length"}
         assert body["choices"][0]["text"] == local.complete("to be", 4, 0.0, 1.0, None)["text"]
