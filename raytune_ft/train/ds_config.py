@@ -71,19 +71,20 @@ def import_deepspeed() -> types.ModuleType:
     """`import deepspeed`, without two things it would load for nothing: its Muon optimizer (below) and MLflow,
     which its autotuner imports whenever MLflow is installed (this project installs it for Tune's tracking): about
     0.9 s of every worker's start-up here. The engine never runs DeepSpeed's autotuner, which alone would log there.
+    Called before every DeepSpeed engine starts, also when something else imported DeepSpeed first.
     """
     stand_in_for_deepspeed_muon()
-    if "deepspeed" in sys.modules:
-        return sys.modules["deepspeed"]
-    own_ninja_first()
-    hide_mlflow = "mlflow" not in sys.modules
-    if hide_mlflow:
-        sys.modules["mlflow"] = None  # type: ignore[assignment]  # `import mlflow` raises ImportError meanwhile
-    try:
-        import deepspeed
-    finally:
-        if hide_mlflow and sys.modules.get("mlflow", False) is None:
-            del sys.modules["mlflow"]
+    if "deepspeed" not in sys.modules:
+        own_ninja_first()
+        hide_mlflow = "mlflow" not in sys.modules
+        if hide_mlflow:
+            sys.modules["mlflow"] = None  # type: ignore[assignment]  # `import mlflow` raises ImportError meanwhile
+        try:
+            import deepspeed
+        finally:
+            if hide_mlflow and sys.modules.get("mlflow", False) is None:
+                del sys.modules["mlflow"]
+    deepspeed = sys.modules["deepspeed"]
     # On a CPU, DeepSpeed's comm backend builds (25 s of two cores, once) and loads its shared-memory all-reduce,
     # which only DeepSpeed inference's tensor parallelism calls; training all-reduces through torch.distributed.
     # Marked incompatible, the backend skips it (it reads this probe, cached on first use, before loading it).
