@@ -22,12 +22,9 @@ from raytune_ft.tune import tune_experiment
 pytestmark = pytest.mark.integration
 
 LR = {"type": "loguniform", "low": 1e-5, "high": 1e-1}
-# grid runs in the failing-trials test below; Optuna TPE + ASHA and PBT in test_tune.py
+# grid runs in the failing-trials test below; Optuna TPE + ASHA and PBT in test_tune.py; random sampling with the
+# median stopping rule in test_autoscaling.py (the search that makes the autoscaler add nodes)
 CASES = {
-    "random+median": (
-        {"algorithm": "random", "scheduler": "median", "num_samples": 2},
-        {"train.lr": LR, "train.weight_decay": {"type": "choice", "values": [0.0, 0.1]}},
-    ),
     "hyperopt": ({"algorithm": "hyperopt", "num_samples": 2}, {"train.lr": LR}),
     "bohb": (
         {"algorithm": "bohb", "scheduler": "hyperband", "num_samples": 2},
