@@ -3,6 +3,7 @@ command in its own process."""
 
 from __future__ import annotations
 
+import csv
 import json
 import random
 import signal
@@ -146,3 +147,19 @@ def write_experiment(path: Path, cfg: ExperimentConfig, **sections: dict) -> Pat
         raw[section] = {**(raw.get(section) or {}), **values}
     path.write_text(yaml.safe_dump(raw))
     return path
+
+
+def search_ran_to_a_winner(run_dir: Path, space: dict, trials: int, storage: Path | None = None) -> list[dict]:
+    """A finished search in RUN_DIR (trials and checkpoints in STORAGE, when apart): TRIALS rows that ran to the end
+    or were stopped, each at its own point of SPACE, Tune saw the engine's validation reports, every report is in
+    each trial's result.json, and the winner was exported and tested. The rows of trials.csv."""
+    rows = list(csv.DictReader(open(run_dir / "trials.csv")))
+    assert len(rows) == trials and {r["status"] for r in rows} <= {"TERMINATED", "STOPPED"}, rows
+    assert len({tuple(r[k] for k in space) for r in rows}) == trials  # every trial tried its own point
+    assert all(float(r["best_eval_loss"]) > 0 for r in rows)
+    for row in rows:
+        reports = [json.loads(line) for line in open((storage or run_dir) / "trials" / row["trial"] / "result.json")]
+        assert reports and reports[-1]["training_iteration"] == int(row["iterations"]), row
+    assert (run_dir / "winner" / "model.safetensors").is_file()
+    assert json.loads((run_dir / "winner" / "test_metrics.json").read_text())["test_rows"] > 0
+    return rows

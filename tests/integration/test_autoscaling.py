@@ -5,14 +5,12 @@ trains across two of those nodes, one worker on each; once nothing runs the idle
 
 from __future__ import annotations
 
-import csv
-import json
 import re
 from pathlib import Path
 
 import pytest
 import yaml
-from helpers import cli, free_port, make_cfg, write_reviews
+from helpers import cli, free_port, make_cfg, search_ran_to_a_winner, write_reviews
 from ray_head import NodeCounts, alive_nodes, ray_head
 
 from raytune_ft.train.checkpoint import list_checkpoints, read_state
@@ -55,10 +53,16 @@ def test_tune_makes_the_autoscaler_add_nodes_that_leave_when_idle(autoscaling_he
         train={"max_steps": 6, "eval_every_steps": 3, "checkpoint_every_steps": 3},
         scaling={"num_workers": 2, "cpus_per_worker": 1},  # 2 CPUs: a whole trial_worker node per trial
         # random sampling with the median stopping rule (test_tune_algorithms.py runs the other algorithms)
-        tune={"algorithm": "random", "scheduler": "median", "num_samples": 2, "metric": "eval_loss", "mode": "min"},
+        tune={
+            "algorithm": "random",
+            "scheduler": "median",
+            "num_samples": 2,
+            "metric": "eval_loss",
+            "mode": "min",
+            "mlflow": False,
+        },
     )
     raw = cfg.model_dump(mode="json", by_alias=True)
-    raw["tune"]["mlflow"] = False
     raw["tune"]["search_space"] = SPACE
     experiment = tmp_path / "exp.yaml"
     experiment.write_text(yaml.safe_dump(raw))
@@ -89,21 +93,8 @@ def test_tune_makes_the_autoscaler_add_nodes_that_leave_when_idle(autoscaling_he
     assert during == 3  # the head and two trial_worker nodes, one per trial
     assert after == 1
     assert nodes_while_training == 3
-    search_ran_to_a_winner(tmp_path / "runs" / "autoscaled" / "tune")
+    # each trial at its own sampled point, finished or stopped by the median rule, the winner exported and tested
+    search_ran_to_a_winner(tmp_path / "runs" / "autoscaled" / "tune", SPACE, trials=2)
     state = read_state(list_checkpoints(tmp_path / "runs" / "autoscaled" / "train")[-1])
     assert state["world_size"] == 2 and [h["step"] for h in state["history"]] == [3, 6]
     assert (Path(export) / "model.safetensors").is_file()
-
-
-def search_ran_to_a_winner(search: Path) -> None:
-    """Each trial tried its own sampled point, the median rule let it finish or stopped it, every report it made is
-    in its result.json, and the winner was exported and tested."""
-    rows = list(csv.DictReader(open(search / "trials.csv")))
-    assert len(rows) == 2 and {r["status"] for r in rows} <= {"TERMINATED", "STOPPED"}, rows
-    assert len({tuple(r[k] for k in SPACE) for r in rows}) == 2
-    assert all(float(r["best_eval_loss"]) > 0 for r in rows)  # Tune saw the engine's validation reports
-    for row in rows:
-        reports = [json.loads(line) for line in open(search / "trials" / row["trial"] / "result.json")]
-        assert reports and reports[-1]["training_iteration"] == int(row["iterations"]), row
-    assert (search / "winner" / "model.safetensors").is_file()
-    assert json.loads((search / "winner" / "test_metrics.json").read_text())["test_rows"] > 0
