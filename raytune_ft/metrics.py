@@ -68,6 +68,19 @@ def perplexity(mean_loss: float) -> float:
     return math.exp(mean_loss) if mean_loss <= _MAX_LOG_PERPLEXITY else float("inf")
 
 
+def whole_metrics(preds: list[int], labels: list[int], whole: list[bool], class_names: list[str]) -> dict[str, Any]:
+    """Accuracy and macro-F1 on the rows no other row contains (data/overlap.py: for SST-2 the whole sentences, the
+    input a deployed model meets), under `whole_`, with their count; empty when there are none."""
+    rows = [i for i, is_whole in enumerate(whole) if is_whole]
+    if not rows:
+        return {}
+    confusion = confusion_matrix(
+        torch.tensor([preds[i] for i in rows]), torch.tensor([labels[i] for i in rows]), len(class_names)
+    )
+    found = classification_metrics(confusion, class_names)
+    return {"whole_accuracy": found["accuracy"], "whole_f1_macro": found["f1_macro"], "whole_rows": len(rows)}
+
+
 def slice_metrics(preds: list[int], labels: list[int], slices: list[str], class_names: list[str]) -> dict[str, Any]:
     """Accuracy and macro-F1 per value of a column (language, source, ...), to show which group the model fails.
 

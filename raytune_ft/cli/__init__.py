@@ -114,19 +114,49 @@ def _print_data_report(report: dict[str, Any]) -> None:
     splits = Table(
         title=f"Splits ({report['split']['strategy']}, seed {report['split']['seed']})", title_justify="left"
     )
-    for col in ("split", "rows", "class balance", "tokens p50/p95/max", "truncated / blocks"):
+    columns = ("split", "rows", "class balance", "words mean/p50/p95", "tokens p50/p95/max", "truncated / blocks")
+    for col in columns:
         splits.add_column(col, justify="left" if col in ("split", "class balance") else "right")
     names = dict(zip(report.get("classes") or [], report.get("label_names") or [], strict=False))
+    leakage = report.get("leakage") or {}
     for name, info in report["splits"].items():
         balance = info["class_balance"] or {}
         balance_text = "\n".join(f"{names.get(c, c)}: {v['rows']} ({v['fraction']:.1%})" for c, v in balance.items())
         tok = tokens.get(name, {})
         lengths = f"{tok['p50']}/{tok['p95']}/{tok['max']}" if "p50" in tok else "-"
         extra = tok.get("truncated_rows", tok.get("blocks", "-"))
-        splits.add_row(name, str(info["rows"]), balance_text or "-", lengths, str(extra))
+        w = leakage.get("words", {}).get(name, {})
+        word_lengths = f"{w['mean']}/{w['p50']}/{w['p95']}" if "mean" in w else "-"
+        splits.add_row(name, str(info["rows"]), balance_text or "-", word_lengths, lengths, str(extra))
     out.print(splits)
+    if leakage:
+        _print_leakage(report["split"].get("grouping", {}), leakage)
     if report.get("class_weights"):
         out.print(f"class weights (train): {report['class_weights']}", highlight=False, soft_wrap=True)
+
+
+def _print_leakage(grouping: dict[str, Any], leakage: dict[str, Any]) -> None:
+    """Overlap of validation and test with train, with and without overlap-aware grouping; then the warnings."""
+    contained = grouping.get("containment", {})
+    out.print(
+        f"grouping: {grouping.get('groups', '-')} groups of {grouping.get('distinct_texts', '-')} distinct texts "
+        f"(largest {grouping.get('largest_groups', [])[:3]}); {contained.get('common_phrase_rows', 0)} rows of "
+        "common phrases kept in train",
+        highlight=False,
+        soft_wrap=True,
+    )
+    table = Table(title="Overlap with the training split (share of rows)", title_justify="left")
+    kinds = ("inside_a_training_text", "contains_a_training_text", "near_duplicate_of_a_training_text", "any")
+    for col in ("split", "grouping", "inside a train text", "contains one", "near-duplicate", "any"):
+        table.add_column(col, justify="left" if col in ("split", "grouping") else "right")
+    for name in ("validation", "test"):
+        for when, label in (("without_grouping", "by text only"), ("after_grouping", "overlap-aware")):
+            found = leakage.get(name, {}).get(when, {})
+            cells = [f"{found[k]['share']:.1%}" if k in found else "-" for k in kinds]
+            table.add_row(name, label, *cells)
+    out.print(table)
+    for warning in leakage.get("warnings", []):
+        err.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
 
 
 def overrides_after_a_run_dir(config: Path | None, overrides: list[str] | None) -> list[str]:

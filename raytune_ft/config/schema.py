@@ -80,11 +80,50 @@ class CurationConfig(Section):
         return value
 
 
+class OverlapConfig(Section):
+    """Rows that overlap share a group, and a group never crosses splits (raytune_ft/data/overlap.py)."""
+
+    containment: bool = Field(
+        default=True,
+        description="Rows whose normalised texts contain one another as word sequences share a group: a sentence "
+        "and the phrases cut from it (SST-2) never land in different splits.",
+    )
+    near_duplicates: bool = Field(
+        default=True,
+        description="Rows whose word shingles are at least `similarity` alike (Jaccard, found with MinHash LSH and "
+        "checked exactly) share a group: templated texts, augmented copies, quoted replies.",
+    )
+    min_words: PositiveInt | None = Field(
+        default=None,
+        description="A text inside several others links them into one group only when it has at least this many "
+        "words (and at most max_containers containers); shorter ones are common phrases, kept in the training "
+        "split. Default 3 for classification, 8 for causal LM.",
+    )
+    max_containers: PositiveInt = Field(
+        default=8,
+        description="A text found inside more whole texts than this is a common phrase: it links none of them "
+        "(so that phrases do not chain the data into one group) and stays in the training split.",
+    )
+    similarity: Annotated[float, Field(gt=0, le=1)] = Field(
+        default=0.8, description="Jaccard similarity of word shingles from which two texts are near-duplicates."
+    )
+    shingle_words: PositiveInt | None = Field(
+        default=None,
+        description="Words per shingle for near-duplicates. Default 3 for classification, 5 for causal LM.",
+    )
+    warn_above: Score = Field(
+        default=0.01,
+        description="The data report warns when more than this share of validation or test rows still overlaps "
+        "a training row.",
+    )
+
+
 class SplitConfig(Section):
     validation: Fraction = 0.1
     test: Annotated[float, Field(ge=0, lt=1, validate_default=True)] = 0.1
     seed: int = 42
     strategy: Literal["auto", "stratified", "random", "contiguous"] = "auto"
+    overlap: OverlapConfig = OverlapConfig()
 
     @field_validator("test")
     @classmethod

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from raytune_ft.config.schema import ExperimentConfig
-from raytune_ft.data import curation
+from raytune_ft.config.schema import ExperimentConfig, OverlapConfig, SplitConfig
+from raytune_ft.data import curation, overlap
 from raytune_ft.data.readers import DataError, Records, detect_format, read_records
 from raytune_ft.data.split import SPLITS, check_classes_present, check_disjoint, split_records
 from raytune_ft.data.store import (
@@ -145,7 +145,7 @@ def curate_and_split(
         raise DataError(source, None, "no rows left after curation; loosen data.curation")
 
     on_stage("splitting")
-    splits, strategy = split_records(records, data.split, normalize, str(source))
+    splits, strategy, grouping = split_records(records, data.split, normalize, str(source))
     check_disjoint(splits, normalize)
     if classes is not None:
         check_classes_present(splits, classes, data.split, str(source))
@@ -176,14 +176,62 @@ def curate_and_split(
             "validation": data.split.validation,
             "test": data.split.test,
             "disjoint_after_normalization": True,
+            "grouping": grouping.report,
         },
+        "leakage": leakage_report(records, splits, data.split, normalize, on_stage),
         "splits": {
-            name: {"rows": len(recs), "class_balance": curation.class_balance(recs.labels, classes)}
+            name: {
+                "rows": len(recs),
+                "class_balance": curation.class_balance(recs.labels, classes),
+                # rows no other row contains (SST-2's whole sentences): validation and test report them apart
+                "whole_rows": sum(recs.whole) if recs.whole is not None else None,
+            }
             for name, recs in splits.items()
         },
         "class_weights": weights,
     }
     return report, splits, classes
+
+
+def leakage_report(
+    records: Records,
+    splits: dict[str, Records],
+    cfg: SplitConfig,
+    key: Callable[[str], str],
+    on_stage: Callable[[str], None] = lambda stage: None,
+) -> dict[str, Any]:
+    """How much of validation and test overlaps the training split, in these splits and in the splits the same
+    seed gives without overlap-aware grouping (by normalised text alone); the splits' lengths side by side; a
+    warning for each share above data.split.overlap.warn_above."""
+    on_stage("measuring overlap between splits")
+    settings = overlap.resolve(cfg.overlap, causal_lm=records.labels is None)
+    plain = cfg.model_copy(update={"overlap": OverlapConfig(containment=False, near_duplicates=False)})
+    before, _, _ = split_records(records, plain, key, "")
+    report: dict[str, Any] = {"settings": settings.as_dict(), "warnings": []}
+    grouped, plain_train = (overlap.TrainingText(s["train"].texts, key, settings) for s in (splits, before))
+    for name in ("validation", "test"):
+        after = grouped.overlap(splits[name].texts)
+        report[name] = {"after_grouping": after, "without_grouping": plain_train.overlap(before[name].texts)}
+        if after["rows"] and after["any"]["share"] > settings.warn_above:
+            report["warnings"].append(
+                f"{after['any']['share']:.1%} of the {name} rows ({after['any']['rows']} of {after['rows']}) "
+                f"overlap a training row (inside, containing or nearly repeating it; above "
+                f"data.split.overlap.warn_above {settings.warn_above:g}); e.g. {after['examples'][:2]}"
+            )
+    report["words"] = {name: _word_lengths(recs.texts) for name, recs in splits.items()}
+    return report
+
+
+def _word_lengths(texts: list[str]) -> dict[str, Any]:
+    lengths = sorted(overlap.word_count(overlap.words(t)) for t in texts)
+    if not lengths:
+        return {"rows": 0}
+    return {
+        "mean": round(sum(lengths) / len(lengths), 2),
+        "p50": lengths[len(lengths) // 2],
+        "p95": lengths[min(len(lengths) - 1, int(len(lengths) * 0.95))],
+        "max": lengths[-1],
+    }
 
 
 def _classes(records: Records, declared: list[str] | None, source: Path) -> list[str] | None:
@@ -245,5 +293,7 @@ def _table(records: Records, classes: list[str] | None) -> Any:
         columns["label_id"] = pa.array([index[label] for label in records.labels], pa.int64())
     if records.slices is not None:
         columns["slice"] = pa.array(records.slices, pa.string())
+    if records.whole is not None:
+        columns["whole"] = pa.array(records.whole, pa.bool_())
     columns["source_line"] = pa.array(records.rows, pa.int64())
     return pa.table(columns)

@@ -42,6 +42,7 @@ class Records:
     labels: list[str] | None
     rows: list[int]
     slices: list[str] | None = None  # value of data.columns.slice per row, for per-slice metrics
+    whole: list[bool] | None = None  # no other row contains this one (set by the split, data/overlap.py)
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -52,6 +53,7 @@ class Records:
             labels=[self.labels[i] for i in indices] if self.labels is not None else None,
             rows=[self.rows[i] for i in indices],
             slices=[self.slices[i] for i in indices] if self.slices is not None else None,
+            whole=[self.whole[i] for i in indices] if self.whole is not None else None,
         )
 
 

@@ -65,6 +65,9 @@ def evaluate_export(export: Path, request: EvalRequest, out_dir: Path | None = N
     else:
         label_column = request.label_column or columns.get("label", "label")
         report = _evaluate_classifier(model, request, text_column, label_column, task)
+    if task is None:
+        texts = _read(request.data, text_column, None, limit=request.max_rows).texts
+        report["overlap_with_training"] = overlap_with_training(experiment, texts)
     report.update(
         export=str(model.export_dir),
         task=model.task if task is None else "sequence-classification",
@@ -80,6 +83,29 @@ def evaluate_export(export: Path, request: EvalRequest, out_dir: Path | None = N
     if out_dir.resolve().parent.parent == model.export_dir.resolve():
         write_model_card(model.export_dir)
     return report
+
+
+def overlap_with_training(experiment: dict[str, Any], texts: list[str]) -> dict[str, Any]:
+    """How many of TEXTS overlap the export's training split, measured as the data report measures validation and
+    test (data.split.overlap's settings): a score on rows the model trained on in part is not a score on new text.
+    The training split is read from the experiment's data directory; an export moved away from it says so."""
+    from pydantic import ValidationError
+
+    from raytune_ft.config.schema import ExperimentConfig
+    from raytune_ft.data import data_dir_for, load_split, overlap
+    from raytune_ft.data.curation import normalizer
+
+    try:
+        cfg = ExperimentConfig.model_validate(experiment)
+    except ValidationError as exc:
+        return {"measured": False, "reason": f"the export's experiment is not complete ({exc.error_count()} errors)"}
+    train = data_dir_for(cfg) / "train.parquet"
+    if not train.is_file():
+        return {"measured": False, "reason": f"the export's training split is not at {train}"}
+    train_texts = load_split(train.parent, "train").column("text").to_pylist()
+    settings = overlap.resolve(cfg.data.split.overlap, causal_lm=cfg.model.task == "causal-lm")
+    found = overlap.leakage(train_texts, texts, normalizer(cfg.data.curation.normalize), settings)
+    return {"measured": True, "training_split": str(train), **found}
 
 
 def _label_ids(labels: list[str], rows: list[int], names: list[str], classes: list[str], path: Path) -> list[int]:
@@ -300,6 +326,18 @@ def summary_markdown(report: dict[str, Any]) -> str:
             lines += ["", "| value | rows | accuracy | macro-F1 |", "|---|---|---|---|"]
             for value, v in s["slices"].items():
                 lines.append(f"| {value} | {v['rows']} | {_pct(v['accuracy'])} | {_pct(v['f1_macro'])} |")
+    seen = report.get("overlap_with_training") or {}
+    if seen.get("measured"):
+        kinds = {
+            "inside_a_training_text": "inside a training text",
+            "contains_a_training_text": "containing one",
+            "near_duplicate_of_a_training_text": "nearly repeating one",
+        }
+        parts = ", ".join(f"{label} {_pct(seen[key]['share'])}" for key, label in kinds.items() if key in seen)
+        share = _pct(seen["any"]["share"]) if "any" in seen else "n/a"
+        lines += ["", f"Overlap with the training split: {share} of the rows ({parts or 'no rows'})."]
+    elif seen:
+        lines += ["", f"Overlap with the training split: not measured ({seen['reason']})."]
     edge = report.get("edge_cases")
     if edge:
         lines += ["", f"Edge cases: {edge['passed']}/{edge['cases']} passed ({_pct(edge['pass_rate'])})."]

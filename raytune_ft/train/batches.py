@@ -94,6 +94,8 @@ def tokenize_splits(
             out[name] = {"input_ids": enc["input_ids"], "labels": enc["labels"]}
             if "slice" in table.column_names:
                 out[name]["slices"] = table.column("slice").to_pylist()
+            if "whole" in table.column_names:
+                out[name]["whole"] = table.column("whole").to_pylist()
     return out
 
 

@@ -16,6 +16,7 @@ from raytune_ft.metrics import (
     perplexity,
     slice_metrics,
     unpack_counts,
+    whole_metrics,
 )
 from raytune_ft.train.batches import collate
 
@@ -82,7 +83,7 @@ def evaluate(
     batch_size = cfg.train.eval_batch_size or cfg.train.batch_size
     loss_sum, count = 0.0, 0
     confusion = torch.zeros((len(classes), len(classes)), dtype=torch.long) if classes else None
-    sliced = bool(classes) and "slices" in val
+    sliced = bool(classes) and ("slices" in val or "whole" in val)
     # predictions by row (+1, so 0 means "another rank's row"); summed over ranks for per-slice metrics
     preds_by_row = torch.zeros(n, dtype=torch.long) if sliced else None
     for start in range(0, per_rank, batch_size):
@@ -120,13 +121,17 @@ def evaluate(
     metrics: dict[str, Any] = {"eval_loss": mean_loss}
     if confusion is not None:
         metrics.update({f"eval_{k}": v for k, v in classification_metrics(confusion, label_names).items()})
-        if preds_by_row is not None:
-            found = slice_metrics((preds_by_row - 1).tolist(), val["labels"], val["slices"], label_names)
+        preds = (preds_by_row - 1).tolist() if preds_by_row is not None else []
+        if "slices" in val and preds:
+            found = slice_metrics(preds, val["labels"], val["slices"], label_names)
             for value, m in found["slices"].items():
                 metrics[f"eval_slice/{value}/accuracy"] = m["accuracy"]
                 metrics[f"eval_slice/{value}/f1_macro"] = m["f1_macro"]
             metrics["eval_slice_f1_gap"] = found["f1_macro_gap"]
             metrics["eval_worst_slice_f1"] = found["slices"][found["worst_slice"]]["f1_macro"]
+        if "whole" in val and preds:
+            found = whole_metrics(preds, val["labels"], val["whole"], label_names)
+            metrics.update({f"eval_{k}": v for k, v in found.items()})
     else:
         metrics["eval_perplexity"] = perplexity(mean_loss)
     return metrics

@@ -628,7 +628,7 @@ def progress_line(metrics: dict[str, Any], total: int, global_batch: int) -> str
     """What a person follows during a run: step, losses, the headline metrics, speed and time left."""
     done = metrics["step"]
     shown = [f"step {done}/{total}", f"train_loss {metrics['train_loss']:.4f}"]
-    for key in ("eval_loss", "eval_accuracy", "eval_f1_macro", "eval_perplexity"):
+    for key in ("eval_loss", "eval_accuracy", "eval_f1_macro", "eval_whole_accuracy", "eval_perplexity"):
         if key in metrics:
             shown.append(f"{key} {metrics[key]:.4f}")
     rate = metrics.get("samples_per_s") or 0

@@ -9,7 +9,7 @@ import torch
 
 from raytune_ft.config import ExperimentConfig
 from raytune_ft.data import load_test_split
-from raytune_ft.metrics import classification_metrics, confusion_matrix, perplexity, slice_metrics
+from raytune_ft.metrics import classification_metrics, confusion_matrix, perplexity, slice_metrics, whole_metrics
 from raytune_ft.train.batches import collate, tokenize_splits
 from raytune_ft.train.evaluate import next_token_loss
 
@@ -57,6 +57,8 @@ def test_metrics(export_dir: Path, cfg: ExperimentConfig, data_dir: Path, classe
     out["confusion_matrix"] = {"labels": names, "counts": confusion.tolist()}
     if "slices" in test:
         out["slices"] = slice_metrics(preds, test["labels"], test["slices"], names)
+    if "whole" in test:
+        out.update({f"test_{k}": v for k, v in whole_metrics(preds, test["labels"], test["whole"], names).items()})
     out.update(_task_test_metrics(export_dir, cfg))
     return out
 

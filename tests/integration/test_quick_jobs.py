@@ -41,15 +41,16 @@ def run_quick(name: str, output_dir: Path, address: str, **env_vars: str) -> tup
 
 
 def beats_the_majority_class(tested: dict) -> None:
-    """Above always answering the test split's most common label: accuracy by at least 0.01 (2 of its 198 rows),
-    macro F1 at 0.5 against the 0.355 of that constant answer. Measured 2026-12-06 (majority share 0.551): the
-    LoRA PBT job's winner 0.626, 0.626, 0.581 and 0.576 in four runs (macro F1 0.599 ... 0.563; which trial
-    exploits which at steps 8 and 16 depends on when reports land, and the winners split into two groups), the
-    full-FT Optuna job's 0.631. A floor of majority + 0.04, set from one run, failed on two of those four."""
+    """Above always answering the test split's most common label: accuracy by at least 0.08 (16 of its 197 rows),
+    macro F1 at 0.6 against the 0.358 of that constant answer. The split is overlap-aware (no test row is a phrase
+    of a training sentence, data.split.overlap). Measured 2026-12-06 on it (majority share 0.558): the LoRA PBT
+    job's winner 0.787 (macro F1 0.770), the full-FT Optuna job's 0.817 (0.807). With the learning rates these
+    jobs had before (LoRA 3e-4..3e-3, full 1e-5..1e-4), both answered the majority class on this split: their
+    0.58-0.63 on the old split came from test phrases of training sentences."""
     counts = tested["confusion_matrix"]["counts"]  # rows: true labels
     majority = max(sum(row) for row in counts) / sum(map(sum, counts))
-    assert tested["test_accuracy"] >= majority + 0.01, (tested["test_accuracy"], majority)
-    assert tested["test_f1_macro"] >= 0.5, tested["test_f1_macro"]
+    assert tested["test_accuracy"] >= majority + 0.08, (tested["test_accuracy"], majority)
+    assert tested["test_f1_macro"] >= 0.6, tested["test_f1_macro"]
 
 
 def trials(run_dir: Path) -> list[dict]:

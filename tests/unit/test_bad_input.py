@@ -81,6 +81,27 @@ CONFIG_CASES: list[tuple[str, Any, list[str], type[Exception], list[str]]] = [
     # out of range
     ("lr-zero", "train:\n  lr: 0", [], ConfigError, [":8: train.lr: must be > 0, got 0"]),
     ("fraction-above-one", "  split: {validation: 1.5}", [], ConfigError, [":7: data.split.validation: must be < 1"]),
+    (
+        "similarity-above-one",
+        "  split: {overlap: {similarity: 1.5}}",
+        [],
+        ConfigError,
+        [":7: data.split.overlap.similarity: must be <= 1, got 1.5"],
+    ),
+    (
+        "warn-above-negative",
+        "",
+        ["data.split.overlap.warn_above=-0.1"],
+        ConfigError,
+        ["data.split.overlap.warn_above: must be >= 0"],
+    ),
+    (
+        "min-words-zero",
+        "  split: {overlap: {min_words: 0}}",
+        [],
+        ConfigError,
+        [":7: data.split.overlap.min_words: must be > 0"],
+    ),
     ("port-too-high", "serve:\n  port: 70000", [], ConfigError, [":8: serve.port: must be <= 65535, got 70000"]),
     ("zero-stage-4", "deepspeed:\n  zero_stage: 4", [], ConfigError, [":8: deepspeed.zero_stage: must be one of"]),
     ("negative-override", "", ["train.lr=-1"], ConfigError, ["override 'train.lr=-1': train.lr: must be > 0"]),

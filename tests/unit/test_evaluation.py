@@ -368,3 +368,31 @@ def test_an_extra_task_of_a_multi_task_export_is_evaluated_with_its_own_head_and
     assert "size (sequence-classification: short, long, loss weight 0.5)" in card
     with pytest.raises(ValueError, match="'topic' is not a classification task of this export \\(size\\)"):
         evaluate_export(classifier, EvalRequest(data=data, task="topic"))
+
+
+def test_eval_measures_how_much_of_the_file_overlaps_the_training_split(classifier, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    record = json.loads((classifier / "raytune_ft.json").read_text())
+    record["experiment"]["output_dir"] = str(tmp_path / "runs")
+    record["experiment"]["data"]["path"] = str(tmp_path / "reviews.tsv")
+    (classifier / "raytune_ft.json").write_text(json.dumps(record))
+    train = tmp_path / "runs" / "tiny" / "data" / "train.parquet"
+    train.parent.mkdir(parents=True)
+    pq.write_table(pa.table({"text": ["a good film about the sea", "the plot is a mess from the start"]}), train)
+    data = tmp_path / "new.tsv"
+    rows = ["a good film", "frankly the plot is a mess from the start", "nothing like it", "a new review"]
+    data.write_text("text\tlabel\n" + "".join(f"{r}\t1\n" for r in rows))
+
+    report = evaluate_export(classifier, EvalRequest(data=data), tmp_path / "out")
+    seen = report["overlap_with_training"]
+    assert seen["measured"] and seen["training_split"] == str(train) and seen["rows"] == 4
+    assert seen["inside_a_training_text"] == {"rows": 1, "share": 0.25}
+    assert seen["contains_a_training_text"] == {"rows": 1, "share": 0.25}
+    assert seen["any"] == {"rows": 2, "share": 0.5} and seen["examples"] == rows[:2]
+    assert "Overlap with the training split: 50.0 % of the rows" in (tmp_path / "out" / "eval.md").read_text()
+
+    train.unlink()  # an export moved away from its run: not measured, and it says where it looked
+    moved = evaluate_export(classifier, EvalRequest(data=data), tmp_path / "out")["overlap_with_training"]
+    assert moved == {"measured": False, "reason": f"the export's training split is not at {train}"}

@@ -15,6 +15,7 @@ from raytune_ft.metrics import (
     perplexity,
     slice_metrics,
     unpack_counts,
+    whole_metrics,
 )
 
 NAMES = ["a", "b", "c", "d"]
@@ -248,3 +249,12 @@ def test_slice_metrics_rejects_bad_input():
         slice_metrics([0, 1], [0, 1], ["a"], ["x", "y"])
     with pytest.raises(ValueError, match="no rows"):
         slice_metrics([], [], [], ["x", "y"])
+
+
+def test_whole_metrics_count_only_the_whole_rows():
+    # four rows, the first three whole: 2 of them right; the fourth (a phrase) is ignored, right or wrong
+    found = whole_metrics([1, 0, 0, 1], [1, 1, 0, 0], [True, True, True, False], ["neg", "pos"])
+    assert found["whole_rows"] == 3 and found["whole_accuracy"] == pytest.approx(2 / 3)
+    # neg: precision 1/2, recall 1 -> F1 2/3; pos: precision 1, recall 1/2 -> F1 2/3
+    assert found["whole_f1_macro"] == pytest.approx(2 / 3)
+    assert whole_metrics([0], [0], [False], ["neg", "pos"]) == {}

@@ -25,6 +25,8 @@ from raytune_ft.data.curation import normalizer
 from raytune_ft.data.split import SPLITS
 
 SMALL_SPLIT = {"validation": 0.2, "test": 0.2}
+# rows made of the same few words contain one another: grouping them is test_overlap.py's subject, not these tests'
+NO_GROUPING = {"containment": False, "near_duplicates": False}
 
 
 def sha(path: Path) -> str:
@@ -32,7 +34,11 @@ def sha(path: Path) -> str:
 
 
 def texts_of(data_dir: Path, name: str) -> list[str]:
-    return pq.read_table(data_dir / f"{name}.parquet").column("text").to_pylist()
+    return texts_of_column(data_dir, name, "text")
+
+
+def texts_of_column(data_dir: Path, name: str, column: str) -> list:
+    return pq.read_table(data_dir / f"{name}.parquet").column(column).to_pylist()
 
 
 def step_counts(report: dict) -> list[tuple[str, int, int]]:
@@ -95,6 +101,7 @@ def test_report_counts_every_step(review_cfg, review_tsv, tmp_path):
         "validation": 0.2,
         "test": 0.2,
         "disjoint_after_normalization": True,
+        "grouping": report["split"]["grouping"],  # its own tests: test_overlap.py
     }
     assert {n: report["splits"][n]["rows"] for n in SPLITS} == {"train": 12, "validation": 4, "test": 4}
     half = {"rows": 2, "fraction": 0.5}
@@ -117,7 +124,7 @@ def test_split_files_hold_curated_rows_with_label_ids_and_source_lines(review_cf
     seen: dict[str, str] = {}
     for name in SPLITS:
         table = pq.read_table(prepared.data_dir / f"{name}.parquet")
-        assert table.column_names == ["text", "label", "label_id", "source_line"]
+        assert table.column_names == ["text", "label", "label_id", "whole", "source_line"]
         for row in table.to_pylist():
             assert row["label_id"] == ["0", "1"].index(row["label"])
             # source_line is the 1-based line of the row in the TSV file
@@ -221,7 +228,14 @@ def test_declared_labels_fix_the_label_ids(review_cfg):
 def test_on_stage_reports_progress(review_cfg):
     stages: list[str] = []
     prepare_data(review_cfg(), with_tokens=False, on_stage=stages.append)
-    assert stages == ["hashing reviews.tsv", "reading reviews.tsv", "curating", "splitting", "writing splits"]
+    assert stages == [
+        "hashing reviews.tsv",
+        "reading reviews.tsv",
+        "curating",
+        "splitting",
+        "measuring overlap between splits",
+        "writing splits",
+    ]
     stages.clear()
     prepare_data(review_cfg(), with_tokens=False, on_stage=stages.append)
     assert stages == ["hashing reviews.tsv"]
@@ -436,12 +450,12 @@ def test_causal_lm_on_plain_text(make_config, tmp_path):
     ]
     assert "repeats_with_conflicting_label" not in report["findings"]["normalized"]
     assert {n: report["splits"][n] for n in SPLITS} == {
-        "train": {"rows": 16, "class_balance": None},
-        "validation": {"rows": 2, "class_balance": None},
-        "test": {"rows": 2, "class_balance": None},
+        "train": {"rows": 16, "class_balance": None, "whole_rows": 16},  # no paragraph inside another
+        "validation": {"rows": 2, "class_balance": None, "whole_rows": 2},
+        "test": {"rows": 2, "class_balance": None, "whole_rows": 2},
     }
     train = load_split(prepared.data_dir, "train")
-    assert train.column_names == ["text", "source_line"]
+    assert train.column_names == ["text", "whole", "source_line"]
     test_lines = pq.read_table(prepared.data_dir / "test.parquet").column("source_line").to_pylist()
     val_lines = load_split(prepared.data_dir, "validation").column("source_line").to_pylist()
     train_lines = train.column("source_line").to_pylist()
@@ -468,7 +482,7 @@ def graded_tsv(tmp_path, write_tsv):
 
 def test_token_report_with_a_tiny_tokenizer(make_config, graded_tsv, tiny_tokenizer_dir):
     def cfg(max_length):
-        data = {"path": str(graded_tsv), "split": SMALL_SPLIT, "max_length": max_length}
+        data = {"path": str(graded_tsv), "split": {**SMALL_SPLIT, "overlap": NO_GROUPING}, "max_length": max_length}
         return make_config(data, model=str(tiny_tokenizer_dir))
 
     prepared = prepare_data(cfg(8), with_tokens=True)
@@ -499,7 +513,8 @@ def test_token_report_with_a_tiny_tokenizer(make_config, graded_tsv, tiny_tokeni
 
 
 def test_token_report_is_added_to_a_build_made_without_tokens(make_config, graded_tsv, tiny_tokenizer_dir):
-    cfg = make_config({"path": str(graded_tsv), "split": SMALL_SPLIT}, model=str(tiny_tokenizer_dir))
+    data = {"path": str(graded_tsv), "split": {**SMALL_SPLIT, "overlap": NO_GROUPING}}
+    cfg = make_config(data, model=str(tiny_tokenizer_dir))
     first = prepare_data(cfg, with_tokens=False)
     assert "tokens" not in first.report
     again = prepare_data(cfg, with_tokens=True)
@@ -513,7 +528,8 @@ def test_causal_lm_token_report_counts_blocks(make_config, tmp_path, tiny_tokeni
     paragraphs = [" ".join(["good"] * (i + 1)) + ("\nthe film" if i % 2 else " film") for i in range(20)]
     path = tmp_path / "corpus.txt"
     path.write_text("\n\n".join(paragraphs) + "\n")
-    cfg = make_config({"path": str(path), "block_size": 4}, task="causal-lm", model=str(tiny_tokenizer_dir))
+    data = {"path": str(path), "block_size": 4, "split": {"overlap": NO_GROUPING}}
+    cfg = make_config(data, task="causal-lm", model=str(tiny_tokenizer_dir))
     prepared = prepare_data(cfg, with_tokens=True)
     tokens = prepared.report["tokens"]
     assert tokens["settings"] == {"tokenizer": str(tiny_tokenizer_dir), "max_length": None, "block_size": 4}
@@ -553,3 +569,17 @@ def test_sst2_train_file(make_config):
         for text in texts:
             assert keys.setdefault(normalize(text), name) == name, f"{text!r} is in {keys[normalize(text)]} and {name}"
     assert total == rows_after_curation == len(keys)  # disjoint, and no normalised text twice
+
+    # a sentence and its phrases share a split: by text alone most test rows overlap a training row (inside one,
+    # containing one of 3 words or more, or nearly repeating one); grouped, at most 1 %
+    for name in ("validation", "test"):
+        leak = report["leakage"][name]
+        assert leak["without_grouping"]["any"]["share"] > 0.7, leak["without_grouping"]
+        assert leak["after_grouping"]["inside_a_training_text"]["rows"] == 0
+        assert leak["after_grouping"]["any"]["share"] <= 0.01, leak["after_grouping"]
+    assert report["leakage"]["warnings"] == []
+    # the whole sentences (no other row contains them) are marked in every split: about a tenth of SST-2's rows
+    for name in SPLITS:
+        whole = texts_of_column(prepared.data_dir, name, "whole")
+        assert sum(whole) == report["splits"][name]["whole_rows"] and 0.05 < sum(whole) / len(whole) < 0.3
+    assert report["split"]["grouping"]["largest_groups"][0] < 0.01 * rows_after_curation  # no chain of everything

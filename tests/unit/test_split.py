@@ -31,7 +31,7 @@ def labelled(n_per_class: dict[str, int]) -> Records:
 
 
 def split(records: Records, **cfg) -> dict[str, Records]:
-    splits, _ = split_records(records, SplitConfig(**cfg), NORMALIZE, "data.tsv")
+    splits, _, _ = split_records(records, SplitConfig(**cfg), NORMALIZE, "data.tsv")
     return splits
 
 
@@ -121,7 +121,7 @@ def test_check_disjoint_catches_a_leak():
 @pytest.mark.parametrize(("seed", "counts"), [(1, {"a": 37, "b": 163}), (2, {"a": 100, "b": 60, "c": 40})])
 def test_stratified_split_keeps_class_proportions(seed, counts):
     recs = labelled(counts)
-    splits, strategy = split_records(recs, SplitConfig(seed=seed, validation=0.1, test=0.1), NORMALIZE, "d")
+    splits, strategy, _ = split_records(recs, SplitConfig(seed=seed, validation=0.1, test=0.1), NORMALIZE, "d")
     assert strategy == "stratified"
     total = sum(counts.values())
     for name in SPLITS:
@@ -158,21 +158,21 @@ def test_stratified_split_needs_labels():
 def test_contiguous_split_keeps_document_order():
     texts = [f"passage {i}" for i in range(20)]
     recs = Records(texts, None, [i * 3 + 1 for i in range(20)])
-    splits, strategy = split_records(recs, SplitConfig(seed=123), NORMALIZE, "corpus.txt")
+    splits, strategy, _ = split_records(recs, SplitConfig(seed=123), NORMALIZE, "corpus.txt")
     assert strategy == "contiguous"  # auto, without labels
     assert splits["train"].texts == texts[:16]
     assert splits["validation"].texts == texts[16:18]
     assert splits["test"].texts == texts[18:]
     assert splits["train"].labels is None
     # seed does not matter for contiguous splits
-    other, _ = split_records(recs, SplitConfig(seed=7), NORMALIZE, "corpus.txt")
+    other, _, _ = split_records(recs, SplitConfig(seed=7), NORMALIZE, "corpus.txt")
     assert {n: other[n].texts for n in SPLITS} == {n: splits[n].texts for n in SPLITS}
 
 
 def test_contiguous_split_keeps_a_late_repeat_with_its_first_occurrence():
     texts = [f"passage {i}" for i in range(19)] + ["PASSAGE 0!"]
     recs = Records(texts, None, list(range(1, 21)))
-    splits, _ = split_records(recs, SplitConfig(strategy="contiguous"), NORMALIZE, "corpus.txt")
+    splits, _, _ = split_records(recs, SplitConfig(strategy="contiguous"), NORMALIZE, "corpus.txt")
     assert splits["train"].texts[0] == "passage 0"
     assert splits["train"].texts[-1] == "PASSAGE 0!"
     assert "PASSAGE 0!" not in splits["test"].texts
@@ -199,7 +199,7 @@ def test_resolve_strategy(strategy, has_labels, expected):
 def test_check_classes_present_rejects_a_class_missing_from_a_split():
     recs = labelled({"common": 98, "rare": 2})
     cfg = SplitConfig(seed=0, validation=0.1, test=0.1)
-    splits, _ = split_records(recs, cfg, NORMALIZE, "data.tsv")
+    splits, _, _ = split_records(recs, cfg, NORMALIZE, "data.tsv")
     # two rare rows: round(2 * 0.1) == 0, so validation and test have none of them
     assert "rare" not in splits["validation"].labels
     with pytest.raises(DataError, match=r"the validation split has no rows of class 'rare'") as info:
@@ -211,7 +211,7 @@ def test_check_classes_present_rejects_a_class_missing_from_a_split():
 def test_check_classes_present_reports_test_split_when_validation_is_off():
     recs = labelled({"common": 98, "rare": 2})
     cfg = SplitConfig(seed=0, validation=0.0, test=0.1)
-    splits, _ = split_records(recs, cfg, NORMALIZE, "data.tsv")
+    splits, _, _ = split_records(recs, cfg, NORMALIZE, "data.tsv")
     assert len(splits["validation"]) == 0
     with pytest.raises(DataError, match=r"the test split has no rows of class 'rare'"):
         check_classes_present(splits, ["common", "rare"], cfg, "data.tsv")
@@ -220,7 +220,7 @@ def test_check_classes_present_reports_test_split_when_validation_is_off():
 def test_check_classes_present_accepts_every_class_everywhere():
     recs = labelled({"a": 30, "b": 30})
     cfg = SplitConfig(seed=0)
-    splits, _ = split_records(recs, cfg, NORMALIZE, "data.tsv")
+    splits, _, _ = split_records(recs, cfg, NORMALIZE, "data.tsv")
     check_classes_present(splits, ["a", "b"], cfg, "data.tsv")  # does not raise
     # a declared class that never occurs is missing from every split, train first
     with pytest.raises(DataError, match=r"the train split has no rows of class 'c'"):
@@ -230,7 +230,7 @@ def test_check_classes_present_accepts_every_class_everywhere():
 def test_check_classes_present_rejects_an_empty_split():
     recs = Records([f"passage {i}" for i in range(3)], None, [1, 2, 3])
     cfg = SplitConfig()
-    splits, _ = split_records(recs, cfg, NORMALIZE, "corpus.txt")
+    splits, _, _ = split_records(recs, cfg, NORMALIZE, "corpus.txt")
     assert len(splits["validation"]) == 0  # round(3 * 0.1) == 0
     with pytest.raises(DataError, match="the validation split is empty; the data set is too small"):
         check_classes_present(splits, [], cfg, "corpus.txt")
@@ -239,6 +239,6 @@ def test_check_classes_present_rejects_an_empty_split():
 def test_check_classes_present_ignores_splits_that_are_turned_off():
     recs = Records([f"passage {i}" for i in range(3)], None, [1, 2, 3])
     cfg = SplitConfig(validation=0.0, test=0.0)
-    splits, _ = split_records(recs, cfg, NORMALIZE, "corpus.txt")
+    splits, _, _ = split_records(recs, cfg, NORMALIZE, "corpus.txt")
     assert [len(splits[n]) for n in SPLITS] == [3, 0, 0]
     check_classes_present(splits, [], cfg, "corpus.txt")  # does not raise
