@@ -190,6 +190,13 @@ def shingles(tokens: str, size: int) -> set[str]:
     return {" ".join(parts[i : i + size]) for i in range(len(parts) - size + 1)}
 
 
+def _shingled(tokens: Sequence[str], size: int, skip: set[int] = frozenset()) -> tuple[list[int], list[set[str]]]:
+    """The texts long enough to have shingles of SIZE words (shorter ones can only equal one another, which their
+    word sequence already groups): their indices and shingle sets."""
+    index = [i for i, t in enumerate(tokens) if i not in skip and len(t.split()) >= size]
+    return index, [shingles(tokens[i], size) for i in index]
+
+
 def jaccard(a: set[str], b: set[str]) -> float:
     return len(a & b) / len(a | b) if a or b else 0.0
 
@@ -209,10 +216,8 @@ def _lsh(similarity: float) -> Any:
 
 
 def _link_near_duplicates(tokens: list[str], settings: OverlapSettings, union: _UnionFind, skip: set[int]) -> int:
-    """Union texts whose shingle sets have Jaccard similarity >= settings.similarity; the pairs linked. Texts
-    shorter than a shingle can only equal one another, which their normalised key already groups."""
-    candidates = [u for u, t in enumerate(tokens) if u not in skip and len(t.split()) >= settings.shingle_words]
-    sets = [shingles(tokens[u], settings.shingle_words) for u in candidates]
+    """Union texts whose shingle sets have Jaccard similarity >= settings.similarity; the pairs linked."""
+    candidates, sets = _shingled(tokens, settings.shingle_words, skip)
     lsh = _lsh(settings.similarity)
     pairs = 0
     for position, minhash in enumerate(_minhashes(sets)):
@@ -234,8 +239,7 @@ class TrainingText:
         self.key, self.settings = key, settings
         self.tokens = sorted({words(key(t)) for t in train})
         self.long = _automaton([t if word_count(t) >= settings.min_words else "" for t in self.tokens])
-        size = settings.shingle_words
-        self.sets = [shingles(t, size) for t in self.tokens if len(t.split()) >= size]
+        _, self.sets = _shingled(self.tokens, settings.shingle_words)
         self.lsh = _lsh(settings.similarity)
         for position, minhash in enumerate(_minhashes(self.sets)):
             self.lsh.insert(position, minhash)
@@ -265,9 +269,8 @@ class TrainingText:
         return result
 
     def _near_duplicates(self, tokens: list[str]) -> set[int]:
-        size, similarity = self.settings.shingle_words, self.settings.similarity
-        index = [i for i, t in enumerate(tokens) if len(t.split()) >= size]
-        sets = [shingles(tokens[i], size) for i in index]
+        similarity = self.settings.similarity
+        index, sets = _shingled(tokens, self.settings.shingle_words)
         if not self.sets or not sets:
             return set()
         found = set()

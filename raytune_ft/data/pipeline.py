@@ -223,15 +223,9 @@ def leakage_report(
 
 
 def _word_lengths(texts: list[str]) -> dict[str, Any]:
-    lengths = sorted(overlap.word_count(overlap.words(t)) for t in texts)
-    if not lengths:
-        return {"rows": 0}
-    return {
-        "mean": round(sum(lengths) / len(lengths), 2),
-        "p50": lengths[len(lengths) // 2],
-        "p95": lengths[min(len(lengths) - 1, int(len(lengths) * 0.95))],
-        "max": lengths[-1],
-    }
+    from raytune_ft.data.tokenize import length_stats
+
+    return length_stats([overlap.word_count(overlap.words(t)) for t in texts]) if texts else {"rows": 0}
 
 
 def _classes(records: Records, declared: list[str] | None, source: Path) -> list[str] | None:

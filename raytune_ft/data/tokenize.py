@@ -25,19 +25,23 @@ def tokenize_causal_blocks(texts: list[str], tokenizer: Any, block_size: int) ->
     return {"input_ids": blocks, "labels": [list(b) for b in blocks]}
 
 
-def token_stats(texts: list[str], tokenizer: Any, max_length: int | None, block_size: int | None) -> dict[str, Any]:
-    """Token-length distribution; for classification how many rows max_length truncates, for LM how many blocks."""
-    if not texts:
-        return {"rows": 0}
-    lengths = [len(ids) for ids in tokenizer(list(texts), add_special_tokens=True, verbose=False)["input_ids"]]
-    lengths.sort()
-    stats: dict[str, Any] = {
-        "total": sum(lengths),
+def length_stats(lengths: list[int]) -> dict[str, Any]:
+    """Mean, median, 95th percentile and maximum of a non-empty list of lengths (tokens or words)."""
+    lengths = sorted(lengths)
+    return {
         "mean": round(statistics.fmean(lengths), 2),
         "p50": lengths[len(lengths) // 2],
         "p95": lengths[min(len(lengths) - 1, int(len(lengths) * 0.95))],
         "max": lengths[-1],
     }
+
+
+def token_stats(texts: list[str], tokenizer: Any, max_length: int | None, block_size: int | None) -> dict[str, Any]:
+    """Token-length distribution; for classification how many rows max_length truncates, for LM how many blocks."""
+    if not texts:
+        return {"rows": 0}
+    lengths = [len(ids) for ids in tokenizer(list(texts), add_special_tokens=True, verbose=False)["input_ids"]]
+    stats: dict[str, Any] = {"total": sum(lengths), **length_stats(lengths)}
     if max_length is not None:
         truncated = sum(1 for n in lengths if n > max_length)
         stats.update(
