@@ -98,16 +98,8 @@ def bare_loop(payload: dict[str, Any], queue: Any) -> None:
     def loss_of(module: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return task_loss(module, batch, classification, class_weights)
 
-    plan = StepPlan(
-        n_train=len(train["input_ids"]),
-        micro_batch=cfg.train.batch_size,
-        world_size=1,
-        grad_accum=cfg.train.grad_accum * cfg.scaling.num_workers,  # the same global batch in one process
-        epochs=cfg.train.epochs,
-        max_steps=cfg.train.max_steps,
-        seed=cfg.seed,
-        lengths=tuple(len(ids) for ids in train["input_ids"]) if cfg.train.group_by_length else None,
-    )
+    # the same global batch in one process
+    plan = StepPlan.of(cfg, train, 1, grad_accum=cfg.train.grad_accum * cfg.scaling.num_workers)
     pad_id = payload["pad_token_id"]
     ewc = None
     if cfg.finetune.ewc is not None:

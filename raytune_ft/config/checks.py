@@ -77,6 +77,12 @@ def consistency_errors(cfg: ExperimentConfig) -> list[tuple[str, str]]:
         if data.labels is not None:
             errors.append(("data.labels", "causal-lm has no labels"))
 
+    if cfg.train.whole_repeats > 1:
+        if not classification:
+            errors.append(("train.whole_repeats", "repeats whole rows of a classifier; causal-lm trains on blocks"))
+        elif not data.split.overlap.containment:
+            errors.append(("train.whole_repeats", "needs data.split.overlap.containment: true, which marks whole rows"))
+
     if cfg.deepspeed.precision in ("bf16", "fp16") and not cfg.scaling.use_gpu:
         errors.append(
             ("deepspeed.precision", f"{cfg.deepspeed.precision} needs scaling.use_gpu: true; CPU trains in fp32")

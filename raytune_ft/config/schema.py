@@ -262,6 +262,12 @@ class TrainConfig(Section):
     group_by_length: bool = Field(
         default=False, description="Batch rows of similar token length together (less padding, faster steps)."
     )
+    whole_repeats: PositiveInt = Field(
+        default=1,
+        description="How often each whole training row (one no other row contains: for SST-2, a full sentence among "
+        "its own phrases; see data.split.overlap) is read per epoch. Above 1, training leans toward the input a "
+        "deployed model meets; an epoch then holds more steps.",
+    )
     eval_every_steps: PositiveInt | None = None
     checkpoint_every_steps: PositiveInt | None = None
     keep_checkpoints: PositiveInt = 2

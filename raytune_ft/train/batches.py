@@ -8,6 +8,9 @@ With `lengths` (train.group_by_length), each run of GROUP_BATCHES global batches
 length before it is cut into batches, and the batches are then shuffled: rows of similar length share a batch, so
 little of a batch is padding (short texts with a long tail, like SST-2, pad to a few times their length otherwise),
 while which rows meet and the order of batches stay random.
+
+With `extra` (train.whole_repeats), those row indices join every epoch's pool once more each: the rows a model
+meets whole at serving time (for SST-2, the full sentences among their own phrases) are read more often.
 """
 
 from __future__ import annotations
@@ -32,6 +35,12 @@ class StepPlan:
     max_steps: int | None
     seed: int
     lengths: tuple[int, ...] | None = None
+    extra: tuple[int, ...] = ()
+
+    @property
+    def pool(self) -> int:
+        """Rows read per epoch: every training row once, plus `extra`."""
+        return self.n_train + len(self.extra)
 
     @property
     def global_batch(self) -> int:
@@ -39,12 +48,29 @@ class StepPlan:
 
     @property
     def steps_per_epoch(self) -> int:
-        return self.n_train // self.global_batch
+        return self.pool // self.global_batch
 
     @property
     def total_steps(self) -> int:
         steps = self.epochs * self.steps_per_epoch
         return min(steps, self.max_steps) if self.max_steps else steps
+
+    @classmethod
+    def of(cls, cfg: Any, train: dict[str, list], world_size: int, grad_accum: int | None = None) -> StepPlan:
+        """The plan of an experiment's training split (`cfg` an ExperimentConfig) on `world_size` workers."""
+        t = cfg.train
+        whole = train.get("whole") or []
+        return cls(
+            n_train=len(train["input_ids"]),
+            micro_batch=t.batch_size,
+            world_size=world_size,
+            grad_accum=t.grad_accum if grad_accum is None else grad_accum,
+            epochs=t.epochs,
+            max_steps=t.max_steps,
+            seed=cfg.seed,
+            lengths=tuple(len(ids) for ids in train["input_ids"]) if t.group_by_length else None,
+            extra=tuple(i for i, w in enumerate(whole) if w) * (t.whole_repeats - 1),
+        )
 
     def check(self) -> None:
         if self.steps_per_epoch == 0:
@@ -56,7 +82,9 @@ class StepPlan:
 
     def permutation(self, epoch: int) -> torch.Tensor:
         generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-        perm = torch.randperm(self.n_train, generator=generator)
+        perm = torch.randperm(self.pool, generator=generator)
+        if self.extra:
+            perm = torch.cat([torch.arange(self.n_train), torch.tensor(self.extra, dtype=torch.long)])[perm]
         if self.lengths is None:
             return perm
         batches = self.steps_per_epoch

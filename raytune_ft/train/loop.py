@@ -132,16 +132,7 @@ def train_loop(config: dict[str, Any]) -> None:
         enable_activation_checkpointing(model)
     # which model this run trains: written into every checkpoint's state, compared before one is loaded
     config["model_record"] = model_record(model, cfg.model.name_or_path)
-    plan = StepPlan(
-        n_train=len(train["input_ids"]),
-        micro_batch=cfg.train.batch_size,
-        world_size=world,
-        grad_accum=cfg.train.grad_accum,
-        epochs=cfg.train.epochs,
-        max_steps=cfg.train.max_steps,
-        seed=cfg.seed,
-        lengths=tuple(len(ids) for ids in train["input_ids"]) if cfg.train.group_by_length else None,
-    )
+    plan = StepPlan.of(cfg, train, world)
     plan.check()
     # several tasks share the steps, so their count is train.max_steps (the config requires it), not epochs
     total = cfg.train.max_steps if tasks else plan.total_steps

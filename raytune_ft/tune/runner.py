@@ -212,7 +212,7 @@ def tune_experiment(
     (run_dir / "config.yaml").write_text(config_to_yaml(cfg))
 
     worker_data, trainable = _trainable(cfg, storage, log)
-    evaluations = _evaluations_per_trial(cfg, len(worker_data["data"]["train"]["input_ids"]))
+    evaluations = _evaluations_per_trial(cfg, worker_data["data"]["train"])
     trial_scheduler = scheduler(settings, evaluations)
     if resume:
         log(f"resuming the search in {storage}/{EXPERIMENT}")
@@ -421,18 +421,10 @@ class ForgettingStop:
         return worse is not None and worse > self.limit
 
 
-def _evaluations_per_trial(cfg: ExperimentConfig, n_train: int) -> int:
+def _evaluations_per_trial(cfg: ExperimentConfig, train: dict[str, list]) -> int:
     from raytune_ft.train.batches import StepPlan
 
-    plan = StepPlan(
-        n_train,
-        cfg.train.batch_size,
-        cfg.scaling.num_workers,
-        cfg.train.grad_accum,
-        cfg.train.epochs,
-        cfg.train.max_steps,
-        cfg.seed,
-    )
+    plan = StepPlan.of(cfg, train, cfg.scaling.num_workers)
     every = cfg.train.eval_every_steps or plan.steps_per_epoch
     return max(1, math.ceil(plan.total_steps / max(1, every)))
 

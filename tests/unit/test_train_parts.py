@@ -95,6 +95,27 @@ def test_group_by_length_batches_similar_lengths_in_random_order():
     assert grouped.micro_batches(125, 0) != grouped.micro_batches(0, 0)
 
 
+def test_whole_repeats_read_whole_rows_more_often_per_epoch(tmp_path):
+    from collections import Counter
+
+    cfg = cfg_with(
+        tmp_path,
+        model={"name_or_path": str(tmp_path / "m"), "task": "sequence-classification"},
+        data={"path": "d.csv", "columns": {"text": "t", "label": "y"}},
+        train={"batch_size": 4, "whole_repeats": 3, "group_by_length": True},
+    )
+    whole = [i % 4 == 0 for i in range(40)]  # rows 0, 4, ..., 36 are whole
+    split = {"input_ids": [[1] * (1 + i % 7) for i in range(40)], "whole": whole}
+    plan = StepPlan.of(cfg, split, world_size=1)
+    assert plan.pool == 40 + 2 * 10 and plan.steps_per_epoch == 15
+    read = Counter(r for s in range(15) for r in plan.micro_batches(s, 0)[0])
+    assert read == Counter({i: 3 if whole[i] else 1 for i in range(40)})  # one epoch: whole rows 3 times, others once
+    again = StepPlan.of(cfg, split, 1)
+    assert all(plan.micro_batches(s, 0) == again.micro_batches(s, 0) for s in range(30))  # the same on a resume
+    once = StepPlan.of(cfg.model_copy(update={"train": cfg.train.model_copy(update={"whole_repeats": 1})}), split, 1)
+    assert once.pool == 40 and once.extra == ()
+
+
 def test_plan_limits_and_too_small_data():
     assert StepPlan(100, 10, 1, 1, 3, 7, 0).total_steps == 7
     with pytest.raises(ValueError, match="fewer than one global batch of 32"):
