@@ -30,8 +30,33 @@ class ReportToTrial(UserCallback):
         self.queue = queue
 
     def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
-        # the Checkpoint itself (path + filesystem), so that s3:// or gs:// storage works like a local directory
-        self.queue.put((dict(metrics[0]), checkpoint))
+        import ray
+
+        # the Checkpoint itself (path + filesystem), so that s3:// or gs:// storage works like a local directory;
+        # and this controller, which the trial aborts when Tune stops it (see _abort_run)
+        controller = ray.get_runtime_context().current_actor
+        self.queue.put((dict(metrics[0]), checkpoint, controller))
+
+
+ABORT_WAIT_S = 30.0
+
+
+def _abort_run(controller: Any, thread: threading.Thread) -> None:
+    """End the Ray Train run of a trial Tune has stopped (a PBT pause, a scheduler's stop). Tune stops a trial
+    inside its `tune.report`; the run itself trains on, and its worker kept its CPU for a whole perturbation
+    interval (seen: the restarted member of a 2-CPU PBT population waited 6 minutes for it, "worker group startup
+    timed out" every 60 s). The controller's abort stops the workers and removes their placement group."""
+    import ray
+
+    if controller is None:
+        return
+    try:
+        ray.get(controller.abort.remote(), timeout=ABORT_WAIT_S)
+    except Exception:  # the abort ends the controller's process, so the call itself fails
+        pass
+    thread.join(ABORT_WAIT_S)
+    if thread.is_alive():
+        ray.kill(controller, no_restart=True)
 
 
 def directory_bytes(path: Path) -> int:
@@ -173,25 +198,32 @@ def run_trial(config: dict[str, Any], shared: dict[str, Any]) -> None:
 
     thread = threading.Thread(target=fit, name="raytune-ft-train-run", daemon=True)
     thread.start()
-    while (item := queue.get()) is not None:
-        metrics, checkpoint = item
-        if record is not None:
-            record.update(
-                restored_step=metrics.get("resumed_step"),
-                load_checkpoint_s=metrics.get("load_checkpoint_s"),
-                seconds=float(metrics.get("first_step_at") or time.time()) - started,
-            )
-            metrics[EXPLOIT_KEY] = record
-            record = None
-        metrics["reported_at"] = time.time()  # wall clock, for gaps between trials (`bench tune`)
-        if "step" in metrics:  # TensorBoard and MLflow plot against this instead of the report count
-            metrics["timesteps_total"] = metrics["step"]
-        if shared.get("end_at_last_report"):  # PBT/PB2: see runner._trainable
-            last_step = metrics.get("step", 0) >= metrics.get("total_steps", float("inf"))
-            metrics["done"] = last_step or bool(metrics.get("early_stopped"))
-        # what this report was trained with, beside the metrics: PBT schedules show in progress.csv, TensorBoard
-        metrics.update({f"{HP_PREFIX}{key}": value for key, value in values.items()})
-        tune.report({k: v for k, v in metrics.items() if v is not None}, checkpoint=checkpoint)
+    controller, done = None, False
+    try:
+        while (item := queue.get()) is not None:
+            metrics, checkpoint, controller = item
+            if record is not None:
+                record.update(
+                    restored_step=metrics.get("resumed_step"),
+                    load_checkpoint_s=metrics.get("load_checkpoint_s"),
+                    seconds=float(metrics.get("first_step_at") or time.time()) - started,
+                )
+                metrics[EXPLOIT_KEY] = record
+                record = None
+            metrics["reported_at"] = time.time()  # wall clock, for gaps between trials (`bench tune`)
+            if "step" in metrics:  # TensorBoard and MLflow plot against this instead of the report count
+                metrics["timesteps_total"] = metrics["step"]
+            if shared.get("end_at_last_report"):  # PBT/PB2: see runner._trainable
+                last_step = metrics.get("step", 0) >= metrics.get("total_steps", float("inf"))
+                metrics["done"] = last_step or bool(metrics.get("early_stopped"))
+            # what this report was trained with, beside the metrics: PBT schedules show in progress.csv, TensorBoard
+            metrics.update({f"{HP_PREFIX}{key}": value for key, value in values.items()})
+            done = bool(metrics.get("done"))
+            tune.report({k: v for k, v in metrics.items() if v is not None}, checkpoint=checkpoint)
+    except BaseException:  # Tune stopped the trial (SystemExit inside tune.report), or reporting failed
+        if not done:  # after its last report the run is ending by itself
+            _abort_run(controller, thread)
+        raise
     thread.join()
     ray.kill(queue.actor)
     if "error" in outcome:
