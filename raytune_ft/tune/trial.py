@@ -43,9 +43,9 @@ ABORT_WAIT_S = 30.0
 
 def _abort_run(controller: Any, thread: threading.Thread) -> None:
     """End the Ray Train run of a trial Tune has stopped (a PBT pause, a scheduler's stop). Tune stops a trial
-    inside its `tune.report`; the run itself trains on, and its worker kept its CPU for a whole perturbation
-    interval (seen: the restarted member of a 2-CPU PBT population waited 6 minutes for it, "worker group startup
-    timed out" every 60 s). The controller's abort stops the workers and removes their placement group."""
+    inside its `tune.report`; left alone, the run's controller outlived the trial, restarted its worker group as
+    after a crash and kept a CPU (seen: the other member of a 2-CPU PBT population waited 6 minutes at each
+    restart). The controller's abort stops the workers and removes their placement group."""
     import ray
 
     if controller is None:

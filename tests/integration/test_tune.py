@@ -6,11 +6,10 @@ import csv
 import json
 import os
 import pickle
-import time
 
 import pyarrow.parquet as pq
 import pytest
-import ray
+from conftest import cpus_free_within
 from helpers import cli, make_cfg, write_experiment, write_reviews
 
 from raytune_ft.config import load_config
@@ -59,14 +58,10 @@ def test_pbt_winner_exploited_the_donor_checkpoint_is_tested_once_and_replays(ti
     train = {"lr_schedule": "constant", "warmup_ratio": 0, "batch_size": 16}
     cfg = tune_cfg(tmp_path / "runs", "pbt", tiny_bert, data, tune, train=train)
     search = tmp_path / "search"
-    free_before = ray.available_resources().get("CPU", 0)
     found = tune_experiment(cfg, search)
     # every paused run's workers and placement group are gone (trial._abort_run): a paused run that lived on
     # held a CPU, and the population's other member waited for it for minutes
-    deadline = time.monotonic() + 30
-    while ray.available_resources().get("CPU", 0) < free_before and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert ray.available_resources().get("CPU", 0) == free_before
+    assert cpus_free_within(30.0)
 
     exploits = [json.loads(line) for line in (search / "exploits.jsonl").read_text().splitlines()]
     [exploit] = exploits  # one perturbation point (step 8 of 16), one trial in the lower half
