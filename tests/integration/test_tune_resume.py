@@ -4,58 +4,16 @@ finished trial is kept as it was, the interrupted one continues from its checkpo
 from __future__ import annotations
 
 import csv
-import json
 import os
-import signal
 import subprocess
 import sys
 import time
 
 import pytest
 import yaml
-from helpers import write_reviews
-
-from raytune_ft.train.checkpoint import checkpoint_step
+from helpers import checkpoints_written, kill_session, reports, trial_states, write_reviews
 
 pytestmark = pytest.mark.integration
-
-
-def trial_states(search) -> dict[str, str]:
-    """trial id -> status, from the experiment state Tune saves for Tuner.restore."""
-    states = {}
-    for path in sorted((search / "trials").glob("experiment_state-*.json")):
-        try:
-            saved = json.loads(path.read_text())
-        except ValueError:  # caught mid-write
-            continue
-        for trial_json, _ in saved["trial_data"]:
-            trial = json.loads(trial_json)
-            states[trial["trial_id"]] = trial["status"]
-    return states
-
-
-def reports(folder) -> list[dict]:
-    path = folder / "result.json"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-
-
-def kill_session(process: subprocess.Popen) -> None:
-    """SIGKILL the driver and everything it started (the embedded Ray's processes share its session)."""
-    sid = os.getsid(process.pid)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait(timeout=60)
-    for pid in [int(p) for p in os.listdir("/proc") if p.isdigit()]:
-        try:
-            if os.getsid(pid) == sid:
-                os.kill(pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-
-
-def checkpoints_written(search, trial: str) -> list[int]:
-    """Steps of the Ray Train checkpoints a trial's workers have written, newest last (on disk as they finish,
-    unlike Tune's result.json, which its logger writes in batches)."""
-    return sorted(checkpoint_step(p) for p in (search / "train-runs" / trial).glob("run-*/step_*"))
 
 
 def test_tune_resumes_after_the_driver_is_killed(tiny_bert, tmp_path):
