@@ -312,6 +312,12 @@ class ScalingConfig(Section):
         return value
 
 
+# Default deadlines of the waits a run starts: short on the embedded Ray, where nothing will add resources, long
+# on a cluster, where an autoscaler may be starting the nodes a run waits for.
+EMBEDDED_PLACEMENT_S = 60.0
+CLUSTER_PLACEMENT_S = 900.0
+EMBEDDED_STALL_S = 600.0
+CLUSTER_STALL_S = 1800.0
 WHEN_HELP = "Conditional: sample this key only when these search-space keys have these values (random, optuna)."
 
 
@@ -375,6 +381,13 @@ class TuneConfig(Section):
         description="Trials running at once; default: what the embedded Ray's CPUs/GPUs fit, no cap on a cluster.",
     )
     time_budget_s: PositiveFloat | None = None
+    stall_timeout_s: PositiveFloat | None = Field(
+        default=None,
+        description="A search in which no trial has run for this long stops with an error naming the waiting "
+        f"trials and what they ask for (its state is kept: `tune --resume`); default {EMBEDDED_STALL_S // 60:.0f} "
+        f"minutes on the embedded Ray, {CLUSTER_STALL_S // 60:.0f} on a cluster, where the autoscaler may be "
+        "adding nodes.",
+    )
     max_failures: Annotated[int, Field(ge=0)] = 1
     keep_checkpoints: PositiveInt = 2
     grace_period: PositiveInt = Field(default=1, description="ASHA/HyperBand/median: evaluations before stopping.")
@@ -534,6 +547,17 @@ class ClusterConfig(Section):
         default=None, description="A directory every node mounts: where submitted jobs write their run directories."
     )
     runtime_env: RuntimeEnvConfig = RuntimeEnvConfig()
+    placement_timeout_s: PositiveFloat | None = Field(
+        default=None,
+        description="How long a training run waits for its workers to be placed before it fails, naming the "
+        f"resources it asked for and what holds them; default {EMBEDDED_PLACEMENT_S:.0f} s on the embedded Ray, "
+        f"{CLUSTER_PLACEMENT_S // 60:.0f} minutes on a cluster, where the autoscaler may be adding nodes.",
+    )
+
+    @property
+    def placement_deadline_s(self) -> float:
+        default = EMBEDDED_PLACEMENT_S if self.address is None else CLUSTER_PLACEMENT_S
+        return self.placement_timeout_s or default
 
     @field_validator("storage_path")
     @classmethod
@@ -563,3 +587,9 @@ class ExperimentConfig(Section):
     tasks: list[TaskConfig] = Field(default_factory=list, description="Extra tasks trained on the same backbone.")
     multitask: MultitaskConfig = MultitaskConfig()
     cluster: ClusterConfig = ClusterConfig()
+
+    @property
+    def stall_deadline_s(self) -> float:
+        """tune.stall_timeout_s, or its default for where the search runs."""
+        given = self.tune.stall_timeout_s if self.tune is not None else None
+        return given or (EMBEDDED_STALL_S if self.cluster.address is None else CLUSTER_STALL_S)

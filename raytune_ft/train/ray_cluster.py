@@ -9,6 +9,10 @@ from contextlib import contextmanager
 from typing import Any
 
 from raytune_ft.config import ExperimentConfig
+from raytune_ft.config.schema import EMBEDDED_PLACEMENT_S
+
+# Ray Train's own setting of how long a run's controller waits for its worker group to start
+PLACEMENT_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
 
 
 class ClusterError(RuntimeError):
@@ -19,8 +23,12 @@ def join_cluster(address: str, **init_args: Any) -> None:
     """`ray.init(address=ADDRESS)`, failing with one line that says why instead of Ray's traceback."""
     import ray
 
+    host = address.removeprefix("ray://").rsplit(":", 1)[0].strip("[]")
     try:
-        ray.init(address=address, **init_args)
+        # a Ray on loopback (an embedded one, as `serve --detach` leaves it) is reached there: Ray's cluster mode
+        # would swap 127.0.0.1 for the machine's network address, where that Ray does not listen
+        with single_machine(host in ("127.0.0.1", "localhost", "::1")):
+            ray.init(address=address, **init_args)
     except (ConnectionError, RuntimeError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         hint = ""
@@ -47,22 +55,57 @@ def ensure_ray(cfg: ExperimentConfig) -> None:
     if cfg.cluster.address is not None:
         join_cluster(cfg.cluster.address, runtime_env=runtime_env or None)
         return
-    start_embedded_ray(runtime_env=runtime_env or None)
+    start_embedded_ray(placement_timeout_s=cfg.cluster.placement_deadline_s, runtime_env=runtime_env or None)
 
 
-def start_embedded_ray(**init_args: Any) -> None:
+def start_embedded_ray(placement_timeout_s: float = EMBEDDED_PLACEMENT_S, **init_args: Any) -> None:
     """`ray.init()` of a local Ray instance, with the settings below handed to its processes through the
     environment they inherit from the raylet rather than through a job runtime_env: a process with a runtime_env
     starts through Ray's setup_worker.py (Python and `import ray` twice) and cannot be one of the workers Ray
-    starts ahead of time, which cost about a second for every actor (each Ray Train run starts five or more)."""
+    starts ahead of time, which cost about a second for every actor (each Ray Train run starts five or more).
+
+    It listens on the loopback interface only: a local run has no reason to be reachable from the network (Ray
+    2.60 on Linux listened on every interface: GCS, raylet, workers, dashboard agent). Ray's single-machine mode,
+    its default on macOS and Windows (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0), takes 127.0.0.1 as the node's address
+    and binds there. Ray's processes read that setting from the environment, this one from Ray's constant while
+    ray.init runs. The cluster token is still required."""
     import ray
+    from ray._private import ray_constants
 
-    port, env = embedded_settings()
-    with inherited_environment(env):
+    global _embedded_placement
+    port, env = embedded_settings(placement_timeout_s)
+    with single_machine(), inherited_environment({**env, ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR: "0"}):
         ray.init(dashboard_port=port, **init_args)
+    _embedded_placement = env[PLACEMENT_TIMEOUT_ENV]
 
 
-def embedded_settings() -> tuple[int, dict[str, str]]:
+_embedded_placement: str | None = None  # the placement timeout this process's embedded Ray was started with
+
+
+def placement_env(cfg: ExperimentConfig) -> dict[str, str]:
+    """The environment a training run's controller is started with for cluster.placement_timeout_s (Ray Train
+    reads its deadline there, and hands the driver's RAY_TRAIN_* variables to the controller): nothing when the
+    Ray's processes already have that value (an embedded Ray started with it, here or by this process's raylet),
+    since a controller started with an environment of its own cannot be a worker process Ray started ahead."""
+    want = f"{cfg.cluster.placement_deadline_s:g}"
+    have = os.environ.get(PLACEMENT_TIMEOUT_ENV) or _embedded_placement
+    return {} if have == want else {PLACEMENT_TIMEOUT_ENV: want}
+
+
+@contextmanager
+def single_machine(on: bool = True) -> Iterator[None]:
+    """Ray's single-machine mode in this process while the block runs (ray.init): its address is 127.0.0.1."""
+    from ray._private import ray_constants
+
+    cluster_mode = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = cluster_mode and not on
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = cluster_mode
+
+
+def embedded_settings(placement_timeout_s: float = EMBEDDED_PLACEMENT_S) -> tuple[int, dict[str, str]]:
     """The dashboard port of an embedded Ray (8265 when free, where people look for it) and the settings its
     processes get. A user's own value of any of these environment variables wins."""
     for port in (8265, 0):
@@ -86,6 +129,8 @@ def embedded_settings() -> tuple[int, dict[str, str]]:
         "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1",
         # One machine is never preempted; the watcher is an actor per run that polls every 5 s.
         "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+        # cluster.placement_timeout_s, read by each run's controller (ray_run.Trainer)
+        PLACEMENT_TIMEOUT_ENV: f"{placement_timeout_s:g}",
     }
     return port, {key: os.environ.get(key, value) for key, value in env.items()}
 
@@ -125,3 +170,38 @@ def remove_leftover_placement_groups(log: Callable[[str], None] = print, *, any_
     if left:
         log(f"removed {len(left)} placement group(s) that Ray Train left behind (a stopped trial's): {left}")
     return left
+
+
+def resource_holders() -> list[str]:
+    """What holds CPUs or GPUs in the Ray this process joined, one line each: placement groups (a training run's
+    workers, another search's trials) and actors outside them (a Serve app's replicas). Empty when Ray's state
+    API cannot say (no dashboard)."""
+    from ray.util.state import list_actors, list_placement_groups
+
+    def held(resources: dict[str, float]) -> str:
+        return ", ".join(f"{v:g} {k}" for k, v in sorted(resources.items()) if k in ("CPU", "GPU") and v)
+
+    lines = []
+    try:
+        groups = list_placement_groups(filters=[("state", "=", "CREATED")], detail=True, raise_on_missing_output=False)
+        actors = list_actors(filters=[("state", "=", "ALIVE")], detail=True, raise_on_missing_output=False)
+    except Exception:  # the state API is the dashboard's: absent or starting
+        return []
+    for group in groups:
+        total: dict[str, float] = {}
+        for bundle in group.bundles or []:
+            for key, value in (bundle.get("unit_resources") or {}).items():
+                total[key] = total.get(key, 0.0) + value
+        if held(total):
+            name = f" '{group.name}'" if group.name else ""
+            lines.append(
+                f"placement group {group.placement_group_id[:12]}{name} of job {group.creator_job_id}: {held(total)}"
+            )
+    for actor in actors:
+        if actor.placement_group_id or not held(actor.required_resources or {}):
+            continue
+        name = f" '{actor.name}'" if actor.name else ""
+        lines.append(
+            f"actor {actor.class_name}{name} (pid {actor.pid}, job {actor.job_id}): {held(actor.required_resources)}"
+        )
+    return lines

@@ -14,6 +14,7 @@ import json
 import math
 import re
 import shutil
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -393,7 +394,12 @@ def _run_config(
 
     settings = cfg.tune
     assert settings is not None
-    callbacks = [_callback(run_dir, settings, trial_scheduler, progress)]
+    scaling = cfg.scaling
+    asks = f"{scaling.num_workers} worker(s) of {scaling.cpus_per_worker:g} CPU" + (
+        f" and {scaling.gpus_per_worker or 1:g} GPU" if scaling.use_gpu else ""
+    )
+    stall = StallWatch(cfg.stall_deadline_s, asks)
+    callbacks = [_callback(run_dir, settings, trial_scheduler, stall, progress)]
     if settings.mlflow:
         # MLflow 3's plain file store refuses to start (and would abort Tuner.fit); a SQLite file needs no server
         uri = settings.mlflow_tracking_uri or f"sqlite:///{run_dir / 'mlflow.db'}"
@@ -429,7 +435,61 @@ def _evaluations_per_trial(cfg: ExperimentConfig, train: dict[str, list]) -> int
     return max(1, math.ceil(plan.total_steps / max(1, every)))
 
 
-def _callback(run_dir: Path, settings: Any, trial_scheduler: Any, progress: Callable | None = None) -> Any:
+class SearchStalled(RuntimeError):
+    """No trial of a search has run for tune.stall_timeout_s."""
+
+
+class StallWatch:
+    """Ends a search in which no trial has run for LIMIT_S seconds with an error that names the waiting trials and
+    what they ask for. Tune itself only prints, every minute, that no trial is running (a synchronous PBT search
+    resumed with Ray's own scheduler printed it for 9 minutes, until it was stopped by hand)."""
+
+    def __init__(self, limit_s: float, asks: str) -> None:
+        self.limit_s, self.asks = limit_s, asks
+        self.since: float | None = None
+
+    def check(self, trials: list[Any], now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        waiting = [t for t in trials if t.status in ("PENDING", "PAUSED")]
+        if not waiting or any(t.status == "RUNNING" for t in trials):
+            self.since = None
+            return
+        self.since = now if self.since is None else self.since
+        if now - self.since > self.limit_s:
+            raise SearchStalled(self.message(waiting, now - self.since))
+
+    def message(self, waiting: list[Any], waited: float) -> str:
+        import ray
+
+        def where(trial: Any) -> str:
+            step = (trial.last_result or {}).get("step")
+            return f"{trial.trial_id} {trial.status}" + (f" at step {step}" if step is not None else "")
+
+        free = (
+            {k: v for k, v in ray.available_resources().items() if k in ("CPU", "GPU")} if ray.is_initialized() else {}
+        )
+        trial_asks = {k: v for k, v in waiting[0].placement_group_factory.required_resources.items() if v}
+        paused = [t for t in waiting if t.status == "PAUSED"]
+        lines = [
+            f"no trial of the search has run for {waited:.0f} s (tune.stall_timeout_s = {self.limit_s:g} s); "
+            f"waiting: {', '.join(where(t) for t in waiting)}. Each trial asks for {trial_asks} for itself and "
+            f"{self.asks} for its training run" + (f"; the cluster has {free} free." if free else ".")
+        ]
+        if paused and len(paused) == len(waiting):
+            lines.append(
+                "Only the scheduler resumes a paused trial (synchronous PBT/PB2: once every trial has reached the "
+                "perturbation point), and it chose none."
+            )
+        lines.append(
+            "The search's state is saved: once the cause is fixed, continue it with `raytune-ft tune --resume "
+            "RUN_DIR` (a larger tune.stall_timeout_s if the trials only needed longer)."
+        )
+        return " ".join(lines)
+
+
+def _callback(
+    run_dir: Path, settings: Any, trial_scheduler: Any, stall: StallWatch, progress: Callable | None = None
+) -> Any:
     from ray import tune
 
     log = ExperimentLog(run_dir, settings.keep_checkpoints, settings.metric, settings.mode, trial_scheduler)
@@ -443,13 +503,23 @@ def _callback(run_dir: Path, settings: Any, trial_scheduler: Any, progress: Call
         def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
             log.trials = trials
 
+        def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
+            stall.check(trials)
+
         def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             log.on_trial_start(trial)
 
-        def get_state(self) -> None:
+        def get_state(self) -> dict[str, Any] | None:
             # Tune asks its callbacks for their state each time it saves the experiment's, right after the trials
             log.state_saved()
-            return None
+            state = {"last_config": log.last_config, "scores": log.scores}
+            saved = getattr(trial_scheduler, "saved_state", None)  # PBT/PB2: search.SavedSchedule
+            return {**state, "scheduler": saved()} if saved else state
+
+        def set_state(self, state: dict[str, Any]) -> None:
+            log.last_config, log.scores = state["last_config"], state["scores"]
+            if "scheduler" in state:
+                trial_scheduler.restore_saved_state(state["scheduler"])
 
     return Callback()
 

@@ -4,10 +4,13 @@ optional extra, named in the error when it is missing."""
 from __future__ import annotations
 
 import importlib
+import logging
 from typing import Any
 
 from raytune_ft.config.schema import GridDim, TuneConfig
 from raytune_ft.tune.space import DefineByRun, param_space, pb2_bounds, tune_domain
+
+logger = logging.getLogger(__name__)
 
 # Training progress is counted in optimizer steps (every report carries `step`), not in reports.
 TIME_ATTR = "step"
@@ -95,6 +98,85 @@ class RestartsClean:
         return trial
 
 
+PB2_STATE = ("data", "current", "last_exploration_time")  # PB2's own, beside PBT's: its model's observations
+
+
+class SavedSchedule:
+    """Mixed into PBT and PB2: their state is saved with the experiment's and comes back with `tune --resume`.
+
+    Tune saves neither scheduler: Tuner.restore brings back the object pickled when the search began, for which no
+    trial had reached a perturbation point. A synchronous search resumed that way hung: both trials reached the
+    next point (step 16 of the quick example), were perturbed as if at the first one, and the next point was set
+    to the step where both stood, which no paused trial is below, so none was ever resumed. The runner's Tune
+    callback saves this state each time Tune saves the experiment's (runner.ExperimentLog)."""
+
+    _restored: dict[str, dict[str, Any]] | None = None
+
+    def saved_state(self) -> dict[str, Any]:
+        trials = {}
+        for trial, state in self._trial_state.items():
+            trials[trial.trial_id] = {
+                "last_score": state.last_score,
+                "last_train_time": state.last_train_time,
+                "last_perturbation_time": state.last_perturbation_time,
+                "last_result": state.last_result,
+                # a save still in flight has no path yet: that trial is no donor until its next perturbation
+                "last_checkpoint": getattr(state.last_checkpoint, "path", None),
+            }
+        own = {name: getattr(self, name) for name in PB2_STATE if hasattr(self, name)}
+        counts = (self._num_checkpoints, self._num_perturbations)
+        return {"next_sync": self._next_perturbation_sync, "counts": counts, "trials": trials, "pb2": own}
+
+    def restore_saved_state(self, saved: dict[str, Any]) -> None:
+        self._next_perturbation_sync = saved["next_sync"]
+        self._num_checkpoints, self._num_perturbations = saved["counts"]
+        for name, value in saved["pb2"].items():
+            setattr(self, name, value)
+        self._restored = dict(saved["trials"])
+
+    def on_trial_add(self, tune_controller: Any, trial: Any) -> None:
+        super().on_trial_add(tune_controller, trial)
+        saved = (self._restored or {}).pop(trial.trial_id, None)
+        if saved is None:
+            return
+        from ray.tune import Checkpoint
+
+        state = self._trial_state[trial]
+        path = saved.pop("last_checkpoint")
+        for name, value in saved.items():
+            setattr(state, name, value)
+        if path:
+            state.last_checkpoint = Checkpoint(path, filesystem=trial.storage.storage_filesystem)
+        if self._synch and trial.status == "PENDING" and state.last_train_time >= self._next_perturbation_sync:
+            # it was paused at the next perturbation point, waiting for the others: it waits again (Tune starts
+            # every PENDING trial it restores, and this one would train past the point without its perturbation)
+            trial.set_status("PAUSED")
+
+    def choose_trial_to_run(self, tune_controller: Any) -> Any:
+        """Ray's synchronous mode resumes a paused trial only below the next perturbation point, which it sets to
+        the furthest trial's step when that is further than one interval on. When every trial stands there (their
+        reports fall between perturbation points, or a search was resumed from an older state) none is below it
+        and none would run again: move the point one interval past them."""
+        trial = super().choose_trial_to_run(tune_controller)
+        if trial is not None or not self._synch:
+            return trial
+        trials = tune_controller.get_trials()
+        paused = [t for t in trials if t.status == "PAUSED"]
+        if not paused or any(t.status in ("RUNNING", "PENDING") for t in trials):
+            return None
+        furthest = max(self._trial_state[t].last_train_time for t in paused)
+        logger.warning(
+            "synchronous %s: every unfinished trial waits at step %s or beyond, none below the next perturbation "
+            "point (%s); moving it to %s",
+            type(self).__name__,
+            furthest,
+            self._next_perturbation_sync,
+            furthest + self._perturbation_interval,
+        )
+        self._next_perturbation_sync = furthest + self._perturbation_interval
+        return super().choose_trial_to_run(tune_controller)
+
+
 def scheduler(tune: TuneConfig, max_reports: int) -> Any:
     """metric and mode are given to the Tuner, not here (Tune refuses them in both places)."""
     from ray.tune.schedulers import (
@@ -108,7 +190,7 @@ def scheduler(tune: TuneConfig, max_reports: int) -> Any:
 
     if tune.algorithm == "pbt":
 
-        class PBT(RestartsClean, PopulationBasedTraining):
+        class PBT(RestartsClean, SavedSchedule, PopulationBasedTraining):
             pass
 
         return PBT(
@@ -123,7 +205,7 @@ def scheduler(tune: TuneConfig, max_reports: int) -> Any:
     if tune.algorithm == "pb2":
         from ray.tune.schedulers.pb2 import PB2 as RayPB2
 
-        class PB2(RestartsClean, RayPB2):
+        class PB2(RestartsClean, SavedSchedule, RayPB2):
             pass
 
         return PB2(

@@ -12,7 +12,7 @@ import pytest
 from helpers import post_json, request, with_serve
 
 from raytune_ft.bench.serve import server_timing
-from raytune_ft.serve.deploy import deploy
+from raytune_ft.serve.deploy import deploy, url_of
 from raytune_ft.serve.model import LoadedModel, export_config
 from raytune_ft.train.checkpoint import read_state
 
@@ -43,6 +43,32 @@ def test_predictions_match_the_in_process_model_and_metadata_is_served(classifie
     step = read_state(classifier_run[0].best_checkpoint)["step"]
     assert info["checkpoint_step"] == step and "eval_loss" in info["metrics"] and info["exported"]
     assert (info["device"], info["dtype"]) == ("cpu", "float32")  # no GPU asked for (serve.num_gpus: 0)
+
+
+def test_a_training_run_behind_a_serve_app_fails_in_time_naming_what_holds_its_cpus(classifier, tiny_bert, tmp_path):
+    """The session's Ray has 2 CPUs; a Serve replica holds 1 of them. A 2-worker run used to wait for the other
+    one forever (Ray Train retries a worker group that does not start, without limit)."""
+    from helpers import make_cfg, write_reviews
+
+    from raytune_ft.train import train
+    from raytune_ft.train.ray_run import WorkersNotPlaced
+
+    export, cfg = classifier
+    deploy(export, cfg)
+    data = write_reviews(tmp_path / "reviews.tsv")
+    blocked = make_cfg(tmp_path, "blocked", tiny_bert, data, cluster={"placement_timeout_s": 3})
+    with pytest.raises(WorkersNotPlaced) as caught:
+        train(blocked)
+    message = str(caught.value)
+    assert "could not be placed within 3 s (cluster.placement_timeout_s)" in message, message
+    assert "they ask for 2 CPU (1 CPU each); the embedded Ray has 2 CPU (1 free)" in message, message
+    assert "actor ServeReplica:" in message and "raytune-ft serve stop" in message, message
+    assert request(f"{url_of(cfg)}/healthz")[0] == 200  # the app serves on
+
+    # more than the whole Ray has: refused before any wait
+    too_big = make_cfg(tmp_path, "too-big", tiny_bert, data, scaling={"num_workers": 3})
+    with pytest.raises(WorkersNotPlaced, match=r"3 worker\(s\) can never be placed: they ask for 3 CPU"):
+        train(too_big)
 
 
 def raw_http(port: int, data: bytes) -> tuple[int, bytes]:

@@ -4,7 +4,9 @@ finished trial is kept as it was, the interrupted one continues from its checkpo
 from __future__ import annotations
 
 import csv
+import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -88,3 +90,105 @@ def test_tune_resumes_after_the_driver_is_killed(tiny_bert, tmp_path):
     assert max(written) >= resumed[0]["resumed_step"] >= before[running][-1]["step"] >= 4, (resumed[0], written)
     assert after[-1]["step"] == last_step
     assert (search / "winner" / "test_metrics.json").is_file()
+
+
+def exploits_decided(search) -> int:
+    """PBT exploits decided so far: Ray's scheduler appends a line to pbt_global.txt at each, as it decides."""
+    path = search / "trials" / "pbt_global.txt"
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def kill_driver_when(process: subprocess.Popen, ready, log_path, timeout_s: float = 300.0) -> None:
+    """SIGKILL the driver (its process group: the session's Ray it joined lives on) once READY() holds."""
+    deadline = time.time() + timeout_s
+    while not ready():
+        assert process.poll() is None, f"the driver ended by itself:\n{log_path.read_text()[-3000:]}"
+        assert time.time() < deadline, log_path.read_text()[-3000:]
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait(timeout=60)
+
+
+def test_synchronous_pbt_resumes_after_driver_kills_before_and_after_the_first_exploit(
+    tiny_bert, tmp_path, session_ray_address
+):
+    """The quick example's search (synchronous PBT over 2 trials side by side, an evaluation and a perturbation
+    point every 8 steps) killed twice and resumed twice: once before the first exploit, once right after it. Each
+    resume goes on exploiting, and the search ends with one winner, tested once. Before search.SavedSchedule, the
+    trials resumed after the first exploit reached step 16 and stayed PAUSED for good. The driver joins the
+    session's Ray, as a driver on a cluster does: only the driver dies."""
+    from raytune_ft.data import reads_of_test_split
+
+    data = write_reviews(tmp_path / "reviews.tsv", rows=200)
+    last_step, interval = 24, 8  # perturbation points at 8 and 16: one exploit each, the lower trial of two
+    experiment = {
+        "name": "pbt-resume",
+        "seed": 7,
+        "output_dir": str(tmp_path / "runs"),
+        "model": {"name_or_path": str(tiny_bert), "task": "sequence-classification"},
+        "data": {"path": str(data), "max_length": 16, "split": {"validation": 0.2, "test": 0.1}},
+        "train": {
+            "lr": 3e-3,
+            "lr_schedule": "constant",
+            "batch_size": 16,
+            "epochs": 40,
+            "max_steps": last_step,
+            "eval_every_steps": interval,
+            "checkpoint_every_steps": interval,
+        },
+        "scaling": {"num_workers": 1, "cpus_per_worker": 1},
+        "cluster": {"address": session_ray_address},
+        "tune": {
+            "algorithm": "pbt",
+            "metric": "eval_loss",
+            "mode": "min",
+            "num_samples": 1,
+            "perturbation_interval": interval,
+            "quantile_fraction": 0.5,
+            "resample_probability": 0.0,
+            "synch": True,
+            "mlflow": False,
+            # a hang ends as an error that says where the search stood, not as this test's timeout
+            "stall_timeout_s": 60,
+            "search_space": {"train.lr": {"type": "grid", "values": [3e-3, 1e-6]}},
+        },
+    }
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(experiment))
+    search = tmp_path / "search"
+    env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1"}  # Tune saves its state every second, not every few
+    cli = [sys.executable, "-m", "raytune_ft.cli", "tune"]
+
+    def start(args: list[str], name: str) -> tuple[subprocess.Popen, object]:
+        log = tmp_path / f"{name}.log"
+        handle = open(log, "w")
+        return subprocess.Popen([*cli, *args], stdout=handle, stderr=handle, env=env, start_new_session=True), log
+
+    def both_started() -> bool:  # Tune makes a trial's folder as it starts it; its first report is steps away
+        return len(list((search / "trials").glob("run_trial_*"))) == 2
+
+    # 1. killed once both trials have started, before the first perturbation point
+    first, log = start([str(path), "--run-dir", str(search)], "first")
+    kill_driver_when(first, both_started, log)
+    assert exploits_decided(search) == 0, "the kill came after the first exploit: nothing was tested before it"
+
+    # 2. resumed: the search goes on to its first exploit, and is killed again right after it, the trials restarted
+    # from their step-8 checkpoints and on their way to step 16
+    second, log = start(["--resume", str(search)], "second")
+    kill_driver_when(second, lambda: exploits_decided(search) >= 1, log)
+    assert exploits_decided(search) == 1
+
+    # 3. resumed again: it ends, and exploits once more at the second perturbation point
+    third = subprocess.run([*cli, "--resume", str(search)], capture_output=True, text=True, env=env, timeout=600)
+    assert third.returncode == 0, third.stdout[-2000:] + third.stderr[-4000:]
+    assert exploits_decided(search) == 2
+    exploits = [json.loads(line) for line in (search / "exploits.jsonl").read_text().splitlines()]
+    # each exploit restored its donor's checkpoint at a perturbation point, the last one after the second kill
+    assert sorted(e["donor_step"] for e in exploits) == [interval, 2 * interval], exploits
+    assert all(e["restored_step"] == e["donor_step"] and e["donor"] != e["trial"] for e in exploits)
+    rows = list(csv.DictReader(open(search / "trials.csv")))
+    assert len(rows) == 2 and {r["status"] for r in rows} == {"TERMINATED"}, rows
+    assert {r["last_step"] for r in rows} == {str(last_step)}
+    assert (search / "winner" / "model.safetensors").is_file()
+    assert json.loads((search / "winner" / "test_metrics.json").read_text())["test_rows"] == 20
+    assert len(reads_of_test_split(tmp_path / "runs" / "pbt-resume" / "data")) == 1  # tested once, at the end

@@ -283,3 +283,61 @@ def test_a_restarted_trial_goes_no_further_than_the_driver_logged(tmp_path):
     # a torn checkpoint at the logged step falls back to the one before it
     (runs / "run-0" / "step_000008" / "manifest.rank1.json").unlink()
     assert _earlier_checkpoint(runs, 1, 10) == (str(runs / "run-0" / "step_000004"), 4)
+
+
+def tune_trial(trial_id: str, status: str, step: int | None = None):
+    """A real Ray Tune Trial, as the controller hands its callbacks (no Ray needed to build one)."""
+    from ray.tune.execution.placement_groups import PlacementGroupFactory
+    from ray.tune.experiment import Trial
+
+    trial = Trial("run_trial", config={}, trial_id=trial_id, stub=True)
+    trial.placement_group_factory = PlacementGroupFactory([{"CPU": 0, "memory": 1}])
+    trial.set_status(status)
+    if step is not None:
+        trial.run_metadata.last_result = {"step": step}
+    return trial
+
+
+def test_a_search_with_no_running_trial_stops_after_the_stall_timeout_naming_the_waiting_trials():
+    from raytune_ft.tune.runner import SearchStalled, StallWatch
+
+    watch = StallWatch(600.0, "1 worker(s) of 1 CPU")
+    paused = [tune_trial("a_00000", "PAUSED", 16), tune_trial("a_00001", "PAUSED", 16)]
+    watch.check(paused, now=0.0)
+    watch.check(paused, now=599.0)  # within the limit
+    # a running trial resets the clock: 700 s after the first check, but only 100 s since one ran
+    watch.check([tune_trial("a_00000", "RUNNING", 20), paused[1]], now=600.0)
+    watch.check(paused, now=700.0)
+    with pytest.raises(SearchStalled) as caught:
+        watch.check(paused, now=1301.0)
+    message = str(caught.value)
+    assert "no trial of the search has run for 601 s (tune.stall_timeout_s = 600 s)" in message
+    assert "waiting: a_00000 PAUSED at step 16, a_00001 PAUSED at step 16" in message
+    assert "{'memory': 1.0} for itself and 1 worker(s) of 1 CPU for its training run" in message
+    assert "synchronous PBT/PB2" in message and "raytune-ft tune --resume" in message
+
+    # a search whose trials all finished is not stalled; nor is one with a trial pending a start for a while
+    done = StallWatch(1.0, "")
+    done.check([tune_trial("b_00000", "TERMINATED")], now=0.0)
+    done.check([tune_trial("b_00000", "TERMINATED")], now=100.0)
+    pending = StallWatch(1.0, "")
+    pending.check([tune_trial("c_00000", "PENDING")], now=0.0)
+    with pytest.raises(SearchStalled, match="waiting: c_00000 PENDING\\. Each trial"):
+        pending.check([tune_trial("c_00000", "PENDING")], now=2.0)
+
+
+def test_stall_and_placement_deadlines_are_longer_on_a_cluster_and_configurable(tmp_path):
+    from raytune_ft.config.schema import CLUSTER_PLACEMENT_S, CLUSTER_STALL_S, EMBEDDED_PLACEMENT_S, EMBEDDED_STALL_S
+
+    tune = {
+        "tune": {"algorithm": "random", "search_space": {"train.lr": {"type": "loguniform", "low": 1e-4, "high": 1e-3}}}
+    }
+    local = cfg_with(tmp_path, **tune)
+    assert (local.stall_deadline_s, local.cluster.placement_deadline_s) == (EMBEDDED_STALL_S, EMBEDDED_PLACEMENT_S)
+    cluster = cfg_with(tmp_path, cluster={"address": "auto"}, **tune)
+    assert (cluster.stall_deadline_s, cluster.cluster.placement_deadline_s) == (CLUSTER_STALL_S, CLUSTER_PLACEMENT_S)
+    assert EMBEDDED_STALL_S < CLUSTER_STALL_S and EMBEDDED_PLACEMENT_S < CLUSTER_PLACEMENT_S
+    given = cfg_with(
+        tmp_path, cluster={"address": "auto", "placement_timeout_s": 120}, tune={**tune["tune"], "stall_timeout_s": 90}
+    )
+    assert (given.stall_deadline_s, given.cluster.placement_deadline_s) == (90, 120)
