@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -28,16 +29,46 @@ def join_cluster(address: str, **init_args: Any) -> None:
         # a Ray on loopback (an embedded one, as `serve --detach` leaves it) is reached there: Ray's cluster mode
         # would swap 127.0.0.1 for the machine's network address, where that Ray does not listen
         with single_machine(host in ("127.0.0.1", "localhost", "::1")):
+            if not address.startswith("ray://"):  # Ray Client gives up by itself after a few tries
+                wait_for_gcs(address)
             ray.init(address=address, **init_args)
     except (ConnectionError, RuntimeError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         hint = ""
-        if "auth" in repr(exc.__cause__).lower() + str(exc).lower() or os.environ.get("RAY_AUTH_MODE") != "token":
+        unreachable = "nothing took a connection" in reason
+        if not unreachable and (
+            "auth" in repr(exc.__cause__).lower() + str(exc).lower() or os.environ.get("RAY_AUTH_MODE") != "token"
+        ):
             hint = (
                 " If the cluster uses token authentication, set RAY_AUTH_MODE=token and give its token in"
                 " RAY_AUTH_TOKEN or ~/.ray/auth_token."
             )
         raise ClusterError(f"cannot join the Ray cluster at {address}: {reason}.{hint}") from None
+
+
+JOIN_TIMEOUT_S = 60.0
+
+
+def wait_for_gcs(address: str) -> None:
+    """Wait until the GCS at ADDRESS ('auto': the one Ray last started on this machine) takes connections, up to
+    JOIN_TIMEOUT_S (a head that is still starting). ray.init would wait for it forever: to a closed port it retried
+    without end, printing a line every 5 s."""
+    from ray._private.services import canonicalize_bootstrap_address
+
+    target = canonicalize_bootstrap_address(address)  # ConnectionError when 'auto' finds no Ray
+    if target is None:
+        return
+    host, port = target.rsplit(":", 1)
+    timeout_s = JOIN_TIMEOUT_S
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
+            return
+        except OSError as exc:
+            if time.monotonic() > deadline:
+                raise ConnectionError(f"nothing took a connection at {target} for {timeout_s:g} s ({exc})") from None
+            time.sleep(1.0)
 
 
 def ensure_ray(cfg: ExperimentConfig) -> None:

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,29 @@ from raytune_ft.train.checkpoint import STATE
 
 EXPLOIT_KEY = "raytune_ft_exploit"
 HP_PREFIX = "hp/"
+
+
+# What Ray Tune copies from the driver's environment into every trial actor's runtime_env (ray.tune.execution.
+# class_cache), and Ray's runtime env agent writes each runtime_env it sets up into its log, runtime_env_agent.log,
+# on every node a trial runs on (seen: the secret key there, each trial start, in a search on S3).
+CREDENTIALS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SECURITY_TOKEN", "AWS_SESSION_TOKEN")
+
+
+@contextmanager
+def credentials_stay_in_the_environment() -> Iterator[None]:
+    """While the block runs (Tuner.fit), Tune starts trials without the driver's CREDENTIALS in their runtime_env:
+    trials, their Ray Train runs and workers read them from the environment their node gives its processes, as
+    every other Ray process does (the embedded Ray's processes inherit the driver's; a cluster's nodes have them
+    from `ray start`'s environment or an instance role). The key and token always go together: a key id from the
+    driver beside a node's secret would sign nothing."""
+    from ray.tune.execution import class_cache
+
+    propagated = class_cache.ENV_VARS_TO_PROPAGATE
+    class_cache.ENV_VARS_TO_PROPAGATE = set(propagated) - set(CREDENTIALS)
+    try:
+        yield
+    finally:
+        class_cache.ENV_VARS_TO_PROPAGATE = propagated
 
 
 class ReportToTrial(UserCallback):

@@ -67,7 +67,31 @@ def tiny_llama(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def local_ray():
+def s3_server():
+    """A real S3-compatible server (moto's, in a thread of this process) for the session, and the environment
+    that reaches it: endpoint, region and credentials, the secret key drawn anew each session. Only the
+    environment carries them, as on a user's cluster: nothing in an experiment or a job names them."""
+    import logging
+    import secrets
+
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # a line on stderr for every request otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield {
+        "AWS_ACCESS_KEY_ID": f"AKIA{secrets.token_hex(8).upper()}",
+        "AWS_SECRET_ACCESS_KEY": secrets.token_urlsafe(30),
+        "AWS_ENDPOINT_URL": f"http://{host}:{port}",  # pyarrow (and boto3) read it
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",  # no probe of an instance metadata service that is not there
+    }
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def local_ray(s3_server):
     """The embedded Ray `raytune-ft` starts, once for the session (2 CPUs, as on the CI machine)."""
     import ray
 
@@ -75,7 +99,9 @@ def local_ray():
 
     # Workers import test modules (loop functions live there) the way pytest does: by file name.
     path = os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")]))
-    with inherited_environment({"PYTHONPATH": path}):
+    # Workers reach the session's S3 server as a cluster's workers reach a bucket: through the environment the
+    # raylet gives them, which is fixed when it starts (see s3_server).
+    with inherited_environment({"PYTHONPATH": path, **s3_server}):
         start_embedded_ray(num_cpus=2, log_to_driver=False)
     yield ray
     ray.shutdown()

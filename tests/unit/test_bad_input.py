@@ -647,3 +647,20 @@ def test_resume_falls_back_past_each_broken_checkpoint(tmp_path, records):
     assert len(logged) == len(broken) and all(line.startswith("skipping checkpoint step_") for line in logged)
     for line in logged:
         one_line(line)
+
+
+def test_a_cluster_address_where_nothing_listens_fails_within_the_join_deadline(monkeypatch):
+    """ray.init waits forever for a GCS that is not there (to a closed port it retried without end)."""
+    import socket
+
+    from raytune_ft.train import ray_cluster
+
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setattr(ray_cluster, "JOIN_TIMEOUT_S", 2.0)
+    with pytest.raises(ray_cluster.ClusterError) as caught:
+        ray_cluster.join_cluster(f"127.0.0.1:{port}")
+    message = str(caught.value)
+    assert message.startswith(f"cannot join the Ray cluster at 127.0.0.1:{port}: nothing took a connection"), message
+    assert "for 2 s" in message and "token" not in message
