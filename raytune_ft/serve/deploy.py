@@ -97,7 +97,11 @@ def deploy(export: Path, cfg: ExperimentConfig, log: Callable[[str], None] = pri
     ensure_ray(cfg)  # ClusterError when cluster.address cannot be joined
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
     refuse_other_proxy(cfg)
-    serve.run(app, name=APP_NAME, route_prefix=cfg.serve.route_prefix)
+    serve.run_many(
+        [serve.RunTarget(target=app, name=APP_NAME, route_prefix=cfg.serve.route_prefix)],
+        wait_for_applications_running=False,  # serve.run would wait for it without end: wait_until_running
+    )
+    wait_until_running(cfg)
     url = url_of(cfg)
     if cfg.cluster.address is None:
         state_dir().mkdir(parents=True, exist_ok=True)
@@ -112,6 +116,52 @@ def deploy(export: Path, cfg: ExperimentConfig, log: Callable[[str], None] = pri
         }
         state_file(cfg.serve.port).write_text(json.dumps(state))
     return url
+
+
+START_TIMEOUT_S = 600.0  # replicas placed, loading their model: as long as `serve --detach` waits for /healthz
+
+
+def wait_until_running(cfg: ExperimentConfig) -> None:
+    """Wait until the app runs. Replicas that cannot be placed fail it after cluster.placement_timeout_s (at once
+    when the embedded Ray has fewer CPUs or GPUs in all than one replica asks for), replicas that do not start
+    after START_TIMEOUT_S, each with what Serve says and what holds the resources; the app is deleted then.
+    serve.run waits for the app without end: behind a training run that held the CPUs it waited for good."""
+    import ray
+    from ray import serve
+
+    from raytune_ft.train.ray_cluster import resource_holders
+
+    asks = {"CPU": cfg.serve.num_cpus, "GPU": cfg.serve.num_gpus}
+    total = ray.cluster_resources()
+    never = cfg.cluster.address is None and any(total.get(k, 0) < v for k, v in asks.items() if v)
+    start = time.monotonic()
+    while not never:
+        app = serve.status().applications.get(APP_NAME)
+        status = getattr(app, "status", None)
+        if status == "RUNNING":
+            return
+        messages = [f"{name}: {d.message}" for name, d in (app.deployments if app else {}).items() if d.message]
+        if status == "DEPLOY_FAILED":
+            serve.delete(APP_NAME)
+            raise ServeError(f"the app failed to deploy: {app.message or '; '.join(messages)}")
+        unplaced = any("to be scheduled" in m for m in messages)
+        limit = cfg.cluster.placement_deadline_s if unplaced else START_TIMEOUT_S
+        if time.monotonic() - start > limit:
+            break
+        time.sleep(0.5)
+    serve.delete(APP_NAME)
+    replicas = f"replicas of {', '.join(f'{v:g} {k}' for k, v in asks.items() if v)} each"
+    if never:
+        why = f"can never be placed: the embedded Ray has {', '.join(f'{total.get(k, 0):g} {k}' for k in asks)}"
+    else:
+        why = f"did not start within {limit:g} s" + (" (cluster.placement_timeout_s)" if unplaced else "")
+        why += "; " + "; ".join(messages) if messages else ""
+    holders = resource_holders()
+    raise ServeError(
+        f"the app's {replicas} {why}."
+        + (f" Held by: {'; '.join(holders)}." if holders else "")
+        + " Lower serve.num_cpus/num_gpus or serve.autoscaling.min_replicas, or free the resources."
+    )
 
 
 def refuse_other_proxy(cfg: ExperimentConfig) -> None:

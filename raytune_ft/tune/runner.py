@@ -27,7 +27,14 @@ from raytune_ft.train.ray_cluster import remove_leftover_placement_groups
 from raytune_ft.train.storage import bytes_needed, check_storage
 from raytune_ft.tune.search import RestartsClean, require_extra, scheduler, search_algorithm, tuner_space
 from raytune_ft.tune.space import trial_experiment
-from raytune_ft.tune.trial import EXPLOIT_KEY, HP_PREFIX, filesystem_of, is_local, run_trial
+from raytune_ft.tune.trial import (
+    EXPLOIT_KEY,
+    HP_PREFIX,
+    credentials_stay_in_the_environment,
+    filesystem_of,
+    is_local,
+    run_trial,
+)
 
 EXPERIMENT = "trials"
 TRIAL_LOGS = ("progress.csv", "result.json")  # what Tune's CSV and JSON loggers write per trial
@@ -83,13 +90,15 @@ class ExperimentLog:
 
     def on_trial_result(self, trials: list[Any], trial: Any, result: dict[str, Any]) -> None:
         record = result.get(EXPLOIT_KEY)
-        key = (trial.trial_id, record and record.get("donor_checkpoint"), record and record.get("seconds"))
+        # one line per exploit: a trial resumed before its first report after one restores the same donor again
+        key = (trial.trial_id, record and record.get("donor_checkpoint"))
         if record and record.get("exploit") and key not in self.logged:
             self.logged.add(key)
             line = {
                 "trial": trial.trial_id,
                 "donor": record["donor"],
                 "donor_step": record["donor_step"],
+                "donor_checkpoint": record["donor_checkpoint"],
                 "restored_step": record["restored_step"],
                 "bytes_moved": record["bytes_moved"],
                 "seconds": round(record["seconds"], 3),
@@ -237,7 +246,8 @@ def tune_experiment(
             ),
             run_config=_run_config(cfg, run_dir, storage, trial_scheduler, progress),
         )
-    results = tuner.fit()
+    with credentials_stay_in_the_environment():
+        results = tuner.fit()
     remove_leftover_placement_groups(log)
     return _finish(cfg, run_dir, results, worker_data, log)
 
@@ -284,7 +294,8 @@ def replay_schedule(
         ),
         run_config=_run_config(cfg, out_dir, storage, None),
     )
-    results = tuner.fit()
+    with credentials_stay_in_the_environment():
+        results = tuner.fit()
     remove_leftover_placement_groups(log)
     result = results[0]
     if result.error:
@@ -512,12 +523,12 @@ def _callback(
         def get_state(self) -> dict[str, Any] | None:
             # Tune asks its callbacks for their state each time it saves the experiment's, right after the trials
             log.state_saved()
-            state = {"last_config": log.last_config, "scores": log.scores}
+            state = {"last_config": log.last_config, "scores": log.scores, "logged": log.logged}
             saved = getattr(trial_scheduler, "saved_state", None)  # PBT/PB2: search.SavedSchedule
             return {**state, "scheduler": saved()} if saved else state
 
         def set_state(self, state: dict[str, Any]) -> None:
-            log.last_config, log.scores = state["last_config"], state["scores"]
+            log.last_config, log.scores, log.logged = state["last_config"], state["scores"], state["logged"]
             if "scheduler" in state:
                 trial_scheduler.restore_saved_state(state["scheduler"])
 

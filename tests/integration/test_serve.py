@@ -12,6 +12,7 @@ import pytest
 from helpers import post_json, request, with_serve
 
 from raytune_ft.bench.serve import server_timing
+from raytune_ft.serve.app import APP_NAME
 from raytune_ft.serve.deploy import deploy, url_of
 from raytune_ft.serve.model import LoadedModel, export_config
 from raytune_ft.train.checkpoint import read_state
@@ -69,6 +70,22 @@ def test_a_training_run_behind_a_serve_app_fails_in_time_naming_what_holds_its_c
     too_big = make_cfg(tmp_path, "too-big", tiny_bert, data, scaling={"num_workers": 3})
     with pytest.raises(WorkersNotPlaced, match=r"3 worker\(s\) can never be placed: they ask for 3 CPU"):
         train(too_big)
+
+
+def test_an_app_whose_replicas_can_never_be_placed_is_refused_and_deleted(classifier):
+    """serve.run waits without end for replicas that cannot be placed; the session's Ray has 2 CPUs."""
+    from ray import serve
+
+    from raytune_ft.serve.deploy import ServeError
+
+    export, cfg = classifier
+    with pytest.raises(ServeError) as caught:
+        deploy(export, with_serve(cfg, num_cpus=3))
+    message = str(caught.value)
+    assert "the app's replicas of 3 CPU each can never be placed: the embedded Ray has 2 CPU" in message, message
+    assert APP_NAME not in serve.status().applications  # nothing left pending
+    url = deploy(export, cfg)  # and the app as configured deploys again
+    assert request(f"{url}/healthz")[0] == 200
 
 
 def raw_http(port: int, data: bytes) -> tuple[int, bytes]:
