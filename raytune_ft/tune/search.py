@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+from pathlib import Path
 from typing import Any
 
 from raytune_ft.config.schema import GridDim, TuneConfig
@@ -136,6 +137,9 @@ class SavedSchedule:
 
     def on_trial_add(self, tune_controller: Any, trial: Any) -> None:
         super().on_trial_add(tune_controller, trial)
+        if self._restored is not None and not getattr(self, "_logs_back", False):
+            self._logs_back = True
+            policy_logs_back(trial.storage)
         saved = (self._restored or {}).pop(trial.trial_id, None)
         if saved is None:
             return
@@ -175,6 +179,22 @@ class SavedSchedule:
         )
         self._next_perturbation_sync = furthest + self._perturbation_interval
         return super().choose_trial_to_run(tune_controller)
+
+
+def policy_logs_back(storage: Any) -> None:
+    """PBT appends every exploit to pbt_global.txt and pbt_policy_<trial>.txt in the driver's staging folder, which
+    Tune copies to the experiment's storage. A resumed driver gets a new staging folder (a new Ray session's, on
+    an embedded Ray), Tune copies back only its .json and .pkl files, and its next copy replaced the logs in
+    storage with the resumed driver's alone: the winner's schedule (pbt_policy.txt, `tune --replay`) lost every
+    exploit before the kill. Bring them back before any trial runs."""
+    from pyarrow.fs import FileSelector, copy_files
+
+    fs, staging = storage.storage_filesystem, Path(storage.experiment_driver_staging_path)
+    for info in fs.get_file_info(FileSelector(storage.experiment_fs_path, allow_not_found=True)):
+        name = info.base_name
+        if name.startswith("pbt_") and name.endswith(".txt") and not (staging / name).exists():
+            staging.mkdir(parents=True, exist_ok=True)
+            copy_files(info.path, str(staging / name), source_filesystem=fs)
 
 
 def scheduler(tune: TuneConfig, max_reports: int) -> Any:

@@ -182,7 +182,8 @@ def run_trial(config: dict[str, Any], shared: dict[str, Any]) -> None:
     queue = Queue(actor_options={"num_cpus": 0})
     storage = f"{shared['train_storage']}/{trial_id}"
     attempt = _attempts(storage)
-    if attempt and is_local(storage) and (record is None or not record["exploit"]):
+    own = record is None or not record["exploit"]
+    if attempt and is_local(storage) and own and shared.get("newer_own_checkpoint", True):
         # the same trial with the same values (an exploit's donor checkpoint is never replaced): resume from the
         # newest whole checkpoint its own earlier runs left, up to the step its driver logged, when Tune hands
         # back an older one, or none

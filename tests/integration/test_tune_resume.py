@@ -6,10 +6,12 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -110,7 +112,7 @@ def kill_driver_when(process: subprocess.Popen, ready, log_path, timeout_s: floa
 
 
 def test_synchronous_pbt_resumes_after_driver_kills_before_and_after_the_first_exploit(
-    tiny_bert, tmp_path, session_ray_address
+    tiny_bert, tmp_path, session_ray_address, local_ray
 ):
     """The quick example's search (synchronous PBT over 2 trials side by side, an evaluation and a perturbation
     point every 8 steps) killed twice and resumed twice: once before the first exploit, once right after it. Each
@@ -178,10 +180,14 @@ def test_synchronous_pbt_resumes_after_driver_kills_before_and_after_the_first_e
     kill_driver_when(second, lambda: exploits_decided(search) >= 1, log)
     assert exploits_decided(search) == 1
 
-    # 3. resumed again: it ends, and exploits once more at the second perturbation point
+    # 3. resumed again, as from a driver whose Ray went with it (an embedded one): Tune's staging folder of the
+    # driver, in the Ray session's directory, is gone. It ends, and exploits once more at the second point.
+    staging = Path(local_ray._private.worker._global_node.get_session_dir_path()) / "artifacts"
+    for folder in staging.glob("*/trials/driver_artifacts"):
+        shutil.rmtree(folder)
     third = subprocess.run([*cli, "--resume", str(search)], capture_output=True, text=True, env=env, timeout=600)
     assert third.returncode == 0, third.stdout[-2000:] + third.stderr[-4000:]
-    assert exploits_decided(search) == 2
+    assert exploits_decided(search) == 2  # the log of the exploits before the kill kept (search.policy_logs_back)
     exploits = [json.loads(line) for line in (search / "exploits.jsonl").read_text().splitlines()]
     # each exploit restored its donor's checkpoint at a perturbation point, the last one after the second kill
     assert sorted(e["donor_step"] for e in exploits) == [interval, 2 * interval], exploits
