@@ -108,8 +108,9 @@ class SavedSchedule:
     Tune saves neither scheduler: Tuner.restore brings back the object pickled when the search began, for which no
     trial had reached a perturbation point. A synchronous search resumed that way hung: both trials reached the
     next point (step 16 of the quick example), were perturbed as if at the first one, and the next point was set
-    to the step where both stood, which no paused trial is below, so none was ever resumed. The runner's Tune
-    callback saves this state each time Tune saves the experiment's (runner.ExperimentLog)."""
+    to the step where both stood, which no paused trial is below, so none was ever resumed (Ray: "Tuner.restore
+    doesn't restore schedulers properly", ray-project/ray#30838, open; the hang itself: the unmerged #48616). The
+    runner's Tune callback saves this state each time Tune saves the experiment's (runner.ExperimentLog)."""
 
     _restored: dict[str, dict[str, Any]] | None = None
 
