@@ -40,6 +40,26 @@ HYPERPARAMETERS = (
 )
 
 
+# when a setting applied to the training at all (else the card leaves it out: no LoRA rank for a full fine-tuning)
+APPLIES = {
+    "finetune.lora.r": lambda exp: dotted_value(exp, "finetune.method") == "lora",
+    "finetune.lora.alpha": lambda exp: dotted_value(exp, "finetune.method") == "lora",
+    "finetune.freeze.layers": lambda exp: bool(dotted_value(exp, "finetune.freeze.layers")),
+    "finetune.layerwise_lr_decay": lambda exp: dotted_value(exp, "finetune.layerwise_lr_decay") not in (None, 1, 1.0),
+    "finetune.l1": lambda exp: bool(dotted_value(exp, "finetune.l1")),
+    "train.grad_accum": lambda exp: (dotted_value(exp, "train.grad_accum") or 1) > 1,
+}
+
+
+def applied_settings(exp: dict[str, Any]) -> list[list[Any]]:
+    """[key, value] of the HYPERPARAMETERS that were set and applied to this training."""
+    return [
+        [key, dotted_value(exp, key)]
+        for key in HYPERPARAMETERS
+        if dotted_value(exp, key) is not None and APPLIES.get(key, lambda _: True)(exp)
+    ]
+
+
 def _read(path: Path) -> Any:
     return json.loads(path.read_text()) if path.is_file() else None
 
@@ -155,9 +175,7 @@ def model_card(export_dir: Path) -> str:
         ]
 
     lines += ["", "## Fine-tuning", ""]
-    lines += _table(
-        ["setting", "value"], [[k, dotted_value(exp, k)] for k in HYPERPARAMETERS if dotted_value(exp, k) is not None]
-    )
+    lines += _table(["setting", "value"], applied_settings(exp))
     if schedule:
         lines += ["", "Population-based training schedule of this model (from training iteration: values):", ""]
         lines += [f"- {s['from_iteration']}: {json.dumps(s['config'], sort_keys=True)}" for s in schedule]

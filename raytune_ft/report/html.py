@@ -385,38 +385,20 @@ def page(run: RunData, figures: dict[str, bytes | None], extra: str = "") -> str
 
 
 def markdown_html(text: str) -> str:
-    """The model card's Markdown as HTML: headings, tables, bullets, code blocks and paragraphs, which is all the
-    card uses (front matter dropped). Every piece of text is escaped."""
+    """The model card's Markdown as HTML, rendered by markdown-it-py (CommonMark and its tables), with raw HTML in
+    the card escaped, not passed through. The Hub's YAML front matter is dropped, and headings move two levels
+    down, below the report's own h1 and h2. A hand-made parser here showed tables' separator rows as rows."""
+    from markdown_it import MarkdownIt
+
     lines = text.splitlines()
-    if lines and lines[0] == "---":  # YAML front matter for the Hugging Face Hub
-        lines = lines[lines.index("---", 1) + 1 :] if "---" in lines[1:] else lines
-    out: list[str] = []
-    table_rows: list[list[str]] = []
-    in_code = False
-    for line in [*lines, ""]:
-        if line.startswith("```"):
-            out.append("</pre>" if in_code else "<pre>")
-            in_code = not in_code
-            continue
-        if in_code:
-            out.append(escape(line))
-            continue
-        if line.startswith("|"):
-            cells = [c.strip().replace("\\|", "|") for c in line.strip("|").split(" | ")]
-            if not all(set(c) <= {"-"} for c in cells):
-                table_rows.append(cells)
-            continue
-        if table_rows:
-            out.append(table(table_rows[0], table_rows[1:]))
-            table_rows = []
-        if line.startswith("#"):
-            level = min(len(line) - len(line.lstrip("#")) + 2, 6)  # the report's own h1/h2 stay above
-            out.append(f"<h{level}>{escape(line.lstrip('#').strip())}</h{level}>")
-        elif line.startswith(("- ", "  - ")):
-            out.append(f"<li>{escape(line.strip()[2:])}</li>")
-        elif line.strip():
-            out.append(_p(line))
-    return "\n".join(out)
+    if lines and lines[0] == "---" and "---" in lines[1:]:  # YAML front matter for the Hugging Face Hub
+        lines = lines[lines.index("---", 1) + 1 :]
+    md = MarkdownIt("commonmark", {"html": False}).enable("table")
+    tokens = md.parse("\n".join(lines))
+    for token in tokens:
+        if token.type in ("heading_open", "heading_close"):
+            token.tag = f"h{min(int(token.tag[1]) + 2, 6)}"
+    return md.renderer.render(tokens, md.options, {})
 
 
 def model_card_section(card: str | None, reliability: list[tuple[str, bytes]]) -> str:

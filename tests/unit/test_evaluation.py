@@ -329,8 +329,44 @@ def test_the_html_report_shows_the_winners_card_and_reliability_diagram(classifi
     html = markdown_html((classifier / CARD).read_text())
     assert "base_model:" not in html  # the front matter is for the Hub, not the page
     assert "<h3>tiny</h3>" in html and "<table>" in html and "<td>finetune.method</td>" in html
+    # every table has its header row and no separator row among its rows (the hand-made parser showed `---|---`)
+    assert "<thead>\n<tr>\n<th>setting</th>\n<th>value</th>" in html and "---" not in html.split("<pre>")[0]
     assert "<pre>" in html and "raytune-ft train experiment.yaml" in html
     assert "<script>" not in markdown_html("# <script>alert(1)</script>")
+
+
+def test_the_cards_fine_tuning_table_lists_only_the_settings_that_applied():
+    from raytune_ft.modelcard import applied_settings
+
+    full = {
+        "finetune": {
+            "method": "full",
+            "lora": {"r": 8, "alpha": 16},
+            "freeze": {"layers": 0},
+            "l1": 0.0,
+            "layerwise_lr_decay": 1.0,
+        },
+        "train": {"lr": 1e-4, "grad_accum": 1},
+        "seed": 1,
+    }
+    assert applied_settings(full) == [["finetune.method", "full"], ["train.lr", 1e-4], ["seed", 1]]
+    lora = {
+        "finetune": {
+            "method": "lora",
+            "lora": {"r": 8, "alpha": 16},
+            "freeze": {"layers": 2},
+            "layerwise_lr_decay": 0.9,
+        },
+        "train": {"grad_accum": 4},
+    }
+    assert applied_settings(lora) == [
+        ["finetune.method", "lora"],
+        ["finetune.lora.r", 8],
+        ["finetune.lora.alpha", 16],
+        ["finetune.freeze.layers", 2],
+        ["finetune.layerwise_lr_decay", 0.9],
+        ["train.grad_accum", 4],
+    ]
 
 
 def test_an_extra_task_of_a_multi_task_export_is_evaluated_with_its_own_head_and_labels(classifier, tmp_path):
