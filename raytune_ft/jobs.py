@@ -215,8 +215,7 @@ def _first_line(exc: BaseException) -> str:
 def _auth_hint(exc: BaseException) -> str:
     text = f"{exc}".lower()
     if ("401" in text or "unauthorized" in text or "auth" in text) and os.environ.get("RAY_AUTH_MODE") != "token":
-        return (
-            "; the cluster uses token authentication: set RAY_AUTH_MODE=token and give its token in RAY_AUTH_TOKEN "
-            "or ~/.ray/auth_token"
-        )
+        from raytune_ft.train.ray_cluster import TOKEN_HINT
+
+        return f"; the cluster uses token authentication: {TOKEN_HINT}"
     return ""

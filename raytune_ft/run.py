@@ -32,6 +32,7 @@ from typing import Any
 
 from raytune_ft.config import ExperimentConfig
 from raytune_ft.config.schema import GridDim
+from raytune_ft.modelcard import dotted_value
 
 STAGES = ("data", "tune", "eval", "promote", "serve", "bench", "report")
 CHECK_TEXTS = 32  # validation texts sent to the served app and run in-process, to prove they agree
@@ -55,10 +56,6 @@ class Run:
     state: dict[str, Any] = field(default_factory=dict)
 
     @property
-    def search_dir(self) -> Path:
-        return self.root / ("tune" if self.cfg.tune is not None else "export")
-
-    @property
     def export(self) -> Path:
         return self.root / "tune" / "winner" if self.cfg.tune is not None else self.root / "export"
 
@@ -66,10 +63,6 @@ class Run:
         tmp = self.root / "run.json.tmp"
         tmp.write_text(json.dumps(self.state, indent=2, default=str) + "\n")
         os.replace(tmp, self.root / "run.json")
-
-
-def run_dir_of(cfg: ExperimentConfig) -> Path:
-    return (Path(cfg.output_dir) / cfg.name).resolve()
 
 
 def select(start: str | None, until: str | None) -> list[str]:
@@ -93,7 +86,7 @@ def run_pipeline(
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Run STAGES in order; the summary (also in run.json). NotPromoted stops the run at the failed gate."""
-    root = run_dir_of(cfg)
+    root = cfg.run_dir
     root.mkdir(parents=True, exist_ok=True)
     previous = json.loads((root / "run.json").read_text()) if (root / "run.json").is_file() else {}
     run = Run(cfg, root, log, list(serve_overrides or []), stop_server, {"stages": previous.get("stages", {})})
@@ -497,10 +490,4 @@ def _winner_config(run: Run) -> dict[str, Any]:
     if run.cfg.tune is None:
         return {}
     experiment = json.loads((run.export / "raytune_ft.json").read_text()).get("experiment") or {}
-    found = {}
-    for key in run.cfg.tune.search_space:
-        node: Any = experiment
-        for part in key.split("."):
-            node = node.get(part) if isinstance(node, dict) else None
-        found[key] = node
-    return found
+    return {key: dotted_value(experiment, key) for key in run.cfg.tune.search_space}

@@ -166,6 +166,20 @@ def overrides_after_a_run_dir(config: Path | None, overrides: list[str] | None) 
     return list(overrides or [])
 
 
+def experiment_to_run(
+    config: Path | None, overrides: list[str] | None, resume: Path | None, saved: str, what: str
+) -> ExperimentConfig:
+    """The experiment in CONFIG or, with --resume RUN_DIR, the one saved there as SAVED (the first argument is then
+    an override); WHAT names such a directory in the error."""
+    if resume is not None:
+        if not (resume / saved).is_file():
+            fail(f"{resume} is not a {what}: {saved} not found", EXIT_CONFIG)
+        return load_experiment(resume / saved, overrides_after_a_run_dir(config, overrides))
+    if config is None:
+        fail("give an experiment file, or --resume RUN_DIR", EXIT_CONFIG)
+    return load_experiment(config, overrides)
+
+
 @app.command()
 def train(
     config: Annotated[
@@ -183,23 +197,15 @@ def train(
     from raytune_ft.train import CONFIG_FILE, CheckpointError
     from raytune_ft.train import train as run_train
     from raytune_ft.train.ray_cluster import ClusterError
+    from raytune_ft.train.ray_run import WorkersNotPlaced
     from raytune_ft.train.storage import StorageError
 
-    if resume is not None:
-        overrides = overrides_after_a_run_dir(config, overrides)
-        saved = resume / CONFIG_FILE
-        if not saved.is_file():
-            fail(f"{resume} is not a run directory: {CONFIG_FILE} not found", EXIT_CONFIG)
-        cfg = load_experiment(saved, overrides)
-    elif config is None:
-        fail("give an experiment file, or --resume RUN_DIR", EXIT_CONFIG)
-    else:
-        cfg = load_experiment(config, overrides)
+    cfg = experiment_to_run(config, overrides, resume, CONFIG_FILE, "run directory")
     try:
         result = run_train(
             cfg, resume=resume is not None, export=not no_export, log=lambda m: err.print(m, highlight=False)
         )
-    except (DataError, ModelSourceError, CheckpointError, ClusterError, StorageError) as exc:
+    except (DataError, ModelSourceError, CheckpointError, ClusterError, StorageError, WorkersNotPlaced) as exc:
         fail(str(exc), EXIT_RUNTIME)
     table = Table(title="Best checkpoint", title_justify="left")
     table.add_column("metric")
@@ -249,16 +255,8 @@ def tune(
             fail(str(exc), EXIT_RUNTIME)
         out.print(f"replayed schedule exported to {export}", highlight=False, soft_wrap=True)
         return
-    if resume is not None:
-        overrides = overrides_after_a_run_dir(config, overrides)
-        if not (resume / "config.yaml").is_file():
-            fail(f"{resume} is not a tune run directory: config.yaml not found", EXIT_CONFIG)
-        cfg = load_experiment(resume / "config.yaml", overrides)
-        run_dir = resume
-    elif config is None:
-        fail("give an experiment file, or --resume RUN_DIR", EXIT_CONFIG)
-    else:
-        cfg = load_experiment(config, overrides)
+    cfg = experiment_to_run(config, overrides, resume, "config.yaml", "tune run directory")
+    run_dir = resume or run_dir
     if cfg.tune is None:
         fail(f"{config}: the experiment has no 'tune' section to search", EXIT_CONFIG)
     try:

@@ -22,6 +22,16 @@ from raytune_ft.cli.common import (
     out,
 )
 
+
+def write_json(path: Path | None, result: dict) -> None:
+    """--json PATH: the figures as JSON (values JSON has no type for as text)."""
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    err.print(f"wrote {path}", highlight=False)
+
+
 bench_app = typer.Typer(
     help="Benchmarks: training throughput, start-up and ZeRO memory; Tune overhead and search quality.",
     no_args_is_help=True,
@@ -75,10 +85,7 @@ def bench_train(
             _print_memory(result["memory"])
     except (DataError, ModelSourceError, ValueError) as exc:
         fail(str(exc), EXIT_RUNTIME)
-    if json_path is not None:
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(result, indent=2) + "\n")
-        err.print(f"wrote {json_path}", highlight=False)
+    write_json(json_path, result)
 
 
 def _print_throughput(r: dict[str, Any]) -> None:
@@ -205,10 +212,7 @@ def bench_lm_command(
     except RuntimeError as exc:
         fail(str(exc), EXIT_RUNTIME)
     _print_lm(result)
-    if json_path is not None:
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(result, indent=2) + "\n")
-        err.print(f"wrote {json_path}", highlight=False)
+    write_json(json_path, result)
 
 
 def _print_lm(r: dict[str, Any]) -> None:
@@ -280,7 +284,7 @@ def bench_tune(
             require_extra(algorithm)
     except MissingExtraError as exc:
         fail(str(exc), EXIT_CONFIG)
-    root = (out_dir or Path(cfg.output_dir) / cfg.name / "bench-tune").resolve()
+    root = (out_dir or cfg.run_dir / "bench-tune").resolve()
     if root.exists() and any(root.iterdir()):
         fail(f"{root} is not empty; pass another --out", EXIT_CONFIG)
     log = lambda m: err.print(m, highlight=False)  # noqa: E731
@@ -302,10 +306,7 @@ def bench_tune(
             _print_compare(result["compare"])
     except (DataError, ModelSourceError, ValueError, RuntimeError) as exc:
         fail(str(exc), EXIT_RUNTIME)
-    if json_path is not None:
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(result, indent=2, default=str) + "\n")
-        err.print(f"wrote {json_path}", highlight=False)
+    write_json(json_path, result)
 
 
 def _print_tune_overhead(r: dict[str, Any]) -> None:
@@ -414,9 +415,7 @@ def bench_serve(
     _print_serve(result)
     if plot_path is not None:
         log(f"plot: {plot(result, plot_path)}")
-    if json_path is not None:
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(json_path, result)
 
 
 def request_texts(texts_file: Path | None) -> list[str]:
@@ -433,14 +432,12 @@ def request_texts(texts_file: Path | None) -> list[str]:
 
 
 def api_key_from(api_key_env: str | None) -> str | None:
-    import os
+    from raytune_ft.serve.deploy import ServeError, api_key_in
 
-    if not api_key_env:
-        return None
-    key = os.environ.get(api_key_env, "").strip()
-    if not key:
-        fail(f"--api-key-env: {api_key_env} is not set", EXIT_CONFIG)
-    return key
+    try:
+        return api_key_in(api_key_env, "--api-key-env")
+    except ServeError as exc:
+        fail(str(exc), EXIT_CONFIG)
 
 
 @bench_app.command("soak")
@@ -459,7 +456,6 @@ def bench_soak(
 ) -> None:
     """Hold a served model at a fixed request rate for a bounded time: errors, p50/p99 and the Serve replicas'
     memory per window; with --kill-replica-at, what losing a replica costs and how fast Serve replaces it."""
-    import json as json_lib
 
     from raytune_ft.bench.serve import classify_bodies
     from raytune_ft.bench.soak import soak
@@ -471,9 +467,7 @@ def bench_soak(
     log(f"{rate:g} requests/s for {duration:g} s ({int(rate * duration)} requests) against {url}")
     result = soak(url, bodies, rate, duration, window, kill_replica_at, api_key_from(api_key_env), log)
     _print_soak(result)
-    if json_path is not None:
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json_lib.dumps(result, indent=2) + "\n")
+    write_json(json_path, result)
     if result["requests"] and result["errors"] == result["requests"]:
         fail(f"every request failed ({result['error_kinds']}): is the server at {url} up?", EXIT_RUNTIME)
 

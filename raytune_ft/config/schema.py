@@ -7,6 +7,7 @@ tune -> tune, serve -> serve, bench -> bench, cluster -> jobs.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
@@ -587,6 +588,11 @@ class ExperimentConfig(Section):
     tasks: list[TaskConfig] = Field(default_factory=list, description="Extra tasks trained on the same backbone.")
     multitask: MultitaskConfig = MultitaskConfig()
     cluster: ClusterConfig = ClusterConfig()
+
+    @property
+    def run_dir(self) -> Path:
+        """Where the experiment's runs go: OUTPUT_DIR/NAME (`train` writes there, `tune` in its tune/, `run` too)."""
+        return (Path(self.output_dir) / self.name).resolve()
 
     @property
     def stall_deadline_s(self) -> float:

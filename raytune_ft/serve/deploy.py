@@ -35,12 +35,17 @@ class ServeError(RuntimeError):
 
 
 def api_key_of(cfg: ExperimentConfig) -> str | None:
-    name = cfg.serve.api_key_env
-    if name is None:
+    return api_key_in(cfg.serve.api_key_env, "serve.api_key_env")
+
+
+def api_key_in(name: str | None, asked_by: str) -> str | None:
+    """The API key in the environment variable NAME (None when no variable is named); ServeError naming ASKED_BY
+    (the setting or option that named it) when it is not set."""
+    if not name:
         return None
     key = os.environ.get(name, "").strip()
     if not key:
-        raise ServeError(f"serve.api_key_env names {name}, which is not set (or empty) in this environment")
+        raise ServeError(f"{asked_by}: {name} is not set (or empty) in this environment")
     return key
 
 

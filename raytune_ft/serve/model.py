@@ -179,9 +179,6 @@ class LoadedModel:
                 out[i] = answer
         return out
 
-    def _label(self, i: int) -> str:
-        return _label(self.labels, i)
-
     @torch.inference_mode()
     def complete(
         self, prompt: str, max_tokens: int, temperature: float, top_p: float, seed: int | None

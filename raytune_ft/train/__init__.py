@@ -10,7 +10,6 @@ _HOMES = {
     "verify_checkpoint": "raytune_ft.train.checkpoint",
     "CONFIG_FILE": "raytune_ft.train.trainer",
     "TrainResult": "raytune_ft.train.trainer",
-    "run_dir_for": "raytune_ft.train.trainer",
     "train": "raytune_ft.train.trainer",
 }
 __all__ = sorted(_HOMES)

@@ -16,6 +16,10 @@ from raytune_ft.config.schema import EMBEDDED_PLACEMENT_S
 PLACEMENT_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
 
 
+# what a command that joins a cluster by address needs when the cluster uses Ray's token authentication
+TOKEN_HINT = "set RAY_AUTH_MODE=token and give its token in RAY_AUTH_TOKEN or ~/.ray/auth_token"
+
+
 class ClusterError(RuntimeError):
     """The Ray cluster at the configured address could not be joined."""
 
@@ -39,10 +43,7 @@ def join_cluster(address: str, **init_args: Any) -> None:
         if not unreachable and (
             "auth" in repr(exc.__cause__).lower() + str(exc).lower() or os.environ.get("RAY_AUTH_MODE") != "token"
         ):
-            hint = (
-                " If the cluster uses token authentication, set RAY_AUTH_MODE=token and give its token in"
-                " RAY_AUTH_TOKEN or ~/.ray/auth_token."
-            )
+            hint = f" If the cluster uses token authentication, {TOKEN_HINT}."
         raise ClusterError(f"cannot join the Ray cluster at {address}: {reason}.{hint}") from None
 
 

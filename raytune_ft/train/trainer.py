@@ -29,10 +29,6 @@ class TrainResult:
     history: list[dict[str, Any]]
 
 
-def run_dir_for(cfg: ExperimentConfig) -> Path:
-    return (Path(cfg.output_dir) / cfg.name).resolve()
-
-
 def score_of(cfg: ExperimentConfig) -> tuple[str, str]:
     """The metric that ranks checkpoints: the early-stopping metric when set, else validation loss."""
     if cfg.train.early_stopping is not None:
@@ -169,7 +165,7 @@ def train(
     continues one (Ray Train V2 resumes a run by its name and storage path) and refuses one without any."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
 
-    run_dir = run_dir_for(cfg)
+    run_dir = cfg.run_dir
     train_dir = run_dir / "train"
     existing = list_checkpoints(train_dir)
     if resume:

@@ -52,7 +52,7 @@ class TuneRun:
 
 
 def default_run_dir(cfg: ExperimentConfig) -> Path:
-    return (Path(cfg.output_dir) / cfg.name / "tune").resolve()
+    return cfg.run_dir / "tune"
 
 
 def concurrent_trials(cfg: ExperimentConfig, cluster: dict[str, float]) -> int | None:
