@@ -19,9 +19,9 @@ import torch
 
 from raytune_ft import __version__
 from raytune_ft.config import ExperimentConfig
+from raytune_ft.layout import METADATA
 from raytune_ft.train.checkpoint import TRAINABLE, CheckpointError, verify_checkpoint
 
-METADATA = "raytune_ft.json"
 PACKAGES = ("torch", "transformers", "peft", "deepspeed", "ray", "pyarrow", "raytune_ft")
 
 

@@ -11,8 +11,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-CARD = "README.md"
-EXPERIMENT = "experiment.yaml"
+from raytune_ft.layout import CARD, CONFIG_FILE, EVAL_DIR, EVAL_FILE, EXPERIMENT, METADATA, TEST_METRICS
+
 # the training and fine-tuning keys a reader of the card wants; the whole config is in experiment.yaml
 HYPERPARAMETERS = (
     "finetune.method",
@@ -95,16 +95,14 @@ def experiment_yaml(meta: dict[str, Any]) -> str:
 
 
 def model_card(export_dir: Path) -> str:
-    from raytune_ft.evaluation.runner import EVAL_FILE
-    from raytune_ft.export import METADATA
 
     meta = json.loads((export_dir / METADATA).read_text())
     exp = meta.get("experiment", {})
     prov = meta.get("provenance", {})
     report = meta.get("data_report", {})
-    tested = _read(export_dir / "test_metrics.json")
+    tested = _read(export_dir / TEST_METRICS)
     schedule = _read(export_dir / "schedule.json")
-    evals = {p.parent.name: _read(p) for p in sorted((export_dir / "eval").glob(f"*/{EVAL_FILE}"))}
+    evals = {p.parent.name: _read(p) for p in sorted((export_dir / EVAL_DIR).glob(f"*/{EVAL_FILE}"))}
     name = exp.get("name", export_dir.name)
     lines = [
         "---",
@@ -206,7 +204,7 @@ def model_card(export_dir: Path) -> str:
     packages = prov.get("packages", {})
     lines.append("Packages: " + ", ".join(f"{k} {v}" for k, v in packages.items() if v) + ".")
     lines += ["", "```bash", f"raytune-ft train {EXPERIMENT}   # this model: the same data, split seed and settings"]
-    if (export_dir.parent / "config.yaml").is_file() and exp.get("tune") is not None:
+    if (export_dir.parent / CONFIG_FILE).is_file() and exp.get("tune") is not None:
         lines.append(f"raytune-ft tune {export_dir.parent / 'config.yaml'}   # the search that chose it")
     if (export_dir / "pbt_policy.txt").is_file():
         lines.append(f"raytune-ft tune --replay {export_dir.parent}   # its PBT schedule, replayed")
@@ -250,7 +248,6 @@ def _evaluation_lines(ev: dict[str, Any]) -> list[str]:
 
 def write_model_card(export_dir: Path) -> Path:
     """(Re)write EXPORT_DIR/README.md and experiment.yaml from what the export holds now."""
-    from raytune_ft.export import METADATA
 
     export_dir = Path(export_dir)
     meta = json.loads((export_dir / METADATA).read_text())

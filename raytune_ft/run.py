@@ -32,6 +32,7 @@ from typing import Any
 
 from raytune_ft.config import ExperimentConfig
 from raytune_ft.config.schema import GridDim
+from raytune_ft.layout import METADATA, RUN_STATE, TEST_METRICS
 from raytune_ft.modelcard import dotted_value
 
 STAGES = ("data", "tune", "eval", "promote", "serve", "bench", "report")
@@ -62,7 +63,7 @@ class Run:
     def write_state(self) -> None:
         tmp = self.root / "run.json.tmp"
         tmp.write_text(json.dumps(self.state, indent=2, default=str) + "\n")
-        os.replace(tmp, self.root / "run.json")
+        os.replace(tmp, self.root / RUN_STATE)
 
 
 def select(start: str | None, until: str | None) -> list[str]:
@@ -88,7 +89,7 @@ def run_pipeline(
     """Run STAGES in order; the summary (also in run.json). NotPromoted stops the run at the failed gate."""
     root = cfg.run_dir
     root.mkdir(parents=True, exist_ok=True)
-    previous = json.loads((root / "run.json").read_text()) if (root / "run.json").is_file() else {}
+    previous = json.loads((root / RUN_STATE).read_text()) if (root / RUN_STATE).is_file() else {}
     run = Run(cfg, root, log, list(serve_overrides or []), stop_server, {"stages": previous.get("stages", {})})
     steps = {
         "data": stage_data,
@@ -134,7 +135,7 @@ def stage_data(run: Run) -> str:
 
 def stage_tune(run: Run) -> str:
     _require(run, run.root / "data" / "manifest.json", "data")
-    tested = run.export / "test_metrics.json"
+    tested = run.export / TEST_METRICS
     if tested.is_file():
         run.log(f"tune: finished earlier; winner {run.export}")
         return "reused"
@@ -159,7 +160,7 @@ def stage_eval(run: Run) -> str:
         return "skipped"
     from raytune_ft.evaluation import EvalRequest, evaluate_export
 
-    export = _require(run, run.export / "raytune_ft.json", "tune").parent
+    export = _require(run, run.export / METADATA, "tune").parent
     for data in settings.data:
         request = EvalRequest(
             data=Path(data),
@@ -187,10 +188,10 @@ def _train_once(run: Run) -> str:
         run.log(f"train: continuing the interrupted run from step {newest[1].get('step')}")
     result = train(run.cfg, resume=resume, log=run.log)
     assert result.export_dir is not None
-    meta = json.loads((result.export_dir / "raytune_ft.json").read_text())
+    meta = json.loads((result.export_dir / METADATA).read_text())
     run.log("evaluating the export once on the test split")
     tested = test_metrics(result.export_dir, run.cfg, run.root / "data", meta.get("classes"))
-    (result.export_dir / "test_metrics.json").write_text(json.dumps(tested, indent=2) + "\n")
+    (result.export_dir / TEST_METRICS).write_text(json.dumps(tested, indent=2) + "\n")
     return "done"
 
 
@@ -249,7 +250,7 @@ class TuneProgress:
 
 
 def stage_promote(run: Run) -> str:
-    tested = _require(run, run.export / "test_metrics.json", "tune")
+    tested = _require(run, run.export / TEST_METRICS, "tune")
     checks = quality_checks(run.cfg, json.loads(tested.read_text()))
     return _verdict(run, checks, "quality")
 
@@ -312,7 +313,7 @@ def stage_serve(run: Run) -> str:
     from raytune_ft.serve.deploy import api_key_of, local_servers, start_detached
     from raytune_ft.serve.model import export_config
 
-    _require(run, run.export / "test_metrics.json", "tune")
+    _require(run, run.export / TEST_METRICS, "tune")
     _require_promoted(run)
     cfg = export_config(run.export, _serving_overrides(run))
     same = [s for s in local_servers() if s.get("export") == str(run.export) and s["port"] == cfg.serve.port]
@@ -443,7 +444,7 @@ def _require_promoted(run: Run) -> None:
 def summary(run: Run) -> dict[str, Any]:
     """What the run has produced so far: winner, its metrics, serving latency, verdict, where things are."""
     out: dict[str, Any] = {"run_dir": str(run.root)}
-    meta_path = run.export / "raytune_ft.json"
+    meta_path = run.export / METADATA
     if meta_path.is_file():
         meta = json.loads(meta_path.read_text())
         out["export"] = str(run.export)
@@ -451,7 +452,7 @@ def summary(run: Run) -> dict[str, Any]:
             k: v for k, v in (meta.get("metrics") or {}).items() if k.startswith("eval_") and "/" not in k
         }
         out["hyperparameters"] = _winner_config(run)
-    tested = run.export / "test_metrics.json"
+    tested = run.export / TEST_METRICS
     if tested.is_file():
         out["test"] = {
             k: v for k, v in json.loads(tested.read_text()).items() if k.startswith("test_") and "/" not in k
@@ -489,5 +490,5 @@ def _winner_config(run: Run) -> dict[str, Any]:
     """The searched keys as the winner was trained with them (its export records the experiment it came from)."""
     if run.cfg.tune is None:
         return {}
-    experiment = json.loads((run.export / "raytune_ft.json").read_text()).get("experiment") or {}
+    experiment = json.loads((run.export / METADATA).read_text()).get("experiment") or {}
     return {key: dotted_value(experiment, key) for key in run.cfg.tune.search_space}

@@ -24,6 +24,7 @@ from raytune_ft.cli.common import (
     out,
 )
 from raytune_ft.config import ConfigError, ExperimentConfig, config_to_yaml
+from raytune_ft.layout import CONFIG_FILE
 
 
 def _version(value: bool) -> None:
@@ -194,7 +195,7 @@ def train(
     """Fine-tune with DeepSpeed on Ray Train; export the best checkpoint as a Hugging Face model directory."""
     from raytune_ft.data import DataError
     from raytune_ft.model_source import ModelSourceError
-    from raytune_ft.train import CONFIG_FILE, CheckpointError
+    from raytune_ft.train import CheckpointError
     from raytune_ft.train import train as run_train
     from raytune_ft.train.ray_cluster import ClusterError
     from raytune_ft.train.ray_run import WorkersNotPlaced
@@ -244,9 +245,9 @@ def tune(
     from raytune_ft.tune import MissingExtraError, replay_schedule, tune_experiment
 
     if replay is not None:
-        if not (replay / "config.yaml").is_file():
+        if not (replay / CONFIG_FILE).is_file():
             fail(f"{replay} is not a tune run directory: config.yaml not found", EXIT_CONFIG)
-        cfg = load_experiment(replay / "config.yaml", overrides_after_a_run_dir(config, overrides))
+        cfg = load_experiment(replay / CONFIG_FILE, overrides_after_a_run_dir(config, overrides))
         try:
             export = replay_schedule(replay, trial, run_dir, cfg=cfg, log=lambda m: err.print(m, highlight=False))
         except (FileNotFoundError, FileExistsError, ValueError) as exc:
@@ -255,7 +256,7 @@ def tune(
             fail(str(exc), EXIT_RUNTIME)
         out.print(f"replayed schedule exported to {export}", highlight=False, soft_wrap=True)
         return
-    cfg = experiment_to_run(config, overrides, resume, "config.yaml", "tune run directory")
+    cfg = experiment_to_run(config, overrides, resume, CONFIG_FILE, "tune run directory")
     run_dir = resume or run_dir
     if cfg.tune is None:
         fail(f"{config}: the experiment has no 'tune' section to search", EXIT_CONFIG)

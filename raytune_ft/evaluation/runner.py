@@ -22,9 +22,8 @@ import torch
 
 from raytune_ft.data.readers import DataError, Records, read_records
 from raytune_ft.evaluation import scoring
+from raytune_ft.layout import EVAL_DIR, EVAL_FILE, EVAL_SUMMARY, RELIABILITY
 from raytune_ft.metrics import perplexity
-
-EVAL_FILE = "eval.json"
 
 
 @dataclass
@@ -76,7 +75,7 @@ def evaluate_export(export: Path, request: EvalRequest, out_dir: Path | None = N
         evaluated=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         seconds=round(time.time() - started, 2),
     )
-    out_dir = out_dir or model.export_dir / "eval" / (f"{task}-{request.data.stem}" if task else request.data.stem)
+    out_dir = out_dir or model.export_dir / EVAL_DIR / (f"{task}-{request.data.stem}" if task else request.data.stem)
     write_report(report, out_dir)
     from raytune_ft.modelcard import write_model_card
 
@@ -299,8 +298,8 @@ def write_report(report: dict[str, Any], out_dir: Path) -> None:
     if "calibration" in report:
         from raytune_ft.evaluation.figures import reliability_png
 
-        (out_dir / "reliability.png").write_bytes(reliability_png(report["calibration"]))
-    (out_dir / "eval.md").write_text(summary_markdown(report))
+        (out_dir / RELIABILITY).write_bytes(reliability_png(report["calibration"]))
+    (out_dir / EVAL_SUMMARY).write_text(summary_markdown(report))
 
 
 def _pct(value: float | None) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from raytune_ft.layout import CARD
 from raytune_ft.report.load import RunData, RunDirError, load_run
 from raytune_ft.report.plots import MissingMatplotlibError
 
@@ -41,7 +42,7 @@ def write_report(run_dir: Path, out: Path | None = None, extras: Path | None = N
         except (TypeError, ValueError):
             figures["confusion"] = None  # the page says the matrix is malformed
     extra = _run_sections(Path(extras)) if extras is not None else ""
-    card = Path(run_dir) / "winner" / "README.md"
+    card = Path(run_dir) / "winner" / CARD
     diagrams = [(p.parent.name, p.read_bytes()) for p in sorted((card.parent / "eval").glob("*/reliability.png"))]
     extra += html.model_card_section(card.read_text() if card.is_file() else None, diagrams)
     path = Path(out) if out is not None else Path(run_dir) / "report.html"

@@ -17,7 +17,9 @@ from typing import Any
 
 import yaml
 
-EXPECTED = ("config.yaml", "trials.csv", "trials/", "exploits.jsonl", "winner/", "export/")
+from raytune_ft.layout import CONFIG_FILE, METADATA, TEST_METRICS
+
+EXPECTED = (CONFIG_FILE, "trials.csv", "trials/", "exploits.jsonl", "winner/", "export/")
 PBT_ALGORITHMS = ("pbt", "pb2")
 # run_trial_<id>_<index>[_<short config>]_<date>; Ray's ids are "<5 hex>_<5 digits>" or 8 hex characters
 FOLDER = re.compile(
@@ -186,7 +188,7 @@ def load_run(run_dir: Path) -> RunData:
 
 
 def _read_config(run: RunData) -> None:
-    path = run.run_dir / "config.yaml"
+    path = run.run_dir / CONFIG_FILE
     if not path.is_file():
         run.notes.append("config.yaml is missing: metric, mode and algorithm are guessed (eval_loss, min).")
         return
@@ -389,7 +391,7 @@ def _read_winner(run: RunData) -> None:
     winner = run.run_dir / "winner"
     if not winner.is_dir() and (run.run_dir / "export").is_dir():
         winner = run.run_dir / "export"  # a single `raytune-ft train` run: its export is the winner
-    meta = winner / "raytune_ft.json"
+    meta = winner / METADATA
     if not meta.is_file():
         run.notes.append(
             f"No winner yet: {meta.relative_to(run.run_dir)} is missing (the search has not finished, or its "
@@ -403,7 +405,7 @@ def _read_winner(run: RunData) -> None:
         match = FOLDER.match(folder)
         run.winner_trial = found.id if found else match["id"] if match else None
         run.winner_step = _finite(checkpoint.get("step"))
-    tested = winner / "test_metrics.json"
+    tested = winner / TEST_METRICS
     if tested.is_file():
         run.test_metrics = _read_json(tested, run)
     elif run.winner is not None:

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from raytune_ft.export import METADATA
+from raytune_ft.layout import TEST_METRICS
 
 
 class ExportError(ValueError):
@@ -135,7 +136,7 @@ class LoadedModel:
         }
 
     def _test_metrics(self) -> dict[str, Any] | None:
-        path = self.export_dir / "test_metrics.json"
+        path = self.export_dir / TEST_METRICS
         return json.loads(path.read_text()) if path.is_file() else None
 
     @torch.inference_mode()

@@ -8,7 +8,6 @@ from raytune_ft.lazy import exports
 _HOMES = {
     "CheckpointError": "raytune_ft.train.checkpoint",
     "verify_checkpoint": "raytune_ft.train.checkpoint",
-    "CONFIG_FILE": "raytune_ft.train.trainer",
     "TrainResult": "raytune_ft.train.trainer",
     "train": "raytune_ft.train.trainer",
 }

@@ -9,6 +9,7 @@ from typing import Any
 
 from raytune_ft.config import ExperimentConfig, config_to_yaml
 from raytune_ft.data import load_split, prepare_data
+from raytune_ft.layout import CONFIG_FILE, METADATA
 from raytune_ft.model_source import load_tokenizer
 from raytune_ft.train.batches import tokenize_splits
 from raytune_ft.train.checkpoint import CheckpointError, list_checkpoints, newest_whole_checkpoint, read_state
@@ -16,8 +17,6 @@ from raytune_ft.train.loop import train_loop
 from raytune_ft.train.ray_cluster import ensure_ray
 from raytune_ft.train.ray_run import torch_trainer
 from raytune_ft.train.storage import bytes_needed, check_storage
-
-CONFIG_FILE = "config.yaml"
 
 
 @dataclass
@@ -139,7 +138,7 @@ def _finished_run(run_dir: Path, existing: list[Path], log: Callable[[str], None
     import json
 
     newest = newest_whole_checkpoint(existing, log=log)
-    meta_path = run_dir / "export" / "raytune_ft.json"
+    meta_path = run_dir / "export" / METADATA
     if newest is None or not newest[1].get("finished") or not meta_path.is_file():
         return None
     meta = json.loads(meta_path.read_text())

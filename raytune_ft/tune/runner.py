@@ -23,6 +23,7 @@ from typing import Any
 from pyarrow.fs import FileSelector, FileType
 
 from raytune_ft.config import ExperimentConfig, config_to_yaml
+from raytune_ft.layout import CONFIG_FILE, TEST_METRICS
 from raytune_ft.train.ray_cluster import remove_leftover_placement_groups
 from raytune_ft.train.storage import bytes_needed, check_storage
 from raytune_ft.tune.search import RestartsClean, require_extra, scheduler, search_algorithm, tuner_space
@@ -204,7 +205,7 @@ def tune_experiment(
     settings = cfg.tune
     require_extra(settings.algorithm)
     run_dir = Path(run_dir).resolve() if run_dir else default_run_dir(cfg)
-    if (run_dir / "winner" / "test_metrics.json").exists():
+    if (run_dir / "winner" / TEST_METRICS).exists():
         raise FileExistsError(f"{run_dir} already holds a finished search; choose another --run-dir")
     storage = storage_of(cfg, run_dir)
     if not resume and _exists(f"{storage}/{EXPERIMENT}"):
@@ -219,7 +220,7 @@ def tune_experiment(
         need = None
     check_storage(run_dir, need)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(config_to_yaml(cfg))
+    (run_dir / CONFIG_FILE).write_text(config_to_yaml(cfg))
 
     worker_data, trainable = _trainable(cfg, storage, log)
     evaluations = _evaluations_per_trial(cfg, worker_data["data"]["train"])
@@ -271,14 +272,14 @@ def replay_schedule(
 
     run_dir = Path(run_dir).resolve()
     policy = _policy_file(run_dir, trial)
-    cfg = cfg or load_config(run_dir / "config.yaml")
+    cfg = cfg or load_config(run_dir / CONFIG_FILE)
     assert cfg.tune is not None
     name = trial or "winner"
     out_dir = Path(out_dir).resolve() if out_dir else run_dir / "replays" / name
-    if (out_dir / "config.yaml").exists():
+    if (out_dir / CONFIG_FILE).exists():
         raise FileExistsError(f"{out_dir} already holds a replay; choose another --run-dir")
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.yaml").write_text(config_to_yaml(cfg))
+    (out_dir / CONFIG_FILE).write_text(config_to_yaml(cfg))
     shutil.copyfile(policy, out_dir / "pbt_policy.txt")
     storage = f"{cfg.tune.storage_path.rstrip('/')}/replays/{name}" if cfg.tune.storage_path else str(out_dir)
     worker_data, trainable = _trainable(cfg, storage, log)
@@ -569,7 +570,7 @@ def _finish(
     _keep_schedule(best, winner)
     log("evaluating the winner once on the test split")
     tested = test_metrics(winner, best_cfg, worker_data["data_dir"], worker_data["classes"])
-    (winner / "test_metrics.json").write_text(json.dumps(tested, indent=2) + "\n")
+    (winner / TEST_METRICS).write_text(json.dumps(tested, indent=2) + "\n")
     from raytune_ft.modelcard import write_model_card
 
     write_model_card(winner)  # now with the test metrics and the PBT schedule
