@@ -475,6 +475,11 @@ class ServeConfig(Section):
     api_key_env: str | None = Field(
         default=None, description="Name of the environment variable holding the API key; keys stay out of YAML."
     )
+    public_docs: bool = Field(
+        default=False,
+        description="With an API key: the API's docs (/docs, /openapi.json) open without it. Every other route "
+        "but /healthz needs the key.",
+    )
     limits: RequestLimits = RequestLimits()
 
 

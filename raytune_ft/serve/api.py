@@ -1,6 +1,7 @@
 """The HTTP API: FastAPI routes, request schemas built from `serve.limits`, and the error responses clients expect.
 
-Checks that need no body run first, in an ASGI middleware: 401 (API key, on API routes), 413 (a declared
+Checks that need no body run first, in an ASGI middleware: 401 (API key: every route but /healthz, and the docs
+when serve.public_docs says so; a route added later is guarded without being listed), 413 (a declared
 Content-Length over the limit, refused before anything is read; a body without one is counted as it arrives),
 415 (POST without a JSON content type). FastAPI then answers 404/405 for unknown routes and methods, 400 for a
 body that is not JSON (or not UTF-8), 422 for JSON that breaks the schema. (FastAPI's own `max_body_size`
@@ -15,8 +16,10 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import logging
 import math
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, Literal
 
@@ -28,7 +31,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from raytune_ft.config.schema import RequestLimits
 
+logger = logging.getLogger("ray.serve")  # into the replica's log, where Serve's own lines go
+
 CLASSIFY, COMPLETIONS, MODELS, HEALTH = "/v1/classify", "/v1/completions", "/v1/models", "/healthz"
+DOCS_ROUTES = {"/docs", "/docs/oauth2-redirect", "/openapi.json"}
 JSON_ROUTES = {CLASSIFY, COMPLETIONS}
 BATCH_SIZE_HEADER = "x-batch-size"  # the size of the server-side batch that served a classify request
 REPLICA_HEADER = "x-replica"  # the Serve replica that answered: load spread and autoscaling seen from outside
@@ -214,8 +220,11 @@ class Admission:
 class RequestGuard:
     """ASGI middleware: API key, body size, content type and admission, decided before the body is read."""
 
-    def __init__(self, app: Any, api_key: str | None, max_body_bytes: int, admission: Admission) -> None:
+    def __init__(
+        self, app: Any, api_key: str | None, max_body_bytes: int, admission: Admission, public_docs: bool = False
+    ) -> None:
         self.app, self.api_key, self.max_body_bytes, self.admission = app, api_key, max_body_bytes, admission
+        self.open_routes = {HEALTH} | (DOCS_ROUTES if public_docs else set())
 
     async def __call__(self, scope: dict, receive: Callable[[], Awaitable[dict]], send: Callable) -> None:
         if scope["type"] != "http":
@@ -224,7 +233,7 @@ class RequestGuard:
         root, path = scope.get("root_path", ""), scope.get("path", "")
         route = path[len(root) :] if root and path.startswith(root) else path
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
-        if self.api_key and route in JSON_ROUTES | {MODELS} and not self._authorized(headers):
+        if self.api_key and route not in self.open_routes and not self._authorized(headers):
             return await _reply(send, 401, "missing or wrong API key: send 'Authorization: Bearer KEY'", "auth")
         declared = headers.get("content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.max_body_bytes):
@@ -297,7 +306,9 @@ async def _never_receive() -> dict:  # a reply sent before the body is read neve
     return {"type": "http.disconnect"}
 
 
-def build_api(title: str, api_key: str | None, limits: RequestLimits, admission: Admission) -> FastAPI:
+def build_api(
+    title: str, api_key: str | None, limits: RequestLimits, admission: Admission, public_docs: bool = False
+) -> FastAPI:
     """The FastAPI app with error handling; routes are added by the Serve deployment (serve/app.py)."""
     # no redirect from /v1/classify/ to /v1/classify (an empty 307, which urllib does not follow for a POST): the
     # unknown route gets its JSON 404 like any other
@@ -332,15 +343,24 @@ def build_api(title: str, api_key: str | None, limits: RequestLimits, admission:
 
     @api.exception_handler(Exception)
     async def internal(request: Request, exc: Exception) -> JSONResponse:
-        # the replica stays up; the client gets JSON like every other error
-        message = f"internal error: {type(exc).__name__}: {exc}"[:500]
+        # The replica stays up; the client gets JSON like every other error, with an id to find the traceback by in
+        # the replica's log, and not the exception's text (which can hold a path, a setting or the input).
+        request_id = uuid.uuid4().hex[:16]
+        logger.exception("request %s (%s %s) failed", request_id, request.method, request.url.path)
+        message = f"internal error (request id {request_id}); the server's log has the details"
         return JSONResponse(error_body(500, message, "internal_error"), status_code=500)
 
     @api.exception_handler(UnicodeDecodeError)
     async def not_utf8(request: Request, exc: UnicodeDecodeError) -> JSONResponse:
         return JSONResponse(error_body(400, "the body is not UTF-8 text", "invalid_json"), status_code=400)
 
-    api.add_middleware(RequestGuard, api_key=api_key, max_body_bytes=limits.max_body_bytes, admission=admission)
+    api.add_middleware(
+        RequestGuard,
+        api_key=api_key,
+        max_body_bytes=limits.max_body_bytes,
+        admission=admission,
+        public_docs=public_docs,
+    )
     return api
 
 

@@ -86,7 +86,7 @@ def build_app(export_dir: Path, settings: ServeConfig, api_key: str | None = Non
     export_dir = find_export(Path(export_dir)).resolve()
     task = task_of(export_dir)
     admission = Admission(settings.max_ongoing_requests, settings.max_queued_requests, settings.retry_after_s)
-    api = build_api(f"raytune-ft: {export_dir.name}", api_key, settings.limits, admission)
+    api = build_api(f"raytune-ft: {export_dir.name}", api_key, settings.limits, admission, settings.public_docs)
     meta = json.loads((export_dir / METADATA).read_text())
     # a multi-task export: a classify request may name any classification task (the primary included)
     classify_tasks = tuple(t["name"] for t in meta.get("tasks", []) if t["task"] == "sequence-classification")

@@ -185,6 +185,10 @@ def test_api_key_guards_the_api_but_not_the_health_check(classifier, monkeypatch
     assert post_json(f"{url}/v1/classify", {"text": "good"})[0] == 401
     assert post_json(f"{url}/v1/classify", {"text": "good"}, {"Authorization": "Bearer wrong"})[0] == 401
     assert request(f"{url}/v1/models")[0] == 401
+    # deny by default: the docs and a route nobody listed need the key too (a 404 only once it is given)
+    assert request(f"{url}/docs")[0] == request(f"{url}/openapi.json")[0] == request(f"{url}/v1/nothing")[0] == 401
+    assert request(f"{url}/v1/nothing", headers={"Authorization": "Bearer s3cret-key"})[0] == 404
+    assert request(f"{url}/openapi.json", headers={"Authorization": "Bearer s3cret-key"})[0] == 200
     status, _, body = post_json(f"{url}/v1/classify", {"text": "good"}, {"Authorization": "Bearer s3cret-key"})
     assert status == 200 and body["predictions"]
     assert request(f"{url}/healthz")[0] == 200
@@ -199,6 +203,9 @@ def test_api_key_guards_the_api_but_not_the_health_check(classifier, monkeypatch
     assert written == []
     status, _, refused = post_json(f"{url}/v1/classify", {"text": "x"}, {"Authorization": "Bearer guess-4711"})
     assert status == 401 and "guess-4711" not in json.dumps(refused)
+    # serve.public_docs opens the docs, and nothing else
+    url = deploy(export, with_serve(cfg, api_key_env="RAYTUNE_FT_TEST_KEY", public_docs=True))
+    assert request(f"{url}/openapi.json")[0] == 200 and request(f"{url}/v1/models")[0] == 401
 
 
 def test_overload_is_refused_with_429_and_retry_after(classifier):
