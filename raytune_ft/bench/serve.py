@@ -368,7 +368,8 @@ def _port_of(url: str) -> int:
 def noop_baseline(url: str, body: bytes, requests: int, warmup: int, address: str | None, log: Any) -> dict:
     """Deploy the no-op app on the Ray cluster serving URL (same proxy, route NOOP_ROUTE), time it at concurrency
     1 with the same request body, delete it."""
-    if address is None:  # the local `raytune-ft serve` behind URL says where its Ray is
+    local = address is None  # then the local `raytune-ft serve` behind URL says where its Ray is: its own
+    if address is None:
         from raytune_ft.serve.deploy import local_servers
 
         port = _port_of(url)
@@ -391,7 +392,17 @@ def noop_baseline(url: str, body: bytes, requests: int, warmup: int, address: st
             join_cluster(address, logging_level="ERROR", log_to_driver=False)  # the replicas' logs stay there
         except ClusterError as exc:
             raise BenchServeError(str(exc)) from None
-    serve.run(build_noop_app(), name=NOOP_APP, route_prefix=NOOP_ROUTE)
+    from raytune_ft.config.schema import CLUSTER_PLACEMENT_S, EMBEDDED_PLACEMENT_S
+    from raytune_ft.serve.deploy import ServeError, wait_until_running
+
+    serve.run_many(  # serve.run would wait for it without end
+        [serve.RunTarget(target=build_noop_app(), name=NOOP_APP, route_prefix=NOOP_ROUTE)],
+        wait_for_applications_running=False,
+    )
+    try:
+        wait_until_running(NOOP_APP, {"CPU": 1}, EMBEDDED_PLACEMENT_S if local else CLUSTER_PLACEMENT_S, local)
+    except ServeError as exc:
+        raise BenchServeError(f"--baseline-noop: {exc}") from None
     try:
         base = url.split("://", 1)[0] + "://" + url.split("://", 1)[1].split("/", 1)[0]
         log(f"no-op Ray Serve app at {base}{NOOP_ROUTE}: concurrency 1, {requests} requests")

@@ -106,7 +106,8 @@ def deploy(export: Path, cfg: ExperimentConfig, log: Callable[[str], None] = pri
         [serve.RunTarget(target=app, name=APP_NAME, route_prefix=cfg.serve.route_prefix)],
         wait_for_applications_running=False,  # serve.run would wait for it without end: wait_until_running
     )
-    wait_until_running(cfg)
+    asks = {"CPU": cfg.serve.num_cpus, "GPU": cfg.serve.num_gpus}
+    wait_until_running(APP_NAME, asks, cfg.cluster.placement_deadline_s, embedded=cfg.cluster.address is None)
     url = url_of(cfg)
     if cfg.cluster.address is None:
         state_dir().mkdir(parents=True, exist_ok=True)
@@ -126,35 +127,35 @@ def deploy(export: Path, cfg: ExperimentConfig, log: Callable[[str], None] = pri
 START_TIMEOUT_S = 600.0  # replicas placed, loading their model: as long as `serve --detach` waits for /healthz
 
 
-def wait_until_running(cfg: ExperimentConfig) -> None:
-    """Wait until the app runs. Replicas that cannot be placed fail it after cluster.placement_timeout_s (at once
-    when the embedded Ray has fewer CPUs or GPUs in all than one replica asks for), replicas that do not start
-    after START_TIMEOUT_S, each with what Serve says and what holds the resources; the app is deleted then.
-    serve.run waits for the app without end: behind a training run that held the CPUs it waited for good."""
+def wait_until_running(name: str, asks: dict[str, float], placement_s: float, embedded: bool) -> None:
+    """Wait until the Serve app NAME, whose replicas each ask for ASKS, runs. Replicas that cannot be placed fail
+    it after PLACEMENT_S (cluster.placement_timeout_s; at once when an EMBEDDED Ray has fewer CPUs or GPUs in all
+    than one replica asks for), replicas that do not start after START_TIMEOUT_S, each with what Serve says and
+    what holds the resources; the app is deleted then. serve.run waits for the app without end: behind a training
+    run that held the CPUs it waited for good."""
     import ray
     from ray import serve
 
     from raytune_ft.train.ray_cluster import resource_holders
 
-    asks = {"CPU": cfg.serve.num_cpus, "GPU": cfg.serve.num_gpus}
     total = ray.cluster_resources()
-    never = cfg.cluster.address is None and any(total.get(k, 0) < v for k, v in asks.items() if v)
+    never = embedded and any(total.get(k, 0) < v for k, v in asks.items() if v)
     start = time.monotonic()
     while not never:
-        app = serve.status().applications.get(APP_NAME)
+        app = serve.status().applications.get(name)
         status = getattr(app, "status", None)
         if status == "RUNNING":
             return
         messages = [f"{name}: {d.message}" for name, d in (app.deployments if app else {}).items() if d.message]
         if status == "DEPLOY_FAILED":
-            serve.delete(APP_NAME)
+            serve.delete(name)
             raise ServeError(f"the app failed to deploy: {app.message or '; '.join(messages)}")
         unplaced = any("to be scheduled" in m for m in messages)
-        limit = cfg.cluster.placement_deadline_s if unplaced else START_TIMEOUT_S
+        limit = placement_s if unplaced else START_TIMEOUT_S
         if time.monotonic() - start > limit:
             break
         time.sleep(0.5)
-    serve.delete(APP_NAME)
+    serve.delete(name)
     replicas = f"replicas of {', '.join(f'{v:g} {k}' for k, v in asks.items() if v)} each"
     if never:
         why = f"can never be placed: the embedded Ray has {', '.join(f'{total.get(k, 0):g} {k}' for k in asks)}"
