@@ -102,11 +102,10 @@ def start_embedded_ray(placement_timeout_s: float = EMBEDDED_PLACEMENT_S, **init
     and binds there. Ray's processes read that setting from the environment, this one from Ray's constant while
     ray.init runs. The cluster token is still required."""
     import ray
-    from ray._private import ray_constants
 
     global _embedded_placement
     port, env = embedded_settings(placement_timeout_s)
-    with single_machine(), inherited_environment({**env, ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR: "0"}):
+    with single_machine(), inherited_environment(env):
         ray.init(dashboard_port=port, **init_args)
     _embedded_placement = env[PLACEMENT_TIMEOUT_ENV]
 
@@ -163,6 +162,8 @@ def embedded_settings(placement_timeout_s: float = EMBEDDED_PLACEMENT_S) -> tupl
         "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
         # cluster.placement_timeout_s, read by each run's controller (ray_run.Trainer)
         PLACEMENT_TIMEOUT_ENV: f"{placement_timeout_s:g}",
+        # Ray's single-machine mode: every port on 127.0.0.1 (start_embedded_ray)
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
     }
     return port, {key: os.environ.get(key, value) for key, value in env.items()}
 
