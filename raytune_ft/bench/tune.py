@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from raytune_ft.config import ExperimentConfig
+from raytune_ft.config.algorithms import ALGORITHMS
 
 TRIVIAL_REPORTS = 3
 DEFAULT_SPACE = {"train.lr": {"type": "loguniform", "low": 1e-5, "high": 1e-3}}
@@ -207,13 +208,14 @@ def compare_experiment(
     data = cfg.model_dump(mode="json", by_alias=True)
     tune = data["tune"]
     tune.update(algorithm=algorithm, num_samples=samples, mlflow=False)
-    if algorithm in ("pbt", "pb2"):
+    kind = ALGORITHMS[algorithm]
+    if kind.perturbs:
         tune["scheduler"] = "none"
         if tune.get("perturbation_interval") is None:
             every = data["train"].get("eval_every_steps") or data["train"].get("checkpoint_every_steps")
             tune["perturbation_interval"] = every
-    elif algorithm == "bohb":
-        tune["scheduler"] = "hyperband"
+    elif kind.scheduler:
+        tune["scheduler"] = kind.scheduler
     data["seed"] = seed
     data["name"] = f"{cfg.name}-{algorithm}-s{seed}"
     data["output_dir"] = str(out_dir)

@@ -272,9 +272,10 @@ def bench_tune(
 
     cfg = load_experiment(config, overrides)
     algorithms = [a.strip() for a in compare.split(",") if a.strip()] if compare else []
-    known = ("random", "grid", "optuna", "hyperopt", "bohb", "pbt", "pb2")
-    if any(a not in known for a in algorithms):
-        fail(f"--compare: algorithms are {', '.join(known)}, got '{compare}'", EXIT_CONFIG)
+    from raytune_ft.config.algorithms import NAMES
+
+    if any(a not in NAMES for a in algorithms):
+        fail(f"--compare: algorithms are {', '.join(NAMES)}, got '{compare}'", EXIT_CONFIG)
     if skip_overhead and not algorithms:
         fail("--compare-only needs --compare", EXIT_CONFIG)
     if algorithms and (cfg.tune is None or not cfg.tune.search_space):

@@ -6,6 +6,7 @@ import os
 
 from pydantic import BaseModel
 
+from raytune_ft.config.algorithms import ALGORITHMS
 from raytune_ft.config.schema import (
     ChoiceDim,
     ExperimentConfig,
@@ -17,8 +18,8 @@ from raytune_ft.config.schema import (
     nested_models,
 )
 
-# Tune's variant generator resolves `sample_from` after plain domains; Optuna defines the space by running code.
-CONDITIONAL_ALGORITHMS = ("random", "optuna")
+SCHEDULER_TITLES = {"asha": "ASHA", "hyperband": "HyperBand", "median": "median-stopping"}
+CONDITIONAL_ALGORITHMS = tuple(name for name, a in ALGORITHMS.items() if a.conditional)
 # Sections whose leaves a search may vary; model identity, data location and serving stay fixed in a search.
 SEARCHABLE_SECTIONS = ("train", "finetune", "deepspeed", "data", "scaling", "multitask")
 # What PBT/PB2 may change in a running trial: an exploiting trial loads the donor's DeepSpeed checkpoint, so only
@@ -200,6 +201,7 @@ def _tune_errors(cfg: ExperimentConfig) -> list[tuple[str, str]]:
     tune = cfg.tune
     assert tune is not None
     errors: list[tuple[str, str]] = []
+    algorithm = ALGORITHMS[tune.algorithm]
     for key, dim in tune.search_space.items():
         where = f"tune.search_space.{key}"
         if key.split(".")[0] not in SEARCHABLE_SECTIONS:
@@ -210,27 +212,34 @@ def _tune_errors(cfg: ExperimentConfig) -> list[tuple[str, str]]:
             errors.append((where, problem))
         if tune.algorithm == "grid" and not isinstance(dim, GridDim):
             errors.append((where, f"algorithm 'grid' needs type 'grid', got '{dim.type}'"))
-        if tune.algorithm == "pb2" and not isinstance(dim, (UniformDim, LogUniformDim, IntDim)):
-            errors.append((where, f"pb2 models continuous ranges; type '{dim.type}' is not supported"))
-        if tune.algorithm in ("pbt", "pb2") and key not in PERTURBABLE_KEYS:
+        if algorithm.continuous_only and not isinstance(dim, (UniformDim, LogUniformDim, IntDim)):
+            errors.append((where, f"{tune.algorithm} models continuous ranges; type '{dim.type}' is not supported"))
+        if algorithm.perturbs and key not in PERTURBABLE_KEYS:
             errors.append(
                 (
                     where,
                     f"{tune.algorithm} changes hyper-parameters of running trials that restore each other's "
                     f"checkpoints, and '{key}' would not fit the donor's checkpoint; perturbable keys: "
-                    f"{', '.join(PERTURBABLE_KEYS)} (search '{key}' with random, grid, optuna, hyperopt or bohb)",
+                    f"{', '.join(PERTURBABLE_KEYS)} (search '{key}' with "
+                    f"{', '.join(n for n, a in ALGORITHMS.items() if not a.perturbs)})",
                 )
             )
     errors += _condition_errors(tune)
-    if tune.algorithm in ("pbt", "pb2"):
+    if algorithm.perturbs:
         if tune.perturbation_interval is None:
             errors.append(("tune.perturbation_interval", f"{tune.algorithm} needs a perturbation interval"))
         if not tune.search_space:
             errors.append(("tune.search_space", f"{tune.algorithm} needs at least one key to perturb"))
-    if tune.algorithm in ("pbt", "pb2") and tune.scheduler != "none":
+    if algorithm.perturbs and tune.scheduler != "none":
         errors.append(("tune.scheduler", f"{tune.algorithm} is itself the scheduler: set scheduler: none"))
-    if tune.algorithm == "bohb" and tune.scheduler != "hyperband":
-        errors.append(("tune.scheduler", "bohb runs with its own HyperBand scheduler: set scheduler: hyperband"))
+    if algorithm.scheduler and tune.scheduler != algorithm.scheduler:
+        errors.append(
+            (
+                "tune.scheduler",
+                f"{tune.algorithm} runs with its own {SCHEDULER_TITLES[algorithm.scheduler]} scheduler: set scheduler: "
+                f"{algorithm.scheduler}",
+            )
+        )
     return errors
 
 

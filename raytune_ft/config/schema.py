@@ -12,6 +12,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from raytune_ft.config.algorithms import NAMES as ALGORITHM_NAMES
+
 Task = Literal["sequence-classification", "causal-lm"]
 PositiveInt = Annotated[int, Field(gt=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
@@ -368,7 +370,7 @@ SearchDim = Annotated[UniformDim | LogUniformDim | IntDim | ChoiceDim | GridDim,
 
 
 class TuneConfig(Section):
-    algorithm: Literal["random", "grid", "optuna", "hyperopt", "bohb", "pbt", "pb2"] = "random"
+    algorithm: Literal[ALGORITHM_NAMES] = "random"  # type: ignore[valid-type]  (config/algorithms.py)
     scheduler: Literal["none", "asha", "hyperband", "median"] = "none"
     metric: str = "eval_loss"
     mode: Literal["min", "max"] = "min"

@@ -17,10 +17,10 @@ from typing import Any
 
 import yaml
 
+from raytune_ft.config.algorithms import ALGORITHMS
 from raytune_ft.layout import CONFIG_FILE, METADATA, TEST_METRICS
 
 EXPECTED = (CONFIG_FILE, "trials.csv", "trials/", "exploits.jsonl", "winner/", "export/")
-PBT_ALGORITHMS = ("pbt", "pb2")
 # run_trial_<id>_<index>[_<short config>]_<date>; Ray's ids are "<5 hex>_<5 digits>" or 8 hex characters
 FOLDER = re.compile(
     r"^run_trial_(?P<id>[0-9a-f]+(?:_\d{5})?)_(?P<tag>(?P<index>\d+)(?:_.*?)?)_\d{4}-\d{2}-\d{2}_\d{2}-\d{2}-\d{2}$"
@@ -104,7 +104,7 @@ class RunData:
 
     @property
     def pbt(self) -> bool:
-        return self.algorithm in PBT_ALGORITHMS
+        return self.algorithm in ALGORITHMS and ALGORITHMS[self.algorithm].perturbs
 
     def trial(self, trial_id: str | None) -> Trial | None:
         return next((t for t in self.trials if t.id == trial_id), None)

@@ -23,6 +23,7 @@ from typing import Any
 from pyarrow.fs import FileSelector, FileType
 
 from raytune_ft.config import ExperimentConfig, config_to_yaml
+from raytune_ft.config.algorithms import perturbs
 from raytune_ft.layout import CONFIG_FILE, TEST_METRICS
 from raytune_ft.train.ray_cluster import remove_leftover_placement_groups
 from raytune_ft.train.storage import bytes_needed, check_storage
@@ -375,12 +376,12 @@ def _trainable(cfg: ExperimentConfig, storage: str, log: Callable[[str], None]) 
         # PBT/PB2 (and their replay) would exploit at a trial's last report into a restart with nothing left to
         # train; marked `done`, that report ends the trial. Other schedulers and searchers must see it as a
         # result (HyperBandForBOHB and TuneBOHB take the full-budget result only from on_trial_result).
-        "end_at_last_report": cfg.tune.algorithm in ("pbt", "pb2"),
+        "end_at_last_report": perturbs(cfg.tune.algorithm),
         # A resumed trial goes on from the checkpoint Tune saved with it, not from a newer one on disk, when the
         # scheduler's saved state must agree with it: PBT/PB2 (search.SavedSchedule). From a newer one, the quick
         # example killed as both trials reached step 16 resumed them from 16, while the schedule saved with the
         # experiment had them at 8: their next report was the last, and the perturbation at 16 never happened.
-        "newer_own_checkpoint": cfg.tune.algorithm not in ("pbt", "pb2"),
+        "newer_own_checkpoint": not perturbs(cfg.tune.algorithm),
         "loop_config": loop_data(worker_data),
     }
     # The trial function only waits on its Ray Train run, whose workers hold the CPUs/GPUs. Tune refuses an empty

@@ -8,6 +8,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from raytune_ft.config.algorithms import ALGORITHMS
 from raytune_ft.config.schema import GridDim, TuneConfig
 from raytune_ft.tune.space import DefineByRun, param_space, pb2_bounds, tune_domain
 
@@ -15,12 +16,6 @@ logger = logging.getLogger(__name__)
 
 # Training progress is counted in optimizer steps (every report carries `step`), not in reports.
 TIME_ATTR = "step"
-EXTRAS = {
-    "optuna": ("optuna", ["optuna"]),
-    "hyperopt": ("hyperopt", ["hyperopt"]),
-    "bohb": ("bohb", ["hpbandster", "ConfigSpace"]),
-    "pb2": ("pb2", ["sklearn"]),
-}
 
 
 class MissingExtraError(RuntimeError):
@@ -28,9 +23,9 @@ class MissingExtraError(RuntimeError):
 
 
 def require_extra(algorithm: str) -> None:
-    if algorithm not in EXTRAS:
+    if ALGORITHMS[algorithm].extra is None:
         return
-    extra, modules = EXTRAS[algorithm]
+    extra, modules = ALGORITHMS[algorithm].extra
     missing = [m for m in modules if importlib.util.find_spec(m) is None]
     if missing:
         raise MissingExtraError(

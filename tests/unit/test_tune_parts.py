@@ -341,3 +341,29 @@ def test_stall_and_placement_deadlines_are_longer_on_a_cluster_and_configurable(
         tmp_path, cluster={"address": "auto", "placement_timeout_s": 120}, tune={**tune["tune"], "stall_timeout_s": 90}
     )
     assert (given.stall_deadline_s, given.cluster.placement_deadline_s) == (90, 120)
+
+
+def test_every_algorithm_of_the_registry_validates_builds_and_schedules_as_it_says(tmp_path):
+    """config/algorithms.py is the one list: each name there is a valid tune.algorithm, builds its searcher, and
+    gets a population scheduler exactly when the registry says it perturbs (or the scheduler it must run with)."""
+    from ray.tune.schedulers import FIFOScheduler, HyperBandForBOHB, PopulationBasedTraining
+
+    from raytune_ft.config.algorithms import ALGORITHMS, NAMES
+    from raytune_ft.config.schema import TuneConfig
+
+    assert TuneConfig.model_fields["algorithm"].annotation.__args__ == NAMES
+    for name, algorithm in ALGORITHMS.items():
+        dim = {"type": "grid", "values": [1e-4, 1e-3]} if name == "grid" else SPACE["train.lr"]
+        tune = {"algorithm": name, "search_space": {"train.lr": dim}}
+        if algorithm.perturbs:
+            tune["perturbation_interval"] = 10
+        if algorithm.scheduler:
+            tune["scheduler"] = algorithm.scheduler
+        settings = cfg_with(tmp_path, tune=tune).tune
+        assert search_algorithm(settings, 0) is not None, name
+        built = scheduler(settings, 5)
+        assert isinstance(built, PopulationBasedTraining) == algorithm.perturbs, name
+        if algorithm.scheduler == "hyperband":
+            assert isinstance(built, HyperBandForBOHB), name
+        elif not algorithm.perturbs:
+            assert isinstance(built, FIFOScheduler), name
