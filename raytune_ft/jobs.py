@@ -23,6 +23,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from raytune_ft.config import ExperimentConfig
+from raytune_ft.errors import RaytuneFtError
 
 COMMANDS = ("train", "tune")
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
@@ -31,7 +32,7 @@ EXPORT_LINE = re.compile(r"^export: (.+)$", re.MULTILINE)
 EXCLUDES = ["runs/", ".venv/", ".git/", "__pycache__/", "*.pyc", "bench-results/"]
 
 
-class JobError(RuntimeError):
+class JobError(RaytuneFtError, RuntimeError):
     """The cluster cannot be reached, or refused the request."""
 
 

@@ -6,10 +6,12 @@ import importlib.util
 from pathlib import Path
 from typing import Any
 
+from raytune_ft.errors import RaytuneFtError
+
 PACKAGE_PREFIX = "package:"
 
 
-class ModelSourceError(ValueError):
+class ModelSourceError(RaytuneFtError, ValueError):
     pass
 
 

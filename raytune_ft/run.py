@@ -32,6 +32,7 @@ from typing import Any
 
 from raytune_ft.config import ExperimentConfig
 from raytune_ft.config.schema import GridDim
+from raytune_ft.errors import RaytuneFtError
 from raytune_ft.layout import METADATA, RUN_STATE, TEST_METRICS
 from raytune_ft.modelcard import dotted_value
 
@@ -39,12 +40,14 @@ STAGES = ("data", "tune", "eval", "promote", "serve", "bench", "report")
 CHECK_TEXTS = 32  # validation texts sent to the served app and run in-process, to prove they agree
 
 
-class StageError(RuntimeError):
+class StageError(RaytuneFtError, RuntimeError):
     """A stage cannot run: an earlier stage's output is missing, or the served app disagrees with the export."""
 
 
-class NotPromoted(RuntimeError):
+class NotPromoted(RaytuneFtError, RuntimeError):
     """The winner missed a threshold of the `promote` section; it is not served (or no longer)."""
+
+    exit_code = 3
 
 
 @dataclass

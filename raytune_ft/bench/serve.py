@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from raytune_ft.errors import RaytuneFtError
+
 # Review-like sentences of mixed length: the default request texts (the package reads no data set for this).
 SENTENCES = [
     "a gripping, beautifully shot film that stays with you long after the credits roll .",
@@ -334,7 +336,7 @@ def plot(result: dict[str, Any], path: Path) -> Path:
     return path
 
 
-class BenchServeError(RuntimeError):
+class BenchServeError(RaytuneFtError, RuntimeError):
     pass
 
 

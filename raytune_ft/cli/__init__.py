@@ -24,6 +24,7 @@ from raytune_ft.cli.common import (
     out,
 )
 from raytune_ft.config import ConfigError, ExperimentConfig, config_to_yaml
+from raytune_ft.errors import RaytuneFtError
 from raytune_ft.layout import CONFIG_FILE
 
 
@@ -252,8 +253,10 @@ def tune(
             export = replay_schedule(replay, trial, run_dir, cfg=cfg, log=lambda m: err.print(m, highlight=False))
         except (FileNotFoundError, FileExistsError, ValueError) as exc:
             fail(str(exc), EXIT_CONFIG)
-        except (DataError, ModelSourceError, CheckpointError, RuntimeError) as exc:
+        except (DataError, ModelSourceError, CheckpointError) as exc:
             fail(str(exc), EXIT_RUNTIME)
+        except RaytuneFtError as exc:
+            fail(str(exc), exc.exit_code)
         out.print(f"replayed schedule exported to {export}", highlight=False, soft_wrap=True)
         return
     cfg = experiment_to_run(config, overrides, resume, CONFIG_FILE, "tune run directory")
@@ -264,8 +267,10 @@ def tune(
         found = tune_experiment(cfg, run_dir, resume=resume is not None, log=lambda m: err.print(m, highlight=False))
     except MissingExtraError as exc:
         fail(str(exc), EXIT_CONFIG)
-    except (DataError, ModelSourceError, CheckpointError, FileExistsError, FileNotFoundError, RuntimeError) as exc:
+    except (DataError, ModelSourceError, CheckpointError, FileExistsError, FileNotFoundError) as exc:
         fail(str(exc), EXIT_RUNTIME)
+    except RaytuneFtError as exc:  # a stalled search, workers that cannot be placed, no trial to export
+        fail(str(exc), exc.exit_code)
     metric = f"best_{cfg.tune.metric}"
     table = Table(title=f"Trials ({cfg.tune.algorithm}, {metric})", title_justify="left")
     keys = list(cfg.tune.search_space)
@@ -409,8 +414,10 @@ def run(
         fail(str(exc), EXIT_NOT_PROMOTED)
     except MissingExtraError as exc:
         fail(str(exc), EXIT_CONFIG)
-    except (DataError, ModelSourceError, CheckpointError, ClusterError, ServeError, StageError, RuntimeError) as exc:
+    except (DataError, ModelSourceError, CheckpointError, ClusterError, ServeError, StageError) as exc:
         fail(str(exc), EXIT_RUNTIME)
+    except RaytuneFtError as exc:
+        fail(str(exc), exc.exit_code)
     _print_run_summary(summary)
 
 

@@ -10,8 +10,22 @@ import typer
 from rich.console import Console
 
 from raytune_ft.config import ConfigError, ExperimentConfig, load_config
+from raytune_ft.errors import InputError, RaytuneFtError
 
-app = typer.Typer(
+
+class App(typer.Typer):
+    """The command line: an error raytune_ft raises for its user (errors.RaytuneFtError) is printed as one line
+    and exits with its status; any other exception is a bug and keeps its traceback."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().__call__(*args, **kwargs)
+        except RaytuneFtError as exc:
+            err.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True, soft_wrap=True)
+            sys.exit(exc.exit_code)
+
+
+app = App(
     help="Fine-tune Hugging Face models on Ray: validate, prepare data, train, tune, serve, benchmark.",
     no_args_is_help=True,
     add_completion=False,
@@ -27,7 +41,7 @@ OverridesArg = Annotated[
     typer.Argument(help="Dotted overrides such as train.lr=3e-5 data.max_length=64.", show_default=False),
 ]
 
-EXIT_RUNTIME, EXIT_CONFIG = 1, 2
+EXIT_RUNTIME, EXIT_CONFIG = RaytuneFtError.exit_code, InputError.exit_code
 
 
 def fail(message: str, code: int) -> NoReturn:

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from raytune_ft.errors import RaytuneFtError
+
 FORMATS_BY_SUFFIX = {
     ".tsv": "tsv",
     ".csv": "csv",
@@ -26,7 +28,7 @@ FORMATS_BY_SUFFIX = {
 }
 
 
-class DataError(ValueError):
+class DataError(RaytuneFtError, ValueError):
     """Bad input data; the message starts with FILE:LINE when a line is known."""
 
     def __init__(self, path: str | Path, line: int | None, message: str) -> None:

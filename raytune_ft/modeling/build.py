@@ -17,13 +17,14 @@ from transformers import (
 from transformers.pytorch_utils import Conv1D
 
 from raytune_ft.config.schema import FinetuneConfig, FreezeConfig, LoraConfig, ModelConfig, Task
+from raytune_ft.errors import RaytuneFtError
 from raytune_ft.model_source import resolve_model_source
 from raytune_ft.modeling.layers import layer_of, num_layers
 
 DROPOUT_SUFFIXES = ("dropout", "dropout_prob", "dropout_rate", "pdrop")
 
 
-class ModelBuildError(ValueError):
+class ModelBuildError(RaytuneFtError, ValueError):
     pass
 
 

@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from raytune_ft.config.algorithms import ALGORITHMS
+from raytune_ft.errors import InputError
 from raytune_ft.layout import CONFIG_FILE, METADATA, TEST_METRICS
 
 EXPECTED = (CONFIG_FILE, "trials.csv", "trials/", "exploits.jsonl", "winner/", "export/")
@@ -27,7 +28,7 @@ FOLDER = re.compile(
 )
 
 
-class RunDirError(ValueError):
+class RunDirError(InputError, ValueError):
     """The path is not a tune run directory (missing, not a directory, or none of the expected files)."""
 
 

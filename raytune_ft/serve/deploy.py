@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from raytune_ft.config import ExperimentConfig
+from raytune_ft.errors import RaytuneFtError
 from raytune_ft.serve.app import APP_NAME, build_app
 
 
@@ -30,7 +31,7 @@ def state_dir() -> Path:
     return Path(os.environ.get("RAYTUNE_FT_STATE_DIR") or Path(tempfile.gettempdir()) / "raytune_ft")
 
 
-class ServeError(RuntimeError):
+class ServeError(RaytuneFtError, RuntimeError):
     pass
 
 

@@ -13,11 +13,12 @@ from typing import Any
 
 import torch
 
+from raytune_ft.errors import RaytuneFtError
 from raytune_ft.export import METADATA
 from raytune_ft.layout import TEST_METRICS
 
 
-class ExportError(ValueError):
+class ExportError(RaytuneFtError, ValueError):
     """The directory is not a raytune_ft export (or a run directory holding one)."""
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from raytune_ft.data.store import file_sha256
+from raytune_ft.errors import RaytuneFtError
 
 STATE = "state.json"
 TRAINABLE = "trainable.safetensors"
@@ -28,7 +29,7 @@ DS_TAG = "ds"
 CHECKPOINT_PREFIX = "step_"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(RaytuneFtError, RuntimeError):
     pass
 
 

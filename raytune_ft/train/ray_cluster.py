@@ -11,6 +11,7 @@ from typing import Any
 
 from raytune_ft.config import ExperimentConfig
 from raytune_ft.config.schema import EMBEDDED_PLACEMENT_S
+from raytune_ft.errors import RaytuneFtError
 
 # Ray Train's own setting of how long a run's controller waits for its worker group to start
 PLACEMENT_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
@@ -20,7 +21,7 @@ PLACEMENT_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
 TOKEN_HINT = "set RAY_AUTH_MODE=token and give its token in RAY_AUTH_TOKEN or ~/.ray/auth_token"
 
 
-class ClusterError(RuntimeError):
+class ClusterError(RaytuneFtError, RuntimeError):
     """The Ray cluster at the configured address could not be joined."""
 
 

@@ -10,10 +10,11 @@ from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
 from raytune_ft.config import ExperimentConfig
 from raytune_ft.config.schema import EMBEDDED_PLACEMENT_S
+from raytune_ft.errors import RaytuneFtError
 from raytune_ft.train.ray_cluster import inherited_environment, placement_env
 
 
-class WorkersNotPlaced(RuntimeError):
+class WorkersNotPlaced(RaytuneFtError, RuntimeError):
     """A training run's workers could not be placed within cluster.placement_timeout_s."""
 
 

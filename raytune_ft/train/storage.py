@@ -9,6 +9,7 @@ import uuid
 from pathlib import Path
 
 from raytune_ft.config import ExperimentConfig
+from raytune_ft.errors import RaytuneFtError
 from raytune_ft.model_source import ModelSourceError, resolve_model_source
 
 WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt")
@@ -19,7 +20,7 @@ FULL_CHECKPOINT_FACTOR = 4.0
 MARGIN = 1.2
 
 
-class StorageError(RuntimeError):
+class StorageError(RaytuneFtError, RuntimeError):
     """The run directory cannot be written, or its disk lacks the room the run needs."""
 
 

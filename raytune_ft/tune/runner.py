@@ -24,6 +24,7 @@ from pyarrow.fs import FileSelector, FileType
 
 from raytune_ft.config import ExperimentConfig, config_to_yaml
 from raytune_ft.config.algorithms import perturbs
+from raytune_ft.errors import RaytuneFtError
 from raytune_ft.layout import CONFIG_FILE, TEST_METRICS
 from raytune_ft.train.ray_cluster import remove_leftover_placement_groups
 from raytune_ft.train.storage import bytes_needed, check_storage
@@ -301,10 +302,10 @@ def replay_schedule(
     remove_leftover_placement_groups(log)
     result = results[0]
     if result.error:
-        raise RuntimeError(f"the replay failed: {result.error}")
+        raise SearchError(f"the replay failed: {result.error}")
     checkpoint = result.get_best_checkpoint(cfg.tune.metric, cfg.tune.mode)
     if checkpoint is None:
-        raise RuntimeError(f"the replay ({result.path}) left no checkpoint")
+        raise SearchError(f"the replay ({result.path}) left no checkpoint")
     trials = trial_rows(results, cfg.tune.metric, cfg.tune.mode)
     write_trials(out_dir, trials, {})
     final_cfg = trial_experiment(cfg.model_dump(mode="json", by_alias=True), result.config, cfg.name)
@@ -453,7 +454,11 @@ def _evaluations_per_trial(cfg: ExperimentConfig, train: dict[str, list]) -> int
     return max(1, math.ceil(plan.total_steps / max(1, every)))
 
 
-class SearchStalled(RuntimeError):
+class SearchError(RaytuneFtError, RuntimeError):
+    """A search or replay that ended without a model to export: every trial failed, or none left a checkpoint."""
+
+
+class SearchStalled(RaytuneFtError, RuntimeError):
     """No trial of a search has run for tune.stall_timeout_s."""
 
 
@@ -554,12 +559,12 @@ def _finish(
     write_trials(run_dir, trials, settings.search_space)
     ok = [r for r in results if r.error is None or r.metrics]
     if not ok:
-        raise RuntimeError(f"every trial failed; see {run_dir / EXPERIMENT}")
+        raise SearchError(f"every trial failed; see {run_dir / EXPERIMENT}")
     # Best on the validation metric only, over every report of every trial.
     best = results.get_best_result(settings.metric, settings.mode, scope="all")
     checkpoint = best.get_best_checkpoint(settings.metric, settings.mode)
     if checkpoint is None:
-        raise RuntimeError(f"the best trial ({best.path}) left no checkpoint")
+        raise SearchError(f"the best trial ({best.path}) left no checkpoint")
     trial_id = Path(best.path).name
     best_metrics = next((m for c, m in best.best_checkpoints if c.path == checkpoint.path), best.metrics)
     # the config that checkpoint was trained with: a PBT trial's final config may be one it never trained with

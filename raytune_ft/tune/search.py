@@ -10,6 +10,7 @@ from typing import Any
 
 from raytune_ft.config.algorithms import ALGORITHMS
 from raytune_ft.config.schema import GridDim, TuneConfig
+from raytune_ft.errors import InputError
 from raytune_ft.tune.space import DefineByRun, param_space, pb2_bounds, tune_domain
 
 logger = logging.getLogger(__name__)
@@ -18,7 +19,7 @@ logger = logging.getLogger(__name__)
 TIME_ATTR = "step"
 
 
-class MissingExtraError(RuntimeError):
+class MissingExtraError(InputError, RuntimeError):
     pass
 
 

@@ -169,3 +169,33 @@ def test_an_unwritable_output_is_refused_before_anything_starts(tmp_path, comman
     result = runner.invoke(app, [command, str(path), "output_dir=/proc/raytune-ft-runs"])
     assert result.exit_code == 1
     assert "/proc/raytune-ft-runs/cli-test" in result.stderr and "cannot be written" in result.stderr
+
+
+def test_the_command_line_prints_a_users_error_and_keeps_a_bugs_traceback(capsys):
+    """cli.common.App: an errors.RaytuneFtError ends the command with its message and exit status; anything else
+    is a bug and propagates with its traceback (before, a RuntimeError from a bug became a one-line 'error')."""
+    from raytune_ft.cli.common import App
+    from raytune_ft.errors import InputError, RaytuneFtError
+
+    app = App()
+
+    @app.command()
+    def stalled() -> None:
+        raise RaytuneFtError("no trial of the search has run for 600 s")
+
+    @app.command()
+    def bad() -> None:
+        raise InputError("tune.algorithm: unknown")
+
+    @app.command()
+    def bug() -> None:
+        raise RuntimeError("an invariant broke")
+
+    for command, status, message in (("stalled", 1, "no trial of the search"), ("bad", 2, "tune.algorithm")):
+        with pytest.raises(SystemExit) as ended:
+            app([command])
+        assert ended.value.code == status
+        printed = capsys.readouterr().err
+        assert "error:" in printed and message in printed and "Traceback" not in printed
+    with pytest.raises(RuntimeError, match="an invariant broke"):
+        app(["bug"])
