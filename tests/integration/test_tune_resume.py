@@ -178,7 +178,8 @@ def test_synchronous_pbt_resumes_after_driver_kills_before_and_after_the_first_e
     # from their step-8 checkpoints and on their way to step 16
     second, log = start(["--resume", str(search)], "second")
     kill_driver_when(second, lambda: exploits_decided(search) >= 1, log)
-    assert exploits_decided(search) == 1
+    decided = (search / "trials" / "pbt_global.txt").read_text().splitlines()
+    assert len(decided) == 1
 
     # 3. resumed again, as from a driver whose Ray went with it (an embedded one): Tune's staging folder of the
     # driver, in the Ray session's directory, is gone. It ends, and exploits once more at the second point.
@@ -187,10 +188,18 @@ def test_synchronous_pbt_resumes_after_driver_kills_before_and_after_the_first_e
         shutil.rmtree(folder)
     third = subprocess.run([*cli, "--resume", str(search)], capture_output=True, text=True, env=env, timeout=600)
     assert third.returncode == 0, third.stdout[-2000:] + third.stderr[-4000:]
-    assert exploits_decided(search) == 2  # the log of the exploits before the kill kept (search.policy_logs_back)
+    # The exploit logged before the kill is kept (search.policy_logs_back), and the resumed search exploits again.
+    # Where the kill lands against Tune's own saving of its state (every second here) decides whether the trials
+    # resume past the first exploit or from just before it (then it is made again, or, when one trial already
+    # stood at the next point, folded into the next one); the second point's exploit is made after the resume
+    # either way.
+    logged = (search / "trials" / "pbt_global.txt").read_text().splitlines()
+    assert logged[: len(decided)] == decided and len(logged) > len(decided), logged
     exploits = [json.loads(line) for line in (search / "exploits.jsonl").read_text().splitlines()]
-    # each exploit restored its donor's checkpoint at a perturbation point, the last one after the second kill
-    assert sorted(e["donor_step"] for e in exploits) == [interval, 2 * interval], exploits
+    # each exploit restored its donor's checkpoint at a perturbation point, one at the second point
+    assert {e["donor_step"] for e in exploits} <= {interval, 2 * interval} and 2 * interval in {
+        e["donor_step"] for e in exploits
+    }, exploits
     assert all(e["restored_step"] == e["donor_step"] and e["donor"] != e["trial"] for e in exploits)
     rows = list(csv.DictReader(open(search / "trials.csv")))
     assert len(rows) == 2 and {r["status"] for r in rows} == {"TERMINATED"}, rows
