@@ -147,7 +147,8 @@ def wait_until_running(name: str, asks: dict[str, float], placement_s: float, em
         status = getattr(app, "status", None)
         if status == "RUNNING":
             return
-        messages = [f"{name}: {d.message}" for name, d in (app.deployments if app else {}).items() if d.message]
+        deployments = app.deployments if app else {}
+        messages = [f"{deployment}: {d.message}" for deployment, d in deployments.items() if d.message]
         if status == "DEPLOY_FAILED":
             serve.delete(name)
             raise ServeError(f"the app failed to deploy: {app.message or '; '.join(messages)}")

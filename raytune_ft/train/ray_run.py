@@ -85,7 +85,7 @@ class Trainer(DataParallelTrainer):
         hints = []
         if any("ServeReplica" in h for h in holders):
             hints.append("stop the Serve app (`raytune-ft serve stop`, or serve.shutdown())")
-        if any(total[k] < v * scaling.num_workers for k, v in per_worker.items()):
+        if not self.fits():
             hints.append("ask for fewer workers or resources (scaling.num_workers, scaling.cpus_per_worker)")
         elif holders:
             hints.append("wait for the runs above to end")

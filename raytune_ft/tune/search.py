@@ -108,7 +108,8 @@ class SavedSchedule:
     doesn't restore schedulers properly", ray-project/ray#30838, open; the hang itself: the unmerged #48616). The
     runner's Tune callback saves this state each time Tune saves the experiment's (runner.ExperimentLog)."""
 
-    _restored: dict[str, dict[str, Any]] | None = None
+    _restored: dict[str, dict[str, Any]] | None = None  # per trial id, until the restored trial is added
+    _logs_back = False
 
     def saved_state(self) -> dict[str, Any]:
         trials = {}
@@ -134,7 +135,7 @@ class SavedSchedule:
 
     def on_trial_add(self, tune_controller: Any, trial: Any) -> None:
         super().on_trial_add(tune_controller, trial)
-        if self._restored is not None and not getattr(self, "_logs_back", False):
+        if self._restored is not None and not self._logs_back:
             self._logs_back = True
             policy_logs_back(trial.storage)
         saved = (self._restored or {}).pop(trial.trial_id, None)

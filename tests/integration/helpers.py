@@ -203,3 +203,20 @@ def checkpoints_written(search, trial: str) -> list[int]:
     """Steps of the Ray Train checkpoints a trial's workers have written, newest last (on disk as they finish,
     unlike Tune's result.json, which its logger writes in batches)."""
     return sorted(checkpoint_step(p) for p in (search / "train-runs" / trial).glob("run-*/step_*"))
+
+
+def pbt_pair(interval: int, **settings: object) -> dict:
+    """The tune section of a synchronous PBT search over two trials, lr 3e-3 and 1e-6, quantile 0.5 and no
+    resampling: at every perturbation point the trial in the lower half exploits the other. SETTINGS add to it."""
+    return {
+        "algorithm": "pbt",
+        "metric": "eval_loss",
+        "mode": "min",
+        "num_samples": 1,
+        "perturbation_interval": interval,
+        "quantile_fraction": 0.5,
+        "resample_probability": 0.0,
+        "synch": True,  # both trials meet at every point however unevenly the two cores start them
+        "search_space": {"train.lr": {"type": "grid", "values": [3e-3, 1e-6]}},
+        **settings,
+    }

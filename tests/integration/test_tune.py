@@ -10,7 +10,7 @@ import pickle
 import pyarrow.parquet as pq
 import pytest
 from conftest import cpus_free_within
-from helpers import cli, make_cfg, write_experiment, write_reviews
+from helpers import cli, make_cfg, pbt_pair, write_experiment, write_reviews
 
 from raytune_ft.config import load_config
 from raytune_ft.data import reads_of_test_split
@@ -37,23 +37,11 @@ def tune_cfg(root, name, tiny_bert, data, tune, **sections):
 
 def test_pbt_winner_exploited_the_donor_checkpoint_is_tested_once_and_replays(tiny_bert, tmp_path, session_ray_address):
     data = write_reviews(tmp_path / "reviews.tsv", rows=200)
-    tune = {
-        "algorithm": "pbt",
-        "metric": "eval_loss",
-        "mode": "min",
-        "num_samples": 1,
-        "perturbation_interval": 8,
-        "quantile_fraction": 0.5,
-        "resample_probability": 0.0,
-        "synch": True,  # both trials meet at step 8 however unevenly the two cores start them
-        "keep_checkpoints": 1,
-        # Two trials, quantile 0.5: at step 8 the one at lr 1e-6 (which learns nothing) is the lower half and
-        # exploits the other: its step-8 checkpoint, and its lr doubled (factors 2 and 2). From the same weights,
-        # the doubled rate learns faster (seeded: eval loss 0.54 against the donor's 0.68 at step 16), so the winner
-        # is the trial that exploited, and the winner's schedule (pbt_policy.txt, card, replay) is what is tested.
-        "perturbation_factors": [2.0, 2.0],
-        "search_space": {"train.lr": {"type": "grid", "values": [3e-3, 1e-6]}},
-    }
+    # Two trials, quantile 0.5: at step 8 the one at lr 1e-6 (which learns nothing) is the lower half and exploits
+    # the other: its step-8 checkpoint, and its lr doubled (factors 2 and 2). From the same weights, the doubled
+    # rate learns faster (seeded: eval loss 0.54 against the donor's 0.68 at step 16), so the winner is the trial
+    # that exploited, and the winner's schedule (pbt_policy.txt, card, replay) is what is tested.
+    tune = pbt_pair(8, keep_checkpoints=1, perturbation_factors=[2.0, 2.0])
     # a constant learning rate, so that every report's lr is the trial's configured one
     train = {"lr_schedule": "constant", "warmup_ratio": 0, "batch_size": 16}
     cfg = tune_cfg(tmp_path / "runs", "pbt", tiny_bert, data, tune, train=train)

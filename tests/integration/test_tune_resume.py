@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import checkpoints_written, kill_session, reports, trial_states, write_reviews
+from helpers import checkpoints_written, kill_session, pbt_pair, reports, trial_states, write_reviews
 
 pytestmark = pytest.mark.integration
 
@@ -140,20 +140,8 @@ def test_synchronous_pbt_resumes_after_driver_kills_before_and_after_the_first_e
         },
         "scaling": {"num_workers": 1, "cpus_per_worker": 1},
         "cluster": {"address": session_ray_address},
-        "tune": {
-            "algorithm": "pbt",
-            "metric": "eval_loss",
-            "mode": "min",
-            "num_samples": 1,
-            "perturbation_interval": interval,
-            "quantile_fraction": 0.5,
-            "resample_probability": 0.0,
-            "synch": True,
-            "mlflow": False,
-            # a hang ends as an error that says where the search stood, not as this test's timeout
-            "stall_timeout_s": 60,
-            "search_space": {"train.lr": {"type": "grid", "values": [3e-3, 1e-6]}},
-        },
+        # a hang ends as an error that says where the search stood, not as this test's timeout
+        "tune": pbt_pair(interval, mlflow=False, stall_timeout_s=60),
     }
     path = tmp_path / "exp.yaml"
     path.write_text(yaml.safe_dump(experiment))

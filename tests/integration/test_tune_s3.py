@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from conftest import free_session_cpus
-from helpers import cli, kill_session, make_cfg, write_experiment, write_reviews
+from helpers import cli, kill_session, make_cfg, pbt_pair, write_experiment, write_reviews
 
 from raytune_ft.tune.runner import trial_id_of
 from raytune_ft.tune.trial import EXPLOIT_KEY
@@ -74,23 +74,11 @@ def test_pbt_search_on_s3_resumes_after_a_driver_kill_and_exports_the_winner(
     s3.create_dir(bucket)
     storage = f"{bucket}/searches/pbt"
     data = write_reviews(tmp_path / "reviews.tsv", rows=200)
-    tune = {
-        "algorithm": "pbt",
-        "metric": "eval_loss",
-        "mode": "min",
-        "num_samples": 1,
-        # One exploit, at step 12 of 24: the trial at lr 1e-6 (the lower half) takes the other's checkpoint; after
-        # it, reports at steps 16, 20 and 24 leave time to kill the driver in mid-search.
-        "perturbation_interval": 12,
-        "quantile_fraction": 0.5,
-        "resample_probability": 0.0,
-        "synch": True,
-        "keep_checkpoints": 1,
-        "perturbation_factors": [2.0, 2.0],
-        "mlflow": False,  # MLflow's store is test_tune's PBT test's to check
-        "storage_path": f"s3://{storage}",
-        "search_space": {"train.lr": {"type": "grid", "values": [3e-3, 1e-6]}},
-    }
+    # One exploit, at step 12 of 24: the trial at lr 1e-6 (the lower half) takes the other's checkpoint; after it,
+    # reports at steps 16, 20 and 24 leave time to kill the driver in mid-search. MLflow's store is test_tune's.
+    tune = pbt_pair(
+        12, keep_checkpoints=1, perturbation_factors=[2.0, 2.0], mlflow=False, storage_path=f"s3://{storage}"
+    )
     cfg = make_cfg(
         tmp_path / "runs",
         "s3",
