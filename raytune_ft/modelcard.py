@@ -197,7 +197,7 @@ def model_card(export_dir: Path) -> str:
         if not ev:
             continue
         lines += ["", f"## Evaluation on {ev.get('data', data_name)}", ""]
-        lines += _evaluation_lines(ev)
+        lines += evaluation_summary(ev)
 
     lines += ["", "## Reproduce", ""]
     lines.append(f"Code: raytune_ft {prov.get('raytune_ft')}, git commit `{prov.get('git_commit')}`.")
@@ -212,38 +212,98 @@ def model_card(export_dir: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _evaluation_lines(ev: dict[str, Any]) -> list[str]:
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f} %"
+
+
+OVERLAP_KINDS = {
+    "inside_a_training_text": "inside a training text",
+    "contains_a_training_text": "containing one",
+    "near_duplicate_of_a_training_text": "nearly repeating one",
+}
+
+
+def evaluation_summary(ev: dict[str, Any]) -> list[str]:
+    """The headline of an evaluation report (eval.json) as Markdown bullets: what the model card shows of each
+    evaluation, and how evaluation_markdown's whole report begins. Reports written by older versions lack some
+    keys; what is missing is left out."""
     out: list[str] = []
     m = ev.get("metrics", {})
     if "perplexity" in m:
-        out.append(f"Perplexity {m['perplexity']:.4g} over {m.get('tokens')} tokens.")
+        texts = f" ({m['rows']} texts)" if "rows" in m else ""
+        out.append(f"Perplexity {m['perplexity']:.3f} over {m.get('tokens')} tokens{texts}.")
     else:
-        out.append(f"{m.get('rows')} rows: accuracy {_num(m.get('accuracy'))}, macro-F1 {_num(m.get('f1_macro'))}.")
+        out.append(f"{m.get('rows')} rows: accuracy {_pct(m.get('accuracy'))}, macro-F1 {_pct(m.get('f1_macro'))}.")
     cal = ev.get("calibration")
     if cal:
-        out.append(f"Calibration: expected calibration error {cal['ece']:.4f} (maximum {cal['mce']:.4f}).")
+        bins = f" over {len(cal['bins'])} bins" if cal.get("bins") else ""
+        out.append(f"Calibration: expected calibration error {cal['ece']:.4f} (maximum {cal['mce']:.4f}){bins}.")
     for column, s in (ev.get("slices") or {}).items():
         out.append(
-            f"Slices by {column}: worst {s['worst_slice']}, best {s['best_slice']}, macro-F1 gap "
-            f"{s['f1_macro_gap']:.4f}."
+            f"Slices by {column}: worst {s.get('worst_slice')}, best {s.get('best_slice')}, macro-F1 gap "
+            f"{_pct(s.get('f1_macro_gap'))}."
         )
+    seen = ev.get("overlap_with_training") or {}
+    if seen.get("measured"):
+        parts = ", ".join(f"{label} {_pct(seen[key]['share'])}" for key, label in OVERLAP_KINDS.items() if key in seen)
+        share = _pct(seen["any"]["share"]) if "any" in seen else "n/a"
+        out.append(f"Overlap with the training split: {share} of the rows ({parts or 'no rows'}).")
+    elif seen:
+        out.append(f"Overlap with the training split: not measured ({seen.get('reason')}).")
     edge = ev.get("edge_cases")
     if edge:
         kinds = ", ".join(f"{k} {v['passed']}/{v['cases']}" for k, v in edge["by_kind"].items())
-        out.append(f"Edge cases: {edge['passed']}/{edge['cases']} passed ({kinds}).")
+        out.append(f"Edge cases: {edge['passed']}/{edge['cases']} passed ({_pct(edge.get('pass_rate'))}; {kinds}).")
     forget = ev.get("forgetting")
     if forget:
+        before = "not measured" if forget.get("before") is None else _num(forget["before"])
+        worse = "" if forget.get("worse_by") is None else f" (worse by {_num(forget['worse_by'])})"
         out.append(
-            f"Forgetting ({forget['file']}): {forget['metric']} before {_num(forget['before'])}, after "
-            f"{_num(forget['after'])}, worse by {_num(forget['worse_by'])}."
+            f"Forgetting on {forget['file']}: {forget['metric']} {before} before, {_num(forget['after'])} after{worse}."
         )
     lat = ev.get("latency")
     if lat:
+        rate = lat.get("batched_rows_per_s")
+        threads = f" ({lat['threads']} threads)" if lat.get("threads") else ""
         out.append(
             f"Latency in-process: batch 1 p50 {lat['batch1_p50_ms']:.1f} ms, p95 {lat['batch1_p95_ms']:.1f} ms;"
-            f" batches of {lat['batch_size']}: {_num(lat['batched_rows_per_s'])} rows/s."
+            f" batches of {lat['batch_size']}: {'n/a' if rate is None else f'{rate:.1f}'} rows/s{threads}."
         )
     return [f"- {line}" for line in out]
+
+
+def evaluation_markdown(ev: dict[str, Any]) -> str:
+    """The whole evaluation report for people (eval.md, and what `raytune-ft eval` prints): the headline the model
+    card shows, then per class, per slice, every failed edge case and the most confident mistakes."""
+    lines = [f"# Evaluation of {ev.get('export', '')} on {ev.get('data', '')}", "", *evaluation_summary(ev)]
+    per_class = ev.get("metrics", {}).get("per_class")
+    if per_class:
+        lines += ["", "## Per class", ""]
+        lines += _table(
+            ["class", "precision", "recall", "F1", "support"],
+            [
+                [name, _pct(c["precision"]), _pct(c["recall"]), _pct(c["f1"]), f"{c['support']:.0f}"]
+                for name, c in per_class.items()
+            ],
+        )
+    for column, s in (ev.get("slices") or {}).items():
+        lines += ["", f"## Slices by {column}", ""]
+        lines += _table(
+            ["value", "rows", "accuracy", "macro-F1"],
+            [
+                [value, v.get("rows"), _pct(v.get("accuracy")), _pct(v.get("f1_macro"))]
+                for value, v in s["slices"].items()
+            ],
+        )
+    failures = (ev.get("edge_cases") or {}).get("failures")
+    if failures:
+        lines += ["", "## Failed edge cases", ""]
+        lines += [f"- [{f['kind']}] {f['text']!r}: expected {f['expected']!r}, got {f['got']!r}" for f in failures]
+    mistakes = ev.get("confident_mistakes")
+    if mistakes:
+        lines += ["", "## Most confident mistakes", ""]
+        lines += [f"- {w['confidence']:.3f} said {w['predicted']} (true {w['label']}): {w['text']!r}" for w in mistakes]
+    return "\n".join(lines) + "\n"
 
 
 def write_model_card(export_dir: Path) -> Path:

@@ -45,7 +45,7 @@ def evaluate(
     """Judge an export as it will be used: metrics, slices, calibration, edge cases, forgetting, latency."""
     from raytune_ft.data.readers import DataError
     from raytune_ft.evaluation import EvalRequest, evaluate_export
-    from raytune_ft.evaluation.runner import summary_markdown
+    from raytune_ft.modelcard import evaluation_markdown
     from raytune_ft.serve.model import ExportError
 
     for option, path in (("DATA", data), ("--edge-cases", edge_cases), ("--retain", retain)):
@@ -75,4 +75,4 @@ def evaluate(
     if as_json:
         sys.stdout.write(json.dumps(report, indent=2, default=float) + "\n")
     else:
-        out.print(summary_markdown(report), markup=False, highlight=False)
+        out.print(evaluation_markdown(report), markup=False, highlight=False)

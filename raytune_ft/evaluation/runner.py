@@ -24,6 +24,7 @@ from raytune_ft.data.readers import DataError, Records, read_records
 from raytune_ft.evaluation import scoring
 from raytune_ft.layout import EVAL_DIR, EVAL_FILE, EVAL_SUMMARY, RELIABILITY
 from raytune_ft.metrics import perplexity
+from raytune_ft.modelcard import evaluation_markdown, write_model_card
 
 
 @dataclass
@@ -77,8 +78,6 @@ def evaluate_export(export: Path, request: EvalRequest, out_dir: Path | None = N
     )
     out_dir = out_dir or model.export_dir / EVAL_DIR / (f"{task}-{request.data.stem}" if task else request.data.stem)
     write_report(report, out_dir)
-    from raytune_ft.modelcard import write_model_card
-
     if out_dir.resolve().parent.parent == model.export_dir.resolve():
         write_model_card(model.export_dir)
     return report
@@ -299,68 +298,4 @@ def write_report(report: dict[str, Any], out_dir: Path) -> None:
         from raytune_ft.evaluation.figures import reliability_png
 
         (out_dir / RELIABILITY).write_bytes(reliability_png(report["calibration"]))
-    (out_dir / EVAL_SUMMARY).write_text(summary_markdown(report))
-
-
-def _pct(value: float | None) -> str:
-    return "n/a" if value is None else f"{100 * value:.1f} %"
-
-
-def summary_markdown(report: dict[str, Any]) -> str:
-    """The report for people: headline numbers, slices, calibration, edge-case failures, mistakes, latency."""
-    m = report["metrics"]
-    lines = [f"# Evaluation of {report.get('export', '')} on {report.get('data', '')}", ""]
-    if report.get("task") == "causal-lm":
-        lines.append(f"- perplexity {m['perplexity']:.3f} over {m['tokens']} tokens ({m['rows']} texts)")
-    else:
-        lines.append(f"- {m['rows']} rows: accuracy {_pct(m['accuracy'])}, macro-F1 {_pct(m['f1_macro'])}")
-        lines += ["", "| class | precision | recall | F1 | support |", "|---|---|---|---|---|"]
-        for name, c in m["per_class"].items():
-            cells = [name, _pct(c["precision"]), _pct(c["recall"]), _pct(c["f1"]), f"{c['support']:.0f}"]
-            lines.append("| " + " | ".join(cells) + " |")
-        cal = report["calibration"]
-        lines += ["", f"Calibration: ECE {cal['ece']:.4f}, MCE {cal['mce']:.4f} ({len(cal['bins'])} bins)."]
-        for column, s in report.get("slices", {}).items():
-            lines += ["", f"Slices by {column} (macro-F1 gap {_pct(s['f1_macro_gap'])}, worst: {s['worst_slice']}):"]
-            lines += ["", "| value | rows | accuracy | macro-F1 |", "|---|---|---|---|"]
-            for value, v in s["slices"].items():
-                lines.append(f"| {value} | {v['rows']} | {_pct(v['accuracy'])} | {_pct(v['f1_macro'])} |")
-    seen = report.get("overlap_with_training") or {}
-    if seen.get("measured"):
-        kinds = {
-            "inside_a_training_text": "inside a training text",
-            "contains_a_training_text": "containing one",
-            "near_duplicate_of_a_training_text": "nearly repeating one",
-        }
-        parts = ", ".join(f"{label} {_pct(seen[key]['share'])}" for key, label in kinds.items() if key in seen)
-        share = _pct(seen["any"]["share"]) if "any" in seen else "n/a"
-        lines += ["", f"Overlap with the training split: {share} of the rows ({parts or 'no rows'})."]
-    elif seen:
-        lines += ["", f"Overlap with the training split: not measured ({seen['reason']})."]
-    edge = report.get("edge_cases")
-    if edge:
-        lines += ["", f"Edge cases: {edge['passed']}/{edge['cases']} passed ({_pct(edge['pass_rate'])})."]
-        for kind, k in edge["by_kind"].items():
-            lines.append(f"- {kind}: {k['passed']}/{k['cases']}")
-        for f in edge["failures"]:
-            lines.append(f"  - FAIL [{f['kind']}] {f['text']!r}: expected {f['expected']!r}, got {f['got']!r}")
-    forget = report.get("forgetting")
-    if forget:
-        lines += [
-            "",
-            f"Forgetting on {forget['file']}: {forget['metric']} {forget['before']} before, "
-            f"{forget['after']} after (worse by {forget['worse_by']}).",
-        ]
-    mistakes = report.get("confident_mistakes")
-    if mistakes:
-        lines += ["", "Most confident mistakes:"]
-        for w in mistakes:
-            lines.append(f"- {w['confidence']:.3f} said {w['predicted']} (true {w['label']}): {w['text']!r}")
-    lat = report.get("latency")
-    if lat:
-        lines += [
-            "",
-            f"Latency in-process: batch 1 p50 {lat['batch1_p50_ms']:.1f} ms, p95 {lat['batch1_p95_ms']:.1f} ms; "
-            f"batches of {lat['batch_size']}: {lat['batched_rows_per_s']:.1f} rows/s ({lat['threads']} threads).",
-        ]
-    return "\n".join(lines) + "\n"
+    (out_dir / EVAL_SUMMARY).write_text(evaluation_markdown(report))

@@ -215,10 +215,17 @@ def test_classifier_evaluation_matches_the_hand_computed_answers(classifier, tmp
     assert json.loads((out / "eval.json").read_text())["metrics"]["accuracy"] == pytest.approx(0.6)
     assert (out / "reliability.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     summary = (out / "eval.md").read_text()
-    assert "accuracy 60.0 %" in summary and "FAIL [negation] 'not good'" in summary
-    # the export's model card now carries this evaluation
+    assert "- 5 rows: accuracy 60.0 %, macro-F1 37.5 %." in summary
+    assert "- Slices by group: worst web, best print, macro-F1 gap 6.7 %." in summary
+    assert "| print | 3 | 66.7 % | 40.0 % |" in summary and "| negative | 0.0 % | 0.0 % | 0.0 % | 2 |" in summary
+    assert "## Failed edge cases\n\n- [negation] 'not good': expected 'negative', got 'positive'" in summary
+    assert "## Most confident mistakes\n\n- 0.731 said positive (true negative): 'a really bad film'" in summary
+    # the export's model card now carries this evaluation: the report's headline, rendered by the same code
     card = (classifier / CARD).read_text()
-    assert "## Evaluation on" in card and "Edge cases: 1/2 passed" in card and "calibration error" in card
+    headline = summary.split("\n\n")[1]
+    assert headline.startswith("- 5 rows:") and "- Edge cases: 1/2 passed (50.0 %; case 1/1, negation 0/1)." in headline
+    assert f"## Evaluation on {data}\n\n{headline}\n\n## Reproduce" in card
+    assert "## Per class" not in card and "confident mistakes" not in card
 
 
 def test_retain_set_forgetting_against_a_reference_classifier(classifier, tmp_path):
