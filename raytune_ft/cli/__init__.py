@@ -189,7 +189,8 @@ def train(
     ] = None,
     overrides: OverridesArg = None,
     resume: Annotated[
-        Path | None, typer.Option("--resume", help="Continue the run in this run directory from its last checkpoint.")
+        Path | None,
+        typer.Option("--resume", help="Continue the run in this run directory from its newest whole checkpoint."),
     ] = None,
     no_export: Annotated[bool, typer.Option("--no-export", help="Skip exporting the best checkpoint.")] = False,
 ) -> None:
@@ -228,7 +229,12 @@ def tune(
     ] = None,
     overrides: OverridesArg = None,
     run_dir: Annotated[
-        Path | None, typer.Option("--run-dir", help="Where the search goes (default: OUTPUT_DIR/NAME/tune).")
+        Path | None,
+        typer.Option(
+            "--run-dir",
+            help="Where the search (or replay) goes; refused if it holds one. Default: OUTPUT_DIR/NAME/tune, or "
+            "with --replay RUN_DIR/replays/TRIAL.",
+        ),
     ] = None,
     resume: Annotated[
         Path | None, typer.Option("--resume", help="Continue the interrupted search in this run directory.")
@@ -321,7 +327,11 @@ def serve(
     ] = False,
     address: Annotated[
         str | None,
-        typer.Option("--address", help="Ray cluster address (default: the experiment's cluster.address)."),
+        typer.Option(
+            "--address",
+            help="Deploy to this Ray cluster, where the app outlives the command (default: the experiment's "
+            "cluster.address).",
+        ),
     ] = None,
 ) -> None:
     """Deploy an exported model behind HTTP with Ray Serve (settings: the export's `serve` section + overrides)."""
@@ -390,7 +400,7 @@ def run(
 ) -> None:
     """The whole job: data → tune (or train) → test once → export → promote → serve → bench → report.
 
-    Stages: data, tune, promote, serve, bench, report. A rerun skips what is complete; a winner that misses a
+    Stages: data, tune, eval, promote, serve, bench, report. A rerun skips what is complete; a winner that misses a
     `promote` threshold is not served (exit code 3)."""
     from raytune_ft.data import DataError
     from raytune_ft.model_source import ModelSourceError

@@ -257,7 +257,7 @@ def bench_tune(
     skip_overhead: Annotated[bool, typer.Option("--compare-only", help="Only the --compare searches.")] = False,
     out_dir: Annotated[
         Path | None,
-        typer.Option("--out", help="Where the benchmark's searches go (default OUTPUT_DIR/NAME/bench-tune)."),
+        typer.Option("--out", help="Where the searches go, refused if not empty (default OUTPUT_DIR/NAME/bench-tune)."),
     ] = None,
     json_path: Annotated[Path | None, typer.Option("--json", help="Also write the figures to this JSON file.")] = None,
 ) -> None:

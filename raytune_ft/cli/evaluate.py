@@ -16,13 +16,18 @@ from raytune_ft.cli.common import EXIT_CONFIG, EXIT_RUNTIME, app, fail, out
 def evaluate(
     export: Annotated[Path, typer.Argument(help="Export directory, or the run directory holding one.")],
     data: Annotated[Path, typer.Argument(help="Labelled file (tsv, csv, jsonl, parquet); text for a causal LM.")],
-    text_column: Annotated[str | None, typer.Option("--text-column", help="Default: the export's.")] = None,
-    label_column: Annotated[str | None, typer.Option("--label-column", help="Default: the export's.")] = None,
+    text_column: Annotated[
+        str | None, typer.Option("--text-column", help="Text column of DATA (default: the export's).")
+    ] = None,
+    label_column: Annotated[
+        str | None, typer.Option("--label-column", help="Label column of DATA (default: the export's).")
+    ] = None,
     slices: Annotated[
         list[str] | None, typer.Option("--slice", help="A column to report metrics per value of (repeatable).")
     ] = None,
     edge_cases: Annotated[
-        Path | None, typer.Option("--edge-cases", help="Hard inputs: columns text, expected, optional kind.")
+        Path | None,
+        typer.Option("--edge-cases", help="Hard inputs: columns text, expected (label or text), optional kind."),
     ] = None,
     retain: Annotated[
         Path | None, typer.Option("--retain", help="Retain set for forgetting: general text (LM) or labelled.")
@@ -33,13 +38,22 @@ def evaluate(
     ] = None,
     bins: Annotated[int, typer.Option("--bins", min=1, help="Calibration bins.")] = 10,
     top_mistakes: Annotated[int, typer.Option("--top-mistakes", min=0, help="Confident mistakes listed.")] = 10,
-    latency_requests: Annotated[int, typer.Option("--latency-requests", min=1)] = 50,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 32,
+    latency_requests: Annotated[
+        int, typer.Option("--latency-requests", min=1, help="Texts timed one at a time, then in batches.")
+    ] = 50,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", min=1, help="Texts per forward pass, for the metrics and batched latency.")
+    ] = 32,
     max_rows: Annotated[int | None, typer.Option("--max-rows", min=1, help="Evaluate the first N rows.")] = None,
     task: Annotated[
-        str | None, typer.Option("--task", help="A classification task of a multi-task export (default: its own).")
+        str | None, typer.Option("--task", help="An extra task of a multi-task export: its head, labels and columns.")
     ] = None,
-    out_dir: Annotated[Path | None, typer.Option("--out", help="Default: EXPORT/eval/<DATA name>/.")] = None,
+    out_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--out", help="Where eval.json, eval.md and reliability.png go (default: EXPORT/eval/<DATA name>/)."
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print eval.json instead of the summary.")] = False,
 ) -> None:
     """Judge an export as it will be used: metrics, slices, calibration, edge cases, forgetting, latency."""
