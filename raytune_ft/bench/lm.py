@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from raytune_ft.bench.flops import mfu
-from raytune_ft.bench.train import run_in_fresh_process, run_on_ray
+from raytune_ft.bench.train import bench_loop, run_in_fresh_process, run_on_ray
 from raytune_ft.config import ExperimentConfig
 
 # Llama shapes. 1b is TinyLlama-1.1B's (grouped-query attention, 4 KV heads); the others are for CPU checks.
@@ -209,7 +209,6 @@ def bench_lm(
     import ray
     import torch
 
-    from raytune_ft.train.loop import train_loop
     from raytune_ft.train.ray_cluster import ensure_ray
 
     if steps < 2:
@@ -257,9 +256,8 @@ def bench_lm(
                     "classes": None,
                     "class_weights": None,
                     "pad_token_id": PAD_ID,
-                    "bench": True,
                 }
-                metrics, started = run_on_ray(cfg, train_loop, loop_config, str(Path(tmp) / "runs"), cfg.name)
+                metrics, started = run_on_ray(cfg, bench_loop(), loop_config, str(Path(tmp) / "runs"), cfg.name)
                 ray_side = _figures(metrics, workers, peak_tflops)
                 ray_side["time_to_first_step_s"] = metrics["first_step_at"] - started
                 run: dict[str, Any] = {"zero_stage": stage, "method": method, "ray": ray_side}

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from raytune_ft.bench.lm import LM_SIZES
-from raytune_ft.bench.train import bench_config, run_on_ray
+from raytune_ft.bench.train import bench_config, bench_loop, run_on_ray
 from raytune_ft.config import ExperimentConfig
 
 # Llama shapes built from a config with random weights (memory does not depend on what the weights are).
@@ -82,7 +82,6 @@ def bench_memory(
     from raytune_ft.data import load_split, prepare_data
     from raytune_ft.data.tokenize import tokenize_causal_blocks
     from raytune_ft.model_source import load_tokenizer
-    from raytune_ft.train.loop import train_loop
     from raytune_ft.train.ray_cluster import ensure_ray
 
     workers = cfg.scaling.num_workers
@@ -110,10 +109,9 @@ def bench_memory(
                 "classes": None,
                 "class_weights": None,
                 "pad_token_id": tokenizer.pad_token_id,
-                "bench": True,
-                "measure_model_state": True,
             }
-            metrics, _ = run_on_ray(mcfg, train_loop, loop_config, str(Path(tmp) / "runs"), f"zero{stage}")
+            loop = bench_loop(measure_model_state=True)
+            metrics, _ = run_on_ray(mcfg, loop, loop_config, str(Path(tmp) / "runs"), f"zero{stage}")
             out["stages"][str(stage)] = {
                 "peak_rss_mb": metrics["peak_rss_mb"],
                 "rss_growth_mb": metrics["rss_growth_mb"],

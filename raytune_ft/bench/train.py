@@ -10,10 +10,12 @@ import queue as queue_module
 import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from raytune_ft.bench.flops import mfu
 from raytune_ft.config import ExperimentConfig
+from raytune_ft.train.hooks import StepHooks
 
 KEYS = ("samples_per_s", "tokens_per_s", "time_to_first_step_s", "peak_rss_mb")
 VALIDATION_ROWS = 8
@@ -50,6 +52,62 @@ def _noop_loop(config: dict[str, Any]) -> None:
     from raytune_ft.train.figures import report_figures
 
     report_figures({"first_step_at": time.time()}, ray.train.get_context().get_world_rank())
+
+
+class BenchFigures(StepHooks):
+    """The benchmark's measurement of the training recipe, joined to it as a hook: at the last step, the figures
+    `bench train`, `bench lm` and `bench train --zero-stages` read, reported instead of an evaluation and a
+    checkpoint (the loop itself is measured; nothing is saved). MEASURE_MODEL_STATE: also model_state_mb, the
+    gradients, parameters and optimizer states of the last step (the largest worker's)."""
+
+    def __init__(self, measure_model_state: bool = False) -> None:
+        self.measure_model_state = measure_model_state
+        self.model_state_mb: float | None = None
+
+    def after_backward(self, recipe: Any, step: int) -> None:
+        if self.measure_model_state and step == recipe.total - 1 and self.model_state_mb is None:
+            from raytune_ft.train.evaluate import over_ranks
+            from raytune_ft.train.measure import model_state_mb
+
+            # gradients, parameters and optimizer states all exist now: the model-state peak of a step
+            self.model_state_mb = over_ranks(model_state_mb(recipe.engine), recipe.world, recipe.device, "max")
+
+    def on_step_end(self, recipe: Any, done: int) -> bool:
+        if done < recipe.total:
+            return False
+        import torch
+
+        from raytune_ft.train.evaluate import over_ranks
+        from raytune_ft.train.figures import report_figures
+        from raytune_ft.train.measure import peak_device_mb, peak_rss_mb
+
+        world, device = recipe.world, recipe.device
+        report_figures(
+            {
+                "step": done,
+                **recipe.rates(),
+                "loop_started_at": recipe.started_at,
+                "engine_ready_at": recipe.engine_ready_at,
+                "first_step_at": recipe.clock.first_step_at,
+                "peak_rss_mb": over_ranks(peak_rss_mb(), world, device, "max"),
+                "rss_growth_mb": over_ranks(peak_rss_mb() - recipe.rss_at_start, world, device, "max"),
+                "model_state_mb": self.model_state_mb,
+                "peak_device_mb": peak_device_mb(device),
+                **recipe.sizes,
+                "precision": recipe.precision,
+                "device": str(device),
+                "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            },
+            recipe.rank,
+        )
+        return True
+
+
+def bench_loop(measure_model_state: bool = False) -> Callable[[dict[str, Any]], None]:
+    """The Ray Train loop as benchmarked: the training recipe with BenchFigures."""
+    from raytune_ft.train.loop import train_loop
+
+    return partial(train_loop, hooks=[BenchFigures(measure_model_state)])
 
 
 def run_on_ray(
@@ -179,7 +237,6 @@ def bench_throughput(
     """Samples/s, tokens/s, time to first step and peak memory: bare loop (a) vs Ray Train + DeepSpeed (b)."""
     import ray
 
-    from raytune_ft.train.loop import train_loop
     from raytune_ft.train.trainer import prepare_worker_data
 
     if steps < 2:
@@ -200,9 +257,7 @@ def bench_throughput(
         noop, noop_started = run_on_ray(bcfg, _noop_loop, {}, storage, "noop", stock=True)
         log(f"Ray Train + DeepSpeed loop: {steps} steps of {global_batch(cfg)} samples")
         _fresh_ray(cfg)
-        ray_metrics, ray_started = run_on_ray(
-            bcfg, train_loop, {**shared, "data": ray.put(data), "bench": True}, storage, "ray"
-        )
+        ray_metrics, ray_started = run_on_ray(bcfg, bench_loop(), {**shared, "data": ray.put(data)}, storage, "ray")
     threads = max(1, min(multiprocessing.cpu_count(), round(cfg.scaling.cpus_per_worker * cfg.scaling.num_workers)))
     log(f"bare PyTorch loop in one process ({threads} thread(s)): the same steps")
     bare = run_in_fresh_process(bare_loop, {**shared, "data": data, "threads": threads}, "bare PyTorch loop")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,6 +13,7 @@ from raytune_ft.layout import CONFIG_FILE, METADATA
 from raytune_ft.model_source import load_tokenizer
 from raytune_ft.train.batches import tokenize_splits
 from raytune_ft.train.checkpoint import CheckpointError, list_checkpoints, newest_whole_checkpoint, read_state
+from raytune_ft.train.hooks import StepHooks
 from raytune_ft.train.loop import train_loop
 from raytune_ft.train.ray_cluster import ensure_ray
 from raytune_ft.train.ray_run import torch_trainer
@@ -157,11 +158,14 @@ def train(
     *,
     resume: bool = False,
     export: bool = True,
-    fault: dict[str, Any] | None = None,
+    hooks: Sequence[StepHooks] = (),
     log: Callable[[str], None] = print,
 ) -> TrainResult:
     """Fine-tune on Ray Train. A fresh run refuses a run directory that already has checkpoints; `resume`
-    continues one (Ray Train V2 resumes a run by its name and storage path) and refuses one without any."""
+    continues one (Ray Train V2 resumes a run by its name and storage path) and refuses one without any. HOOKS
+    join every worker's run (raytune_ft/train/hooks.py; the tests inject faults with them)."""
+    from functools import partial
+
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
 
     run_dir = cfg.run_dir
@@ -192,11 +196,10 @@ def train(
         **loop_data(worker_data),
         "require_checkpoint": resume,
         "run_storage": str(run_dir / "train"),
-        "fault": fault or {},
     }
     trainer = torch_trainer(
         cfg,
-        train_loop,
+        partial(train_loop, hooks=list(hooks)) if hooks else train_loop,
         loop_config,
         RunConfig(
             name="train",

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from faults import Faults
 from helpers import cli, curve, make_cfg, write_experiment
 from safetensors.torch import load_file
 
@@ -102,8 +103,8 @@ def test_killed_workers_are_replaced_and_the_run_ends_the_same(baseline, tiny_be
     result, root = baseline
     cfg = make_cfg(root, "killed", tiny_bert, reviews)
     marker = tmp_path / "killed"
-    faults = {"kill_in_checkpoint_at_step": 12, "kill_at_step": 20, "rank": 1, "marker": str(marker)}
-    killed = train(cfg, export=False, fault=faults)
+    faults = Faults(kill_in_checkpoint_at_step=12, kill_at_step=20, rank=1, marker=str(marker))
+    killed = train(cfg, export=False, hooks=[faults])
     assert "while writing checkpoint 12" in Path(f"{marker}.kill_in_checkpoint_at_step").read_text()
     assert "at step 20" in Path(f"{marker}.kill_at_step").read_text()
     # never the half-written checkpoint, and never a restart from 0
@@ -122,7 +123,7 @@ def test_interrupted_run_resumes_past_a_corrupted_checkpoint_to_the_same_end(
     result, root = baseline
     cfg = make_cfg(root, "resumed", tiny_bert, reviews, train={"max_failures": 0})
     with pytest.raises(Exception, match="interrupted at step 14"):
-        train(cfg, export=False, fault={"raise_at_step": 14})
+        train(cfg, export=False, hooks=[Faults(raise_at_step=14)])
     checkpoints = list_checkpoints(root / "resumed" / "train")
     assert [c.name for c in checkpoints] == ["step_000006", "step_000012"]
     with pytest.raises(CheckpointError, match="already holds a training run"):
