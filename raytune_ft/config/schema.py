@@ -751,7 +751,7 @@ class MultitaskConfig(Section):
     sampling: Literal["proportional", "uniform", "temperature"] = Field(
         default="proportional",
         description="How steps are shared: `proportional` to training rows, `uniform`, or `temperature` "
-        "(rows ** (1/T)).",
+        "(`rows ** (1/T)`).",
     )
     temperature: Annotated[float, Field(ge=1)] = Field(
         default=2.0, description="T for `temperature` sampling (1: proportional, larger: closer to uniform)."
