@@ -17,7 +17,7 @@ STAMP := $(VENV)/.installed
 EXPERIMENT ?= jobs/sst2-minilm-full-pbt.yaml
 PYTEST_ARGS ?=
 
-.PHONY: setup run test lint docs unit integration lock clean
+.PHONY: setup run test lint docs unit integration browser lock clean
 
 setup: $(STAMP)
 
@@ -51,15 +51,29 @@ lint: $(STAMP)
 docs: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
 
+# The report's browser test loads report.html in Debian's Chromium, driven by Playwright from PyPI (which downloads
+# no browser of its own): installed once, when missing, quietly (apt-get as root, else through sudo; the package
+# lists refreshed only when the install fails without them). No apt and no chromium: a clear error.
+APT_CHROMIUM = apt-get install -y -q --no-install-recommends chromium
+browser:
+	@command -v chromium > /dev/null 2>&1 || command -v chromium-browser > /dev/null 2>&1 || { \
+		command -v apt-get > /dev/null 2>&1 || { echo "make browser: no chromium on PATH and no apt-get to install" \
+			"it: install Chromium for the report's browser test" >&2; exit 1; }; \
+		if [ "$$(id -u)" = 0 ]; then sudo=; elif command -v sudo > /dev/null 2>&1; then sudo=sudo; else \
+			echo "make browser: installing Chromium needs root (or sudo): apt-get install chromium" >&2; exit 1; fi; \
+		echo "make browser: installing Debian's chromium for the report's browser test"; \
+		log=$$($$sudo $(APT_CHROMIUM) 2>&1) || log=$$({ $$sudo apt-get update -q && $$sudo $(APT_CHROMIUM); } 2>&1) \
+			|| { echo "$$log" | tail -n 20 >&2; echo "make browser: apt-get could not install chromium" >&2; exit 1; }; }
+
 # pytest exits 5 when it collects no tests; that is not a failure of the suite.
 # (`wait`: a build stopped halfway leaves torch's lock behind, and the next process that loads the op waits forever)
-test: lint docs
+test: lint docs browser
 	$(OPS_IN_BACKGROUND) $(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; wait; if [ $$rc -eq 5 ]; then rc=0; fi; exit $$rc
 
-unit: $(STAMP)
+unit: $(STAMP) browser
 	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
 
-integration: $(STAMP)
+integration: $(STAMP) browser
 	$(OPS_IN_BACKGROUND) $(BIN)/python -m pytest tests/integration $(PYTEST_ARGS); rc=$$?; wait; exit $$rc
 
 # constraints.txt from a fresh venv with the newest releases pyproject.toml allows; then run `make test`

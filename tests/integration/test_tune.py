@@ -9,6 +9,7 @@ import pickle
 
 import pyarrow.parquet as pq
 import pytest
+from browser import rendered
 from conftest import cpus_free_within
 from helpers import cli, make_cfg, pbt_pair, write_experiment, write_reviews
 
@@ -98,8 +99,26 @@ def test_pbt_winner_exploited_the_donor_checkpoint_is_tested_once_and_replays(ti
         assert b"eval_loss" in events and b"hp/train.lr" in events
 
     # the report of this real run: curves, PBT schedules, search view, winner with its confusion matrix
-    html = write_report(search).read_text()
+    report = write_report(search)
+    html = report.read_text()
     assert html.count("data:image/png;base64,") >= 4 and "Confusion" in html
+    # ... and as a reader sees it, in headless Chromium: every figure decoded and shown, every table's rows real
+    # rows as wide as its header (the model card's Markdown tables once showed their |---|---| separator as a
+    # row), the card's fine-tuning table with the settings that applied to this full fine-tuning and no LoRA ones
+    page = rendered(report)
+    alts = {i["alt"] for i in page["images"]}
+    assert {"learning curves", "hyper-parameter schedule", "search view", "confusion matrix"} <= alts, alts
+    assert all(i["width"] > 0 and i["height"] > 0 and i["shown"] > 0 for i in page["images"]), page["images"]
+    for table in page["tables"]:
+        rows = table["rows"]
+        assert all(set("".join(row)) - set("-:| ") for row in rows), table
+        assert {len(row) for row in rows} == {len(rows[0])}, table
+    [settings] = [t["rows"] for t in page["tables"] if t["heading"] == "Fine-tuning"]
+    assert settings[0] == ["setting", "value"] and ["finetune.method", "full"] in settings
+    assert ["train.lr", "0.006"] in settings and ["seed", str(cfg.seed)] in settings
+    assert not [row for row in settings if row[0].startswith("finetune.lora.")], settings
+    [metrics] = [t["rows"] for t in page["tables"] if t["heading"] == "Metrics"]
+    assert any(row[0] == "accuracy" and row[2] == "test (read once)" for row in metrics), metrics
 
     env = {**os.environ}
     # the directory holds a finished search: a new search there is refused before anything starts
