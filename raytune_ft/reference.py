@@ -47,8 +47,7 @@ def config_sections(
     each kind of its values a section of its own under `KEY.<KEY>`."""
     seen = set() if seen is None else seen
     seen.add(model)
-    kind = _kind(model)
-    anchor = path.replace("<KEY>", kind[1]) if "<KEY>" in path else path or "top-level"
+    anchor = path.replace("<KEY>", _kind(model)[1]) if "<KEY>" in path else path or "top-level"
     section = ConfigSection(path, model, entry, anchor, [])
     below: list[ConfigSection] = []
     for name, field in model.model_fields.items():
@@ -109,15 +108,13 @@ def type_text(annotation: Any, metadata: typing.Iterable[Any] = ()) -> str:
                 sizes.append(f"length ≥ {bound.min_length}")
             elif isinstance(bound, annotated_types.MaxLen):
                 sizes.append(f"length ≤ {bound.max_length}")
-    return ", ".join([" ".join([text, *limits]) if len(limits) < 2 else f"{text} {', '.join(limits)}", *sizes])
+    return ", ".join([f"{text} {', '.join(limits)}" if limits else text, *sizes])
 
 
 def default_text(field: FieldInfo) -> str:
     if field.is_required():
         return "required"
     value = field.get_default(call_default_factory=True)
-    if isinstance(value, BaseModel):
-        return "the defaults below"
     shown = value if isinstance(value, str) else json.dumps(list(value) if isinstance(value, tuple) else value)
     return f"`{shown}`"
 

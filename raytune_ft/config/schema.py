@@ -469,7 +469,7 @@ class IntDim(RangeDim):
 
 
 class ChoiceDim(Section):
-    """One of `values`, drawn at random (or modelled, by Optuna, HyperOpt and BOHB)."""
+    """One of `values`, as the search algorithm picks it."""
 
     type: Literal["choice"] = Field(description="The kind of dimension.")
     values: Annotated[list[Any], Field(min_length=1)] = Field(description="The values to choose from.")
