@@ -3,6 +3,9 @@
 Built only from what the export directory holds (raytune_ft.json, test_metrics.json, schedule.json and each
 eval/*/eval.json), so it can be rewritten whenever one of them is added: after the export, after the winner's
 test evaluation, after `raytune-ft eval`.
+
+An evaluation report (eval.json) is rendered to Markdown here and nowhere else: the card shows its headline
+(evaluation_summary), eval.md and `raytune-ft eval` print the whole (evaluation_markdown), which begins with it.
 """
 
 from __future__ import annotations
