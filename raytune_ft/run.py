@@ -32,6 +32,7 @@ from typing import Any
 
 from raytune_ft.config import ExperimentConfig
 from raytune_ft.config.schema import GridDim
+from raytune_ft.console import evaluation_line, tell
 from raytune_ft.errors import RaytuneFtError
 from raytune_ft.layout import METADATA, RUN_STATE, TEST_METRICS
 from raytune_ft.modelcard import dotted_value
@@ -104,7 +105,7 @@ def run_pipeline(
         "report": stage_report,
     }
     for number, name in enumerate(stages, 1):
-        log(f"[{number}/{len(stages)}] {name}")
+        tell(log, f"[{number}/{len(stages)}] {name}", "stage", number=number, names=stages)
         started = time.monotonic()
         entry = {"state": "running", "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
         run.state["stages"][name] = entry
@@ -199,7 +200,9 @@ def _train_once(run: Run) -> str:
 
 
 class TuneProgress:
-    """One line per trial report: trials running and finished, best metric so far, share of steps done, ETA."""
+    """After each trial report: trials running and finished, best metric so far, share of steps done, ETA, and the
+    report's own evaluation; one line, or a table of the trials for a live display. Also a line per trial that
+    ends."""
 
     def __init__(self, cfg: ExperimentConfig, log: Callable[[str], None]) -> None:
         assert cfg.tune is not None
@@ -209,6 +212,7 @@ class TuneProgress:
         self.samples = cfg.tune.num_samples * math.prod(grids)
         self.best: tuple[float, str, Any] | None = None
         self.first: tuple[float, int] | None = None  # (time, steps done) at the first report
+        self.trial_best: dict[str, float] = {}
 
     def __getstate__(self) -> dict[str, Any]:
         # Tune pickles its callbacks into the experiment state; the console behind `log` holds a lock
@@ -217,12 +221,17 @@ class TuneProgress:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state, log=print)
 
+    def better(self, value: float, than: float | None) -> bool:
+        return than is None or (value > than if self.mode == "max" else value < than)
+
     def __call__(self, trials: list[Any], result: dict[str, Any]) -> None:
         value = result.get(self.metric)
+        trial_id = str(result.get("trial_id"))
         if isinstance(value, (int, float)):
-            better = self.best is None or (value > self.best[0] if self.mode == "max" else value < self.best[0])
-            if better:
-                self.best = (float(value), str(result.get("trial_id")), result.get("step"))
+            if self.better(value, self.best[0] if self.best else None):
+                self.best = (float(value), trial_id, result.get("step"))
+            if self.better(value, self.trial_best.get(trial_id)):
+                self.trial_best[trial_id] = float(value)
         finished = sum(t.status in ("TERMINATED", "ERROR") for t in trials)
         running = sum(t.status == "RUNNING" for t in trials)
         line = f"tune: {finished}/{self.samples} trials finished, {running} running"
@@ -237,7 +246,40 @@ class TuneProgress:
             elif done > self.first[1]:
                 rate = (done - self.first[1]) / (now - self.first[0])
                 line += f", ETA {(total - done) / rate / 60:.0f} min (at most: early stopping shortens it)"
-        self.log(line)
+        headline = line.removeprefix("tune: ")
+        if isinstance(value, (int, float)):
+            line += f" | trial {trial_id} at step {result.get('step')}: {self.metric} {value:.4f}"
+        evaluation = f"trial {trial_id}: " + evaluation_line(result, int(result.get("total_steps") or 0))
+        tell(
+            self.log,
+            line,
+            "trials",
+            rows=self.rows(trials, result),
+            metric=self.metric,
+            headline=headline,
+            live_line=evaluation,
+        )
+
+    def ended(self, trial: Any, status: str) -> None:
+        best = self.trial_best.get(str(trial.trial_id))
+        shown = f" (best {self.metric} {best:.4f})" if best is not None else ""
+        tell(self.log, f"tune: trial {trial.trial_id} {status}{shown}", "trial")
+
+    def rows(self, trials: list[Any], result: dict[str, Any]) -> list[dict[str, Any]]:
+        rows = []
+        for t in trials:
+            last = result if t.trial_id == result.get("trial_id") else (t.last_result or {})
+            rows.append(
+                {
+                    "trial": str(t.trial_id),
+                    "status": t.status,
+                    "step": last.get("step"),
+                    "total": last.get("total_steps"),
+                    "value": last.get(self.metric),
+                    "best": self.trial_best.get(str(t.trial_id)),
+                }
+            )
+        return rows
 
     def steps(self, trials: list[Any], result: dict[str, Any]) -> tuple[int, int]:
         per_trial = result.get("total_steps")

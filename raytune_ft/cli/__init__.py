@@ -16,14 +16,17 @@ from raytune_ft.cli.common import (
     EXIT_RUNTIME,
     ConfigArg,
     OverridesArg,
+    VerboseOpt,
     app,
     config_errors,
     err,
     fail,
     load_experiment,
     out,
+    progress_display,
 )
 from raytune_ft.config import ConfigError, ExperimentConfig, config_to_yaml
+from raytune_ft.console import LOG_NAME
 from raytune_ft.errors import RaytuneFtError
 from raytune_ft.layout import CONFIG_FILE
 
@@ -193,6 +196,7 @@ def train(
         typer.Option("--resume", help="Continue the run in this run directory from its newest whole checkpoint."),
     ] = None,
     no_export: Annotated[bool, typer.Option("--no-export", help="Skip exporting the best checkpoint.")] = False,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Fine-tune with DeepSpeed on Ray Train; export the best checkpoint as a Hugging Face model directory."""
     from raytune_ft.data import DataError
@@ -205,9 +209,8 @@ def train(
 
     cfg = experiment_to_run(config, overrides, resume, CONFIG_FILE, "run directory")
     try:
-        result = run_train(
-            cfg, resume=resume is not None, export=not no_export, log=lambda m: err.print(m, highlight=False)
-        )
+        with progress_display(cfg.run_dir / LOG_NAME, verbose, f"raytune-ft train {cfg.name}") as log:
+            result = run_train(cfg, resume=resume is not None, export=not no_export, log=log)
     except (DataError, ModelSourceError, CheckpointError, ClusterError, StorageError, WorkersNotPlaced) as exc:
         fail(str(exc), EXIT_RUNTIME)
     table = Table(title="Best checkpoint", title_justify="left")
@@ -244,19 +247,23 @@ def tune(
         typer.Option("--replay", help="Re-run the PBT/PB2 schedule of this run directory's winner (or --trial)."),
     ] = None,
     trial: Annotated[str | None, typer.Option("--trial", help="With --replay: the trial id to replay.")] = None,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Search hyper-parameters with Ray Tune; export the winner and evaluate it once on the test split."""
     from raytune_ft.data import DataError
     from raytune_ft.model_source import ModelSourceError
+    from raytune_ft.run import TuneProgress
     from raytune_ft.train import CheckpointError
     from raytune_ft.tune import MissingExtraError, replay_schedule, tune_experiment
+    from raytune_ft.tune.runner import default_run_dir
 
     if replay is not None:
         if not (replay / CONFIG_FILE).is_file():
             fail(f"{replay} is not a tune run directory: config.yaml not found", EXIT_CONFIG)
         cfg = load_experiment(replay / CONFIG_FILE, overrides_after_a_run_dir(config, overrides))
         try:
-            export = replay_schedule(replay, trial, run_dir, cfg=cfg, log=lambda m: err.print(m, highlight=False))
+            with progress_display(replay / LOG_NAME, verbose, f"raytune-ft tune --replay {replay}") as log:
+                export = replay_schedule(replay, trial, run_dir, cfg=cfg, log=log)
         except (FileNotFoundError, FileExistsError, ValueError) as exc:
             fail(str(exc), EXIT_CONFIG)
         except (DataError, ModelSourceError, CheckpointError) as exc:
@@ -270,7 +277,11 @@ def tune(
     if cfg.tune is None:
         fail(f"{config}: the experiment has no 'tune' section to search", EXIT_CONFIG)
     try:
-        found = tune_experiment(cfg, run_dir, resume=resume is not None, log=lambda m: err.print(m, highlight=False))
+        with progress_display(
+            (run_dir or default_run_dir(cfg)) / LOG_NAME, verbose, f"raytune-ft tune {cfg.name}"
+        ) as log:
+            progress = TuneProgress(cfg, log)
+            found = tune_experiment(cfg, run_dir, resume=resume is not None, log=log, progress=progress)
     except MissingExtraError as exc:
         fail(str(exc), EXIT_CONFIG)
     except (DataError, ModelSourceError, CheckpointError, FileExistsError, FileNotFoundError) as exc:
@@ -397,6 +408,7 @@ def run(
     stop_server: Annotated[
         bool, typer.Option("--stop-server", help="Stop the server after the benchmark instead of leaving it up.")
     ] = False,
+    verbose: VerboseOpt = False,
 ) -> None:
     """The whole job: data → tune (or train) → test once → export → promote → serve → bench → report.
 
@@ -416,10 +428,10 @@ def run(
         stages = select(start, until)
     except ValueError as exc:
         fail(f"{exc} (stages: {', '.join(STAGES)})", EXIT_CONFIG)
-    log = lambda m: err.print(m, highlight=False, soft_wrap=True)  # noqa: E731
     serve_overrides = [o for o in overrides or [] if o.startswith("serve.")]
     try:
-        summary = run_pipeline(cfg, stages, serve_overrides=serve_overrides, stop_server=stop_server, log=log)
+        with progress_display(cfg.run_dir / LOG_NAME, verbose, f"raytune-ft run {cfg.name}") as log:
+            summary = run_pipeline(cfg, stages, serve_overrides=serve_overrides, stop_server=stop_server, log=log)
     except NotPromoted as exc:
         fail(str(exc), EXIT_NOT_PROMOTED)
     except MissingExtraError as exc:

@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
 
 from raytune_ft.config import ConfigError, ExperimentConfig, load_config
 from raytune_ft.errors import InputError, RaytuneFtError
+
+if TYPE_CHECKING:
+    from raytune_ft.console import Display
 
 
 class App(typer.Typer):
@@ -41,7 +46,34 @@ OverridesArg = Annotated[
     typer.Argument(help="Dotted overrides such as train.lr=3e-5 data.max_length=64.", show_default=False),
 ]
 
+VerboseOpt = Annotated[
+    bool,
+    typer.Option(
+        "--verbose",
+        help="Show Ray's, DeepSpeed's and transformers' own output as it comes, instead of one live display "
+        "(and their output in RUN_DIR/console.log).",
+    ),
+]
+
 EXIT_RUNTIME, EXIT_CONFIG = RaytuneFtError.exit_code, InputError.exit_code
+
+
+@contextmanager
+def progress_display(log_file: Path, verbose: bool, title: str) -> Iterator[Display]:
+    """The display of a long command (raytune_ft.console): its `log` for the library, the rest in LOG_FILE. Leave
+    the `with` before printing an error: inside it the terminal is the display's alone."""
+    from raytune_ft.console import console
+
+    with console(log_file, verbose=verbose, title=title, before_restore=_leave_ray) as display:
+        yield display
+
+
+def _leave_ray() -> None:
+    """Disconnect from Ray (stop an embedded one) while its output still goes to the console log: at exit, Ray's
+    shutdown would write its farewells to the terminal. The command has no use for Ray after its work."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
 
 
 def fail(message: str, code: int) -> NoReturn:

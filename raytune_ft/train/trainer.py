@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from raytune_ft.config import ExperimentConfig, config_to_yaml
+from raytune_ft.console import evaluation_line, tell
 from raytune_ft.data import load_split, prepare_data
 from raytune_ft.layout import CONFIG_FILE, METADATA
 from raytune_ft.model_source import load_tokenizer
@@ -18,6 +21,8 @@ from raytune_ft.train.loop import train_loop
 from raytune_ft.train.ray_cluster import ensure_ray
 from raytune_ft.train.ray_run import torch_trainer
 from raytune_ft.train.storage import bytes_needed, check_storage
+
+REPORTS = "reports.jsonl"  # in RUN_DIR/train: what rank 0 reported, one line per report
 
 
 @dataclass
@@ -208,10 +213,12 @@ def train(
                 num_to_keep=cfg.train.keep_checkpoints, checkpoint_score_attribute=metric, checkpoint_score_order=mode
             ),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            callbacks=[reports_to_file(str(run_dir / "train" / REPORTS))],
         ),
     )
     log(f"training on {cfg.scaling.num_workers} worker(s), ZeRO stage {cfg.deepspeed.zero_stage}")
-    result = trainer.fit()
+    with ReportsFollowed(run_dir / "train" / REPORTS, log, global_batch(cfg, worker_data)):
+        result = trainer.fit()
     best = result.get_best_checkpoint(metric, mode) if result.best_checkpoints else result.checkpoint
     if best is None:
         raise CheckpointError(f"training finished without a checkpoint in {train_dir}")
@@ -229,3 +236,68 @@ def train(
         export_dir=export_dir,
         history=latest.get("history", []),
     )
+
+
+def global_batch(cfg: ExperimentConfig, worker_data: dict[str, Any]) -> int:
+    from raytune_ft.train.batches import StepPlan
+
+    return StepPlan.of(cfg, worker_data["data"]["train"], cfg.scaling.num_workers).global_batch
+
+
+def reports_to_file(path: str) -> Any:
+    """A Ray Train callback that appends each report of rank 0 to PATH. It runs in the run's controller, which
+    Ray Train places on the driver's node, so the driver can follow the file while fit() blocks. Defined in here
+    so that it is pickled by value: the controller need not import this module, and with it torch."""
+    from ray.train import UserCallback
+
+    class ReportsToFile(UserCallback):
+        def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+            if not metrics:
+                return
+            plain = {k: v for k, v in metrics[0].items() if isinstance(v, (int, float, str, bool)) or v is None}
+            with open(path, "a") as fh:
+                fh.write(json.dumps(plain) + "\n")
+
+    return ReportsToFile()
+
+
+class ReportsFollowed:
+    """While the block runs, each new line of REPORTS (reports_to_file) to LOG as an evaluation event, once: a
+    worker group restarted at a checkpoint reports that checkpoint's metrics again."""
+
+    def __init__(self, reports: Path, log: Callable[[str], None], batch: int, every_s: float = 0.5) -> None:
+        self.reports, self.log, self.batch, self.every_s = reports, log, batch, every_s
+        self.offset = reports.stat().st_size if reports.is_file() else 0
+        self.seen: set[str] = set()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.follow, name="raytune-ft-reports", daemon=True)
+
+    def __enter__(self) -> ReportsFollowed:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop.set()
+        self.thread.join()
+        self.poll()
+
+    def follow(self) -> None:
+        while not self.stop.wait(self.every_s):
+            self.poll()
+
+    def poll(self) -> None:
+        if not self.reports.is_file():
+            return
+        with open(self.reports, "rb") as fh:
+            fh.seek(self.offset)
+            text = fh.read()
+        whole = text[: text.rfind(b"\n") + 1]  # a line still being written is read next time
+        self.offset += len(whole)
+        for line in whole.decode().splitlines():
+            if line in self.seen:
+                continue
+            self.seen.add(line)
+            metrics = json.loads(line)
+            total, rate = int(metrics.get("total_steps") or 0), metrics.get("samples_per_s")
+            eta = (total - metrics["step"]) * self.batch / rate if rate and "step" in metrics else None
+            tell(self.log, evaluation_line(metrics, total, eta), "evaluation", metrics=metrics, total=total, eta_s=eta)

@@ -516,6 +516,8 @@ def _callback(
     from ray import tune
 
     log = ExperimentLog(run_dir, settings.keep_checkpoints, settings.metric, settings.mode, trial_scheduler)
+    # a progress display may also say when a trial ends (run.TuneProgress)
+    ended = getattr(progress, "ended", None) or (lambda trial, status: None)
 
     class Callback(tune.Callback):
         def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
@@ -531,6 +533,12 @@ def _callback(
 
         def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             log.on_trial_start(trial)
+
+        def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            ended(trial, "finished")
+
+        def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            ended(trial, f"failed (see error.txt in {getattr(trial, 'path', None) or 'its trial folder'})")
 
         def get_state(self) -> dict[str, Any] | None:
             # Tune asks its callbacks for their state each time it saves the experiment's, right after the trials
