@@ -137,7 +137,15 @@ def test_interrupted_run_resumes_past_a_corrupted_checkpoint_to_the_same_end(
     address = f"cluster.address={session_ray_address}"
     resumed = cli("train", "--resume", str(root / "resumed"), address, "--no-export", env={**os.environ})
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "newest checkpoint is not whole" in resumed.stderr or "skipping checkpoint step_000012" in resumed.stderr
+    # a quiet console: the driver's lines and each evaluation once; the workers' own lines, and Ray's, in the log
+    log = root / "resumed" / "console.log"
+    kept, printed = log.read_text(), resumed.stdout + resumed.stderr
+    assert f"console log (Ray, DeepSpeed, transformers): {log}" in resumed.stderr
+    assert "newest checkpoint is not whole" in kept or "skipping checkpoint step_000012" in resumed.stderr
+    for step in (12, 18, 24):
+        assert printed.count(f"step {step}/24 | train_loss") == 1, printed[-3000:]
+        assert f"[raytune-ft rank 0] step {step}/24 | train_loss" in kept
+    assert "RayTrainWorker pid=" in kept and "RayTrainWorker" not in printed and "[raytune-ft rank" not in printed
     history = read_state(list_checkpoints(root / "resumed" / "train")[-1])["history"]
     assert [h["resumed_step"] for h in history if "resumed_step" in h] == [6]
     assert [round(h["eval_loss"], 6) for h in history] == pytest.approx(curve(result), abs=1e-5)
