@@ -156,6 +156,7 @@ class Display:
         self.stage: dict[str, Any] | None = None
         self.trials: dict[str, Any] | None = None
         self.train: dict[str, Any] | None = None
+        self.note = ""  # the latest note: what the command is doing while no stage, trial or step says it
         self.live = None
         if live:
             from rich.live import Live
@@ -178,20 +179,23 @@ class Display:
         or any other, shown as its line. A live view prints DATA's `live_line` instead of LINE (None: nothing)."""
         if kind == "evaluation" and self.verbose:
             return
-        with self.lock:
-            if kind in ("stage", "trials", "evaluation"):
-                setattr(self, {"stage": "stage", "trials": "trials", "evaluation": "train"}[kind], data)
-            shown = data.get("live_line", line) if self.live is not None else line
-            if shown:
-                self.write(shown)
+        if kind in ("stage", "trials", "evaluation"):
+            # one assignment of a new dict: the live view's refresh thread reads whole states without a lock
+            setattr(self, {"stage": "stage", "trials": "trials", "evaluation": "train"}[kind], data)
+        shown = data.get("live_line", line) if self.live is not None else line
+        if shown:
+            self.write(shown)
 
     def write(self, line: str) -> None:
-        with self.lock:
-            if self.live is not None:
-                self.live.console.print(line, markup=False, highlight=False, soft_wrap=True)
-            else:
-                self.stream.write(line + "\n")
-                self.stream.flush()
+        live = self.live
+        if live is not None:
+            # rich's own lock orders this with the view's refresh; holding ours here as well could deadlock with it
+            self.note = line
+            live.console.print(line, markup=False, highlight=False, soft_wrap=True)
+            return
+        with self.lock:  # the training run's reports come from a thread of their own
+            self.stream.write(line + "\n")
+            self.stream.flush()
 
     def render(self) -> Any:
         from rich.console import Group
@@ -199,36 +203,37 @@ class Display:
         from rich.table import Table
         from rich.text import Text
 
-        with self.lock:
-            parts: list[Any] = []
-            elapsed = time.monotonic() - self.started
-            parts.append(Text(f"{self.title}  {elapsed // 60:.0f}:{elapsed % 60:02.0f}", style="bold"))
-            if self.stage is not None:
-                names, at = self.stage["names"], self.stage["number"] - 1
-                marks = [
-                    Text(name, style="green" if i < at else "bold cyan" if i == at else "dim")
-                    for i, name in enumerate(names)
-                ]
-                parts.append(Text(" → ").join(marks))
-            if self.trials is not None:
-                t = self.trials
-                table = Table(box=None, pad_edge=False)
-                for col in ("trial", "status", "step", t["metric"], "best"):
-                    table.add_column(col, justify="left" if col in ("trial", "status") else "right")
-                for row in t["rows"]:
-                    step = "-" if row["step"] is None else f"{row['step']}/{row['total'] or '?'}"
-                    table.add_row(row["trial"], row["status"], step, _fmt(row["value"]), _fmt(row["best"]))
-                parts.append(table)
-                parts.append(Text(t["headline"]))
-            if self.train is not None:
-                metrics, total = self.train["metrics"], self.train["total"]
-                row = Table.grid(padding=(0, 1))
-                row.add_row(
-                    ProgressBar(total=max(1, total), completed=metrics.get("step") or 0, width=20),
-                    Text(evaluation_line(metrics, total, self.train.get("eta_s"))),
-                )
-                parts.append(row)
-            return Group(*parts)
+        stage, trials, train, note = self.stage, self.trials, self.train, self.note
+        parts: list[Any] = []
+        elapsed = time.monotonic() - self.started
+        parts.append(Text(f"{self.title}  {elapsed // 60:.0f}:{elapsed % 60:02.0f}", style="bold"))
+        if stage is not None:
+            names, at = stage["names"], stage["number"] - 1
+            marks = [
+                Text(name, style="green" if i < at else "bold cyan" if i == at else "dim")
+                for i, name in enumerate(names)
+            ]
+            parts.append(Text(" → ").join(marks))
+        if trials is not None:
+            table = Table(box=None, pad_edge=False)
+            for col in ("trial", "status", "step", trials["metric"], "best"):
+                table.add_column(col, justify="left" if col in ("trial", "status") else "right")
+            for row in trials["rows"]:
+                step = "-" if row["step"] is None else f"{row['step']}/{row['total'] or '?'}"
+                table.add_row(row["trial"], row["status"], step, _fmt(row["value"]), _fmt(row["best"]))
+            parts.append(table)
+            parts.append(Text(trials["headline"]))
+        if train is not None:
+            metrics, total = train["metrics"], train["total"]
+            steps = Table.grid(padding=(0, 1))
+            steps.add_row(
+                ProgressBar(total=max(1, total), completed=metrics.get("step") or 0, width=20),
+                Text(evaluation_line(metrics, total, train.get("eta_s"))),
+            )
+            parts.append(steps)
+        if note and trials is None and train is None:
+            parts.append(Text(f"… {note}", style="dim", overflow="ellipsis", no_wrap=True))
+        return Group(*parts)
 
     def close(self) -> None:
         if self.live is not None:
