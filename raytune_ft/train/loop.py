@@ -7,7 +7,6 @@ through Ray Train's storage, the process group is set up by TorchTrainer (gloo o
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import tempfile
 import time
@@ -41,6 +40,7 @@ from raytune_ft.train.engine import enable_activation_checkpointing, make_optimi
 from raytune_ft.train.evaluate import evaluate, over_ranks, probe_logits, task_loss
 from raytune_ft.train.hooks import StepHooks
 from raytune_ft.train.measure import SteadyClock, model_sizes, peak_rss_mb, rss_mb
+from raytune_ft.train.schedule import EarlyStopping, apply_configured_hyperparameters, lr_scheduler
 from raytune_ft.train.task_mix import TaskMix, TaskStream
 
 
@@ -180,7 +180,7 @@ class Recipe:
         )
         extras = [_task_stream(t, i, cfg, self.world) for i, t in enumerate(tasks)]
         self.mix = TaskMix(primary, extras, self.total, cfg.multitask.sampling, cfg.multitask.temperature, cfg.seed)
-        self.stopper = EarlyStopping(*_stop_settings(cfg))
+        self.stopper = EarlyStopping.of(cfg)
 
     def choose_checkpoint(self) -> None:
         """The checkpoint to resume from, if any (self.resume_dir, its state in self.saved), checked to fit."""
@@ -266,14 +266,7 @@ class Recipe:
         gate = unfreeze_gate(cfg.finetune.gradual_unfreeze, num_layers(model))
         optimizer = make_optimizer(cfg, groups, self.device.type == "cuda")
         self.configured = [(g["lr"], g["weight_decay"]) for g in groups]  # before the scheduler scales lr
-        warmup = round(cfg.train.warmup_ratio * self.total)
-        lambdas = [
-            partial(
-                _group_lambda, label=g["group"], gate=gate, total=self.total, warmup=warmup, kind=cfg.train.lr_schedule
-            )
-            for g in groups
-        ]
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
+        self.scheduler = lr_scheduler(optimizer, groups, gate, self.total, cfg)
         self.sizes = model_sizes(model)
         self.engine = start_engine(cfg, model, optimizer, self.scheduler, self.ds_config)
         self.engine_ready_at = time.time()
@@ -570,62 +563,6 @@ class Recipe:
         engine, model and data go."""
         self._zero3_config = None
         self.engine = self.model = self.ewc = self.retain = None
-
-
-def lr_factor(step: int, total: int, warmup: int, kind: str) -> float:
-    if step < warmup:
-        return step / max(1, warmup)
-    if kind == "constant":
-        return 1.0
-    progress = (step - warmup) / max(1, total - warmup)
-    if kind == "cosine":
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-    return max(0.0, 1.0 - progress)
-
-
-def _group_lambda(step: int, *, label: str, gate: Any, total: int, warmup: int, kind: str) -> float:
-    return lr_factor(step, total, warmup, kind) * gate(label, step)
-
-
-class EarlyStopping:
-    def __init__(self, mode: str, patience: int, min_delta: float) -> None:
-        self.mode, self.patience, self.min_delta = mode, patience, min_delta
-        self.best: float | None = None
-        self.bad_evals = 0
-
-    def update(self, value: float) -> bool:
-        """Record one evaluation; True when patience has run out."""
-        better = self.best is None or (
-            value < self.best - self.min_delta if self.mode == "min" else value > self.best + self.min_delta
-        )
-        if better:
-            self.best, self.bad_evals = value, 0
-        else:
-            self.bad_evals += 1
-        return self.bad_evals >= self.patience
-
-    def state(self) -> dict[str, Any]:
-        return {"best": self.best, "bad_evals": self.bad_evals}
-
-    def restore(self, state: dict[str, Any]) -> None:
-        self.best, self.bad_evals = state.get("best"), state.get("bad_evals", 0)
-
-
-def _stop_settings(cfg: ExperimentConfig) -> tuple[str, int, float]:
-    es = cfg.train.early_stopping
-    return (es.mode, es.patience, es.min_delta) if es else ("min", 10**9, 0.0)
-
-
-def apply_configured_hyperparameters(scheduler: Any, configured: list[tuple[float, float]]) -> None:
-    """After loading a checkpoint, this run's learning rates and weight decay win over the saved ones: PBT
-    explores by restoring a donor's checkpoint under changed hyper-parameters. Unchanged values are a no-op."""
-    groups = scheduler.optimizer.param_groups
-    for group, (lr, weight_decay) in zip(groups, configured, strict=True):
-        group["initial_lr"], group["weight_decay"] = lr, weight_decay
-    scheduler.base_lrs = [lr for lr, _ in configured]
-    for group, base, factor in zip(groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True):
-        group["lr"] = base * factor(scheduler.last_epoch)
-    scheduler._last_lr = [group["lr"] for group in groups]
 
 
 def _hidden_size(cfg: ExperimentConfig) -> int | None:

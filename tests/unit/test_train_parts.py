@@ -16,7 +16,8 @@ from raytune_ft.train.checkpoint import (
     write_manifest,
 )
 from raytune_ft.train.ds_config import deepspeed_config, resolved_precision
-from raytune_ft.train.loop import EarlyStopping, lr_factor, progress_line
+from raytune_ft.train.loop import progress_line
+from raytune_ft.train.schedule import EarlyStopping, lr_factor
 
 
 def cfg_with(tmp_path, **sections):
@@ -250,3 +251,20 @@ def test_a_restarted_trial_finds_the_newest_whole_checkpoint_of_its_earlier_runs
     assert _earlier_checkpoint(tmp_path, attempt=0, logged_step=12) is None
     make_checkpoint(tmp_path / "run-1" / "step_000012", 12)
     assert _earlier_checkpoint(tmp_path, attempt=2, logged_step=12) == (str(tmp_path / "run-1" / "step_000012"), 12)
+
+
+def test_the_recipe_reads_its_config_and_joins_hooks_it_does_not_know(tmp_path):
+    """Ray Train hands every restart of a worker group the same config dict: the recipe cannot write into it.
+    Code outside the recipe (the benchmark, tests' faults) joins through StepHooks, which do nothing by default."""
+    from types import SimpleNamespace
+
+    from raytune_ft.bench.train import BenchFigures
+    from raytune_ft.train.hooks import StepHooks
+    from raytune_ft.train.loop import Recipe
+
+    config = {"experiment": cfg_with(tmp_path).model_dump(mode="json", by_alias=True), "classes": None}
+    recipe = Recipe({**config, "pad_token_id": 0}, hooks=[StepHooks()])
+    with pytest.raises(TypeError):
+        recipe.config["total_steps"] = 24  # type: ignore[index]
+    assert StepHooks().on_step_end(recipe, 1) is False
+    assert BenchFigures().on_step_end(SimpleNamespace(total=4), 3) is False  # figures at the last step only
