@@ -213,6 +213,7 @@ class TuneProgress:
         self.best: tuple[float, str, Any] | None = None
         self.first: tuple[float, int] | None = None  # (time, steps done) at the first report
         self.trial_best: dict[str, float] = {}
+        self.shown: dict[str, Any] = {}  # the trials view last sent: a trial's end updates its row
 
     def __getstate__(self) -> dict[str, Any]:
         # Tune pickles its callbacks into the experiment state; the console behind `log` holds a lock
@@ -250,20 +251,24 @@ class TuneProgress:
         if isinstance(value, (int, float)):
             line += f" | trial {trial_id} at step {result.get('step')}: {self.metric} {value:.4f}"
         evaluation = f"trial {trial_id}: " + evaluation_line(result, int(result.get("total_steps") or 0))
-        tell(
-            self.log,
-            line,
-            "trials",
-            rows=self.rows(trials, result),
-            metric=self.metric,
-            headline=headline,
-            live_line=evaluation,
-        )
+        self.shown = {"rows": self.rows(trials, result), "metric": self.metric, "headline": headline}
+        tell(self.log, line, "trials", **self.shown, live_line=evaluation)
 
     def ended(self, trial: Any, status: str) -> None:
         best = self.trial_best.get(str(trial.trial_id))
-        shown = f" (best {self.metric} {best:.4f})" if best is not None else ""
-        tell(self.log, f"tune: trial {trial.trial_id} {status}{shown}", "trial")
+        line = f"tune: trial {trial.trial_id} {status}"
+        line += f" (best {self.metric} {best:.4f})" if best is not None else ""
+        if not self.shown:
+            tell(self.log, line, "trial")
+            return
+        ended = "ERROR" if status.startswith("failed") else "TERMINATED"
+        rows = [{**r, "status": ended} if r["trial"] == str(trial.trial_id) else r for r in self.shown["rows"]]
+        finished = sum(r["status"] in ("TERMINATED", "ERROR") for r in rows)
+        running = sum(r["status"] == "RUNNING" for r in rows)
+        rest = self.shown["headline"].partition(" | ")[2]
+        headline = f"{finished}/{self.samples} trials finished, {running} running" + (f" | {rest}" if rest else "")
+        self.shown = {**self.shown, "rows": rows, "headline": headline}
+        tell(self.log, line, "trials", **self.shown)
 
     def rows(self, trials: list[Any], result: dict[str, Any]) -> list[dict[str, Any]]:
         rows = []

@@ -240,10 +240,12 @@ def test_tune_progress_feeds_the_display_a_table_row_per_trial(tmp_path):
         " | trial a at step 4: eval_loss 0.5000",
         "tune: trial a finished (best eval_loss 0.5000)",
     ]
-    assert [(r["trial"], r["step"], r["value"], r["best"]) for r in display.trials["rows"]] == [
-        ("a", 4, 0.5, 0.5),
-        ("b", None, None, None),
+    # the view: a row per trial, the one that ended marked so, and the counts with it
+    assert [(r["trial"], r["status"], r["step"], r["best"]) for r in display.trials["rows"]] == [
+        ("a", "TERMINATED", 4, 0.5),
+        ("b", "PENDING", None, None),
     ]
+    assert display.trials["headline"].startswith("1/2 trials finished, 0 running | best eval_loss 0.5000")
 
 
 def test_reports_of_a_training_run_reach_the_display_once(tmp_path):
