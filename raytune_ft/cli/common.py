@@ -50,8 +50,8 @@ VerboseOpt = Annotated[
     bool,
     typer.Option(
         "--verbose",
-        help="Show Ray's, DeepSpeed's and transformers' own output as it comes, instead of one live display "
-        "(and their output in RUN_DIR/console.log).",
+        help="Show Ray's, DeepSpeed's and transformers' own output as it comes. Without it they write to "
+        "console.log in the run directory and the terminal shows one progress display.",
     ),
 ]
 
