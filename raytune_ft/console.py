@@ -175,8 +175,9 @@ class Display:
         self.write(message)
 
     def event(self, line: str, kind: str, **data: Any) -> None:
-        """KIND: 'stage' (number, names), 'trials' (rows, metric, headline), 'evaluation' (metrics, total, eta_s)
-        or any other, shown as its line. A live view prints DATA's `live_line` instead of LINE (None: nothing)."""
+        """KIND: 'stage' (number, names), 'trials' (rows, metric, headline), 'evaluation' (metrics, total, eta_s,
+        best: a line) or any other, shown as its line. A live view prints DATA's `live_line` instead of LINE (None:
+        nothing)."""
         if kind == "evaluation" and self.verbose:
             return
         if kind in ("stage", "trials", "evaluation"):
@@ -231,6 +232,8 @@ class Display:
                 Text(evaluation_line(metrics, total, train.get("eta_s"))),
             )
             parts.append(steps)
+            if train.get("best"):
+                parts.append(Text(train["best"]))
         if note and trials is None and train is None:
             parts.append(Text(f"… {note}", style="dim", overflow="ellipsis", no_wrap=True))
         return Group(*parts)

@@ -217,7 +217,7 @@ def train(
         ),
     )
     log(f"training on {cfg.scaling.num_workers} worker(s), ZeRO stage {cfg.deepspeed.zero_stage}")
-    with ReportsFollowed(run_dir / "train" / REPORTS, log, global_batch(cfg, worker_data)):
+    with ReportsFollowed(run_dir / "train" / REPORTS, log, global_batch(cfg, worker_data), score_of(cfg)):
         result = trainer.fit()
     best = result.get_best_checkpoint(metric, mode) if result.best_checkpoints else result.checkpoint
     if best is None:
@@ -263,23 +263,36 @@ def reports_to_file(path: str) -> Any:
 
 class ReportsFollowed:
     """While the block runs, each new line of REPORTS (reports_to_file) to LOG as an evaluation event, once: a
-    worker group restarted at a checkpoint reports that checkpoint's metrics again."""
+    worker group restarted at a checkpoint reports that checkpoint's metrics again. With it the best SCORE
+    (metric, mode) so far. Only a display (raytune_ft.console) follows: a plain `log` (a library caller, a
+    benchmark) has the workers' own lines, and these would repeat them."""
 
-    def __init__(self, reports: Path, log: Callable[[str], None], batch: int, every_s: float = 0.5) -> None:
-        self.reports, self.log, self.batch, self.every_s = reports, log, batch, every_s
+    def __init__(
+        self,
+        reports: Path,
+        log: Callable[[str], None],
+        batch: int,
+        score: tuple[str, str] = ("eval_loss", "min"),
+        every_s: float = 0.5,
+    ) -> None:
+        self.reports, self.log, self.batch, self.score, self.every_s = reports, log, batch, score, every_s
         self.offset = reports.stat().st_size if reports.is_file() else 0
         self.seen: set[str] = set()
+        self.best: tuple[float, int] | None = None
+        self.active = getattr(log, "event", None) is not None
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self.follow, name="raytune-ft-reports", daemon=True)
 
     def __enter__(self) -> ReportsFollowed:
-        self.thread.start()
+        if self.active:
+            self.thread.start()
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self.stop.set()
-        self.thread.join()
-        self.poll()
+        if self.active:
+            self.stop.set()
+            self.thread.join()
+            self.poll()
 
     def follow(self) -> None:
         while not self.stop.wait(self.every_s):
@@ -300,4 +313,12 @@ class ReportsFollowed:
             metrics = json.loads(line)
             total, rate = int(metrics.get("total_steps") or 0), metrics.get("samples_per_s")
             eta = (total - metrics["step"]) * self.batch / rate if rate and "step" in metrics else None
-            tell(self.log, evaluation_line(metrics, total, eta), "evaluation", metrics=metrics, total=total, eta_s=eta)
+            metric, mode = self.score
+            value = metrics.get(metric)
+            if isinstance(value, (int, float)) and (
+                self.best is None or (value > self.best[0] if mode == "max" else value < self.best[0])
+            ):
+                self.best = (float(value), metrics.get("step"))
+            best = f"best {metric} {self.best[0]:.4f} (step {self.best[1]})" if self.best else None
+            line = evaluation_line(metrics, total, eta)
+            tell(self.log, line, "evaluation", metrics=metrics, total=total, eta_s=eta, best=best)

@@ -11,7 +11,6 @@ import textwrap
 from pathlib import Path
 from types import SimpleNamespace
 
-import pytest
 from rich.console import Console
 
 from raytune_ft.console import Display, evaluation_line, normalised, tell, warning_summary, warnings_in
@@ -254,12 +253,18 @@ def test_reports_of_a_training_run_reach_the_display_once(tmp_path):
     from raytune_ft.train.trainer import ReportsFollowed
 
     reports = tmp_path / "reports.jsonl"
-    first = json.dumps({"step": 8, "total_steps": 16, "train_loss": 0.7, "samples_per_s": 32.0})
+    first = json.dumps({"step": 8, "total_steps": 16, "train_loss": 0.7, "eval_loss": 0.5, "samples_per_s": 32.0})
     reports.write_text(json.dumps({"step": 4, "total_steps": 16}) + "\n")  # an earlier command's
     stream = io.StringIO()
-    with ReportsFollowed(reports, Display(stream), batch=16, every_s=0.05):
+    display = Display(stream)
+    with ReportsFollowed(reports, display, batch=16, every_s=0.05):
         with open(reports, "a") as fh:
             fh.write(first + "\n" + first + "\n" + '{"step": 16, "total')
-    assert stream.getvalue() == "step 8/16 | train_loss 0.7000 | 32.0 samples/s, ETA 0.1 min\n"
-    with pytest.raises(json.JSONDecodeError):
-        json.loads(reports.read_text().splitlines()[-1])
+    assert stream.getvalue() == "step 8/16 | train_loss 0.7000 | eval_loss 0.5000 | 32.0 samples/s, ETA 0.1 min\n"
+    assert display.train["best"] == "best eval_loss 0.5000 (step 8)"
+    # a plain `log` has the workers' own lines: nothing is followed for it
+    printed: list[str] = []
+    other = tmp_path / "other.jsonl"
+    with ReportsFollowed(other, printed.append, batch=16, every_s=0.05):
+        other.write_text(first + "\n")
+    assert printed == []
