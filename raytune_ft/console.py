@@ -166,6 +166,7 @@ class Display:
                 console=self.console,
                 get_renderable=self.render,
                 refresh_per_second=4,
+                transient=True,  # what it showed last is in the lines above it and the command's own summary
                 redirect_stdout=False,
                 redirect_stderr=False,
             )
