@@ -10,22 +10,16 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from raytune_ft import reference
 from raytune_ft.cli import app
 
 runner = CliRunner()
 
 
-def command_tree(command=None, words: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], object]]:
+def command_tree() -> list[tuple[tuple[str, ...], object]]:
     """Every command a user can type, each group's subcommands included (`bench train`, `jobs list`): (words, the
-    click command)."""
-    import typer.main
-
-    command = command or typer.main.get_command(app)
-    found = []
-    for name, sub in sorted(getattr(command, "commands", {}).items()):
-        found.append(((*words, name), sub))
-        found += command_tree(sub, (*words, name))
-    return found
+    click command), from the walk that writes the CLI reference."""
+    return [(words, command) for words, command, _ in reference.command_tree() if words]
 
 
 COMMANDS = [words for words, _ in command_tree()]

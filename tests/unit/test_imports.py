@@ -5,6 +5,7 @@ name from further along takes it from a leaf (raytune_ft.layout for file names).
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[2] / "raytune_ft"
@@ -90,3 +91,26 @@ def test_the_circle_finder_finds_a_circle():
 
 def test_the_layout_module_is_a_leaf():
     assert package_graph()["raytune_ft.layout"] == set()
+
+
+def test_the_architecture_page_lists_who_imports_whom_as_the_code_does():
+    """docs/architecture.md's import table is read by people deciding where a new module goes: each row's
+    packages import exactly the packages that row names (a dotted name counts as its package), so the page cannot
+    drift from the code."""
+    page = (PACKAGE.parent / "docs" / "architecture.md").read_text()
+    section = page.split("## Who may import whom", 1)[1]
+    rows = [line.split("|")[1:3] for line in section.splitlines() if line.startswith("| `")]
+    top = lambda name: name.split(".")[1] if "." in name else "raytune_ft"  # noqa: E731
+    actual: dict[str, set[str]] = {}
+    for module, deps in package_graph().items():
+        actual.setdefault(top(module), set()).update(top(d) for d in deps if top(d) != top(module))
+    listed = set()
+    for who, whom in rows:
+        named = {n.split(".")[0] for n in re.findall(r"`([\w.]+)`", whom)}
+        for package in re.findall(r"`([\w.]+)`", who):
+            listed.add(package)
+            if "everything" in whom:
+                continue
+            expected = {"raytune_ft" if n == "__version__" else n for n in named}
+            assert actual.get(package, set()) == expected, f"architecture.md's row for {package}"
+    assert listed == set(actual) - {"raytune_ft"}, "architecture.md's import table misses a package"

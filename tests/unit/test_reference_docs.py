@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 from pydantic import BaseModel
-from test_cli import command_tree
 from test_imports import package_graph
 
 from raytune_ft import reference
@@ -44,10 +43,6 @@ def test_every_config_key_and_section_is_described(section):
 
 
 COMMANDS = {words: (command, ctx) for words, command, ctx in reference.command_tree()}
-
-
-def test_the_reference_walks_every_command():
-    assert {words for words, _ in command_tree()} == set(COMMANDS) - {()}
 
 
 @pytest.mark.parametrize("words", sorted(COMMANDS), ids=lambda w: " ".join(("raytune-ft", *w)))
