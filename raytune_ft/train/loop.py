@@ -90,6 +90,7 @@ class Recipe:
         self.micro_count = 0
 
     def run(self) -> None:
+        """Set up, train (or report the checkpoint again when it left nothing to train), clean up."""
         try:
             self.setup()
             if self.nothing_left():
@@ -308,6 +309,7 @@ class Recipe:
     # ------------------------------------------------------------------------------------------------- train
 
     def train(self) -> None:
+        """Steps from `start` to `total`, each followed by what is due: an evaluation, a report, a checkpoint."""
         self.engine.train()
         for step in range(self.start, self.total):
             for hook in self.hooks:
