@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
@@ -622,4 +623,7 @@ def progress_line(metrics: dict[str, Any], total: int, global_batch: int) -> str
 
 
 def _log(rank: int, message: str) -> None:
-    print(f"[raytune-ft rank {rank}] {message}", flush=True)
+    # Not print(): Ray Train's workers patch print to log each line through the root logger and also echo it when
+    # sys.stdout is wrapped, as Ray's workers wrap it, so every line reached the driver twice.
+    sys.stdout.write(f"[raytune-ft rank {rank}] {message}\n")
+    sys.stdout.flush()
