@@ -270,6 +270,17 @@ class TuneProgress:
         self.shown = {**self.shown, "rows": rows, "headline": headline}
         tell(self.log, line, "trials", **self.shown)
 
+    def exploited(self, exploit: dict[str, Any]) -> None:
+        """A PBT/PB2 exploit, as exploits.jsonl records it: who copied whom at which step, and what changed."""
+        old, new = exploit.get("old_config") or {}, exploit.get("new_config") or {}
+        changes = [f"{k} {_short(old.get(k))} -> {_short(v)}" for k, v in new.items() if old.get(k) != v]
+        line = (
+            f"tune: trial {exploit['trial']} exploited trial {exploit['donor']} at step {exploit['donor_step']}"
+            f" ({exploit['bytes_moved'] / 1e6:.1f} MB restored in {exploit['seconds']:.1f} s)"
+            + (f"; {', '.join(changes)}" if changes else "; same hyper-parameters")
+        )
+        tell(self.log, line, "trial")
+
     def rows(self, trials: list[Any], result: dict[str, Any]) -> list[dict[str, Any]]:
         rows = []
         for t in trials:
@@ -542,3 +553,7 @@ def _winner_config(run: Run) -> dict[str, Any]:
         return {}
     experiment = json.loads((run.export / METADATA).read_text()).get("experiment") or {}
     return {key: dotted_value(experiment, key) for key in run.cfg.tune.search_space}
+
+
+def _short(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)

@@ -91,7 +91,9 @@ class ExperimentLog:
         latest = {t.checkpoint.path for t in self.trials if t.checkpoint is not None}
         self.saved = [*self.saved[-1:], latest]
 
-    def on_trial_result(self, trials: list[Any], trial: Any, result: dict[str, Any]) -> None:
+    def on_trial_result(self, trials: list[Any], trial: Any, result: dict[str, Any]) -> dict[str, Any] | None:
+        """Log RESULT; the exploit it reports first, if any, as exploits.jsonl's line."""
+        exploit = None
         record = result.get(EXPLOIT_KEY)
         # one line per exploit: a trial resumed before its first report after one restores the same donor again
         key = (trial.trial_id, record and record.get("donor_checkpoint"))
@@ -112,6 +114,7 @@ class ExperimentLog:
             }
             with open(self.exploits, "a") as fh:
                 fh.write(json.dumps(line, default=str) + "\n")
+            exploit = line
         # the config this result was trained with: PBT may already have replaced trial.config for the next run
         self.last_config[trial.trial_id] = dict(result.get("config") or trial.config)
         # the folder this result's checkpoint went to, as Tune names it in the result itself
@@ -119,6 +122,7 @@ class ExperimentLog:
         if folder and trial.path and self.metric in result:
             self.scores[f"{trial.path.rstrip('/')}/{folder}"] = float(result[self.metric])
         self.prune(trials)
+        return exploit
 
     @staticmethod
     def on_trial_start(trial: Any) -> None:
@@ -516,12 +520,15 @@ def _callback(
     from ray import tune
 
     log = ExperimentLog(run_dir, settings.keep_checkpoints, settings.metric, settings.mode, trial_scheduler)
-    # a progress display may also say when a trial ends (run.TuneProgress)
+    # a progress display may also say when a trial ends or exploits another (run.TuneProgress)
     ended = getattr(progress, "ended", None) or (lambda trial, status: None)
+    exploited = getattr(progress, "exploited", None) or (lambda exploit: None)
 
     class Callback(tune.Callback):
         def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
-            log.on_trial_result(trials, trial, result)
+            exploit = log.on_trial_result(trials, trial, result)
+            if exploit is not None:
+                exploited(exploit)
             if progress is not None:
                 progress(trials, result)
 

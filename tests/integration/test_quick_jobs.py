@@ -22,10 +22,10 @@ pytestmark = pytest.mark.integration
 JOBS = Path(__file__).resolve().parents[2] / "jobs"
 
 
-def run_quick(name: str, output_dir: Path, address: str, **env_vars: str) -> tuple[Path, dict]:
+def run_quick(name: str, output_dir: Path, address: str, **env_vars: str) -> tuple[Path, dict, str]:
     """`raytune-ft tune jobs/NAME.yaml output_dir=... cluster.address=ADDRESS` on the pytest session's Ray (an
     embedded start, which these jobs would otherwise pay each, is test_run.py's); the run directory and the
-    export's test metrics."""
+    export's test metrics, and what the command printed."""
     env = {**os.environ, **env_vars}
     done = cli("tune", str(JOBS / f"{name}.yaml"), f"output_dir={output_dir}", f"cluster.address={address}", env=env)
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
@@ -37,7 +37,7 @@ def run_quick(name: str, output_dir: Path, address: str, **env_vars: str) -> tup
     assert tested["test_rows"] > 0
     reads = (output_dir / name / "data" / "test_reads.jsonl").read_text().splitlines()
     assert len(reads) == 1  # the test split was read once, after the search
-    return output_dir / name / "tune", tested
+    return output_dir / name / "tune", tested, done.stdout + done.stderr
 
 
 def beats_the_majority_class(tested: dict) -> None:
@@ -66,7 +66,7 @@ def test_sst2_lora_pbt_quick_exploits_and_exports(tmp_path, session_ray_address)
     # A PBT search on a cluster it joined: Ray 2.60 can leave a stopped trial's placement group behind there, and
     # the search removes it before it exits (ray_cluster.remove_leftover_placement_groups); the session's guard
     # (conftest.free_session_cpus) would warn about one it missed.
-    run_dir, tested = run_quick("sst2-minilm-quick", tmp_path, session_ray_address)
+    run_dir, tested, printed = run_quick("sst2-minilm-quick", tmp_path, session_ray_address)
     assert cpus_free_within(60.0), "the search exited with a CPU of the session's Ray still held"
     cfg = load_config(JOBS / "sst2-minilm-quick.yaml")
     rows = trials(run_dir)
@@ -77,6 +77,9 @@ def test_sst2_lora_pbt_quick_exploits_and_exports(tmp_path, session_ray_address)
         assert e["donor"] != e["trial"] and e["restored_step"] == e["donor_step"] > 0
         # LoRA: the exploit moves the adapter and its optimizer state, not MiniLM's 22M frozen weights (~90 MB)
         assert 0 < e["bytes_moved"] < 20_000_000
+        # the console says so once, as a trial event
+        said = f"tune: trial {e['trial']} exploited trial {e['donor']} at step {e['donor_step']} "
+        assert printed.count(said) == 1, printed[-3000:]
     assert "zero_pp_rank_0_mp_rank_00_optim_states.pt" in deepspeed_files(run_dir)  # ZeRO-2 on one worker
     beats_the_majority_class(tested)
 
@@ -88,7 +91,7 @@ def test_sst2_lora_pbt_quick_exploits_and_exports(tmp_path, session_ray_address)
 
 def test_sst2_full_optuna_quick_searches_and_exports(tmp_path, session_ray_address):
     shared_data("sst2", "train.tsv")
-    run_dir, tested = run_quick("sst2-minilm-full-optuna-quick", tmp_path, session_ray_address)
+    run_dir, tested, _ = run_quick("sst2-minilm-full-optuna-quick", tmp_path, session_ray_address)
     rows = trials(run_dir)
     assert len(rows) == load_config(JOBS / "sst2-minilm-full-optuna-quick.yaml").tune.num_samples
     assert len({r["train.lr"] for r in rows}) == len(rows)  # Optuna proposed different points
@@ -99,7 +102,7 @@ def test_sst2_full_optuna_quick_searches_and_exports(tmp_path, session_ray_addre
 
 def test_shakespeare_zero3_quick_shards_over_two_workers_and_exports(tmp_path, tiny_llama, session_ray_address):
     text = shared_data("tinyshakespeare", "input.txt")
-    run_dir, tested = run_quick(
+    run_dir, tested, _ = run_quick(
         "shakespeare-zero3-quick",
         tmp_path,
         session_ray_address,

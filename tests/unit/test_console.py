@@ -245,6 +245,14 @@ def test_tune_progress_feeds_the_display_a_table_row_per_trial(tmp_path):
         ("b", "PENDING", None, None),
     ]
     assert display.trials["headline"].startswith("1/2 trials finished, 0 running | best eval_loss 0.5000")
+    # a PBT exploit, as exploits.jsonl records it, is a trial event of its own
+    progress.exploited(
+        {"trial": "b", "donor": "a", "donor_step": 4, "bytes_moved": 1_549_158, "seconds": 13.116}
+        | {"old_config": {"train.lr": 0.011125895}, "new_config": {"train.lr": 0.0057158}}
+    )
+    assert stream.getvalue().splitlines()[-1] == (
+        "tune: trial b exploited trial a at step 4 (1.5 MB restored in 13.1 s); train.lr 0.01113 -> 0.005716"
+    )
 
 
 def test_reports_of_a_training_run_reach_the_display_once(tmp_path):
