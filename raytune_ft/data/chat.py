@@ -22,59 +22,53 @@ Splits: a conversation is one unit. `as_records` gives the split a Records of on
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 from raytune_ft.config.schema import NormalizeConfig
 from raytune_ft.data import curation
-from raytune_ft.data.chat_templates import DEFAULT_TEMPLATE, ROLES, TEMPLATES, role_problems
-from raytune_ft.data.readers import DataError, Records, _decode, detect_format
+from raytune_ft.data.chat_readers import (
+    ChatColumns,
+    ChatDataError,
+    ChatSource,
+    Conversation,
+    Turn,
+    read_conversations,
+)
+from raytune_ft.data.chat_templates import DEFAULT_TEMPLATE, TEMPLATES
+from raytune_ft.data.readers import DataError, Records
 from raytune_ft.errors import InputError
 
+# the reading side lives in data/chat_readers.py; its names are this module's too
+__all__ = [
+    "IGNORE_INDEX",
+    "ChatColumns",
+    "ChatDataError",
+    "ChatRows",
+    "ChatSource",
+    "Conversation",
+    "TokenizedChat",
+    "Turn",
+    "apply_length_policy",
+    "as_records",
+    "build_chat_rows",
+    "conversation_key",
+    "curate_conversations",
+    "dedupe_conversations",
+    "drop_empty_answers",
+    "prepare_chat",
+    "read_conversations",
+    "resolve_template",
+    "split_text",
+    "take_by_lines",
+    "tokenize_conversation",
+]
+
 IGNORE_INDEX = -100  # the label PyTorch's cross-entropy (and so Hugging Face's LM loss) skips
-MAX_ERRORS = 5
 TRAIN_ON = ("assistant", "all")
 LENGTH_POLICIES = ("truncate", "drop")
-SHAPES = ("messages", "instruction", "prompt")
-
-
-class Turn(NamedTuple):
-    role: str
-    content: str
-
-
-@dataclass(frozen=True)
-class Conversation:
-    """Turns in order, and the line (Parquet: row) of the file it came from, for messages and tracing."""
-
-    turns: tuple[Turn, ...]
-    line: int
-
-    def messages(self) -> list[dict[str, str]]:
-        return [{"role": t.role, "content": t.content} for t in self.turns]
-
-
-@dataclass(frozen=True)
-class ChatColumns:
-    """Column names of each shape (data.columns.*)."""
-
-    messages: str = "messages"
-    instruction: str = "instruction"
-    input: str = "input"
-    output: str = "output"
-    prompt: str = "prompt"
-    completion: str = "completion"
-
-
-@dataclass
-class ChatSource:
-    path: str
-    format: str
-    shape: str
-    conversations: list[Conversation]
 
 
 @dataclass
@@ -85,172 +79,6 @@ class ChatRows:
     input_ids: list[list[int]]
     labels: list[list[int]]
     report: dict[str, Any] = field(default_factory=dict)
-
-
-class ChatDataError(DataError):
-    """Every bad row of a file at once, so one fix-and-rerun round fixes them all; located at the first.
-    `problems` holds each (line, message)."""
-
-    def __init__(self, path: str | Path, problems: list[tuple[int, str]], where: str = "line") -> None:
-        self.problems = problems
-        line, message = problems[0]
-        if len(problems) > 1:
-            more = "; ".join(f"{where} {n}: {m}" for n, m in problems[1:MAX_ERRORS])
-            message += (
-                f" ({len(problems)} rows with problems; also {more}{'; ...' if len(problems) > MAX_ERRORS else ''})"
-            )
-        super().__init__(path, line, f"row {line}: {message}" if where == "row" else message)
-
-
-# ---------------------------------------------------------------------------------------------------- reading
-
-
-def read_conversations(path: str | Path, fmt: str = "auto", columns: ChatColumns | None = None) -> ChatSource:
-    """Every conversation of the file. A file-level fault (bad JSON, a missing column, no chat columns) stops at
-    once, like data/readers.py; a row-level fault (role, content, turn order) is collected over the whole file and
-    raised as one ChatDataError."""
-    path, columns = Path(path), columns or ChatColumns()
-    if not path.exists():
-        raise DataError(path, None, "file not found")
-    if not path.is_file():
-        raise DataError(path, None, "is not a file")
-    fmt = detect_format(path, fmt)
-    if fmt == "text":
-        raise DataError(path, None, "plain text holds no conversations; chat data needs jsonl, parquet, csv or tsv")
-    names, rows = _rows(path, fmt)
-    shape = _shape(path, names, columns, 1 if fmt in ("csv", "tsv") else None)
-    conversations, problems = [], []
-    for line, row in rows:
-        turns, row_problems = _turns(row, shape, columns, from_text=fmt in ("csv", "tsv"))
-        if row_problems:
-            problems.append((line, "; ".join(row_problems)))
-        else:
-            conversations.append(Conversation(tuple(turns), line))
-    if problems:
-        raise ChatDataError(path, problems, "row" if fmt == "parquet" else "line")
-    if not conversations:
-        raise DataError(path, None, "has no data rows")
-    return ChatSource(str(path), fmt, shape, conversations)
-
-
-def _rows(path: Path, fmt: str) -> tuple[list[str], list[tuple[int, dict[str, Any]]]]:
-    """Column names (of the first row for JSONL) and each row as a dict with its line."""
-    if fmt == "parquet":
-        import pyarrow.parquet as pq
-
-        try:
-            table = pq.read_table(path)
-        except Exception as exc:  # pyarrow raises ArrowInvalid and OSError variants for corrupt files
-            raise DataError(path, None, f"not a readable Parquet file: {exc}") from None
-        return table.column_names, [(i + 1, row) for i, row in enumerate(table.to_pylist())]
-    text = _decode(path)
-    if fmt == "jsonl":
-        rows = []
-        for line_no, line in enumerate(text.split("\n"), 1):  # \n only: U+2028 is legal inside JSON strings
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(path, line_no, f"invalid JSON at column {exc.colno}: {exc.msg}") from None
-            if not isinstance(obj, dict):
-                raise DataError(path, line_no, f"expected a JSON object per line, got {type(obj).__name__}")
-            rows.append((line_no, obj))
-        return (list(rows[0][1]) if rows else []), rows
-    import csv
-    import io
-
-    # unlike readers.py's TSV, quotes are honoured: a messages cell holds JSON, whose quotes a TSV writer escapes
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t" if fmt == "tsv" else ",")
-    try:
-        header = [h.strip() for h in next(reader)]
-        rows, start = [], reader.line_num + 1
-        for fields in reader:
-            line, start = start, reader.line_num + 1  # a quoted record may span lines: name where it starts
-            if not fields:
-                continue
-            if len(fields) != len(header):
-                raise DataError(path, line, f"expected {len(header)} fields like the header, found {len(fields)}")
-            rows.append((line, dict(zip(header, fields, strict=True))))
-    except csv.Error as exc:
-        raise DataError(path, reader.line_num, f"malformed {fmt.upper()}: {exc}") from None
-    return header, rows
-
-
-def _shape(path: Path, names: list[str], columns: ChatColumns, line: int | None) -> str:
-    if columns.messages in names:
-        return "messages"
-    if columns.instruction in names and columns.output in names:
-        return "instruction"
-    if columns.prompt in names and columns.completion in names:
-        return "prompt"
-    wanted = f"'{columns.instruction}' and '{columns.output}', or '{columns.prompt}' and '{columns.completion}'"
-    raise DataError(
-        path,
-        line,
-        f"no chat columns: expected '{columns.messages}', or {wanted} (columns: {', '.join(map(str, names))}); "
-        "set data.columns.messages, data.columns.instruction/output or data.columns.prompt/completion",
-    )
-
-
-def _turns(row: dict[str, Any], shape: str, columns: ChatColumns, from_text: bool) -> tuple[list[Turn], list[str]]:
-    """The row's turns, or what is wrong with it."""
-    if shape == "messages":
-        turns, problems = _message_turns(row.get(columns.messages), columns.messages, from_text)
-    else:
-        if shape == "instruction":
-            ask, answer = columns.instruction, columns.output
-        else:
-            ask, answer = columns.prompt, columns.completion
-        problems = [_not_text(row, name) for name in (ask, answer)]
-        extra = row.get(columns.input) if shape == "instruction" else None
-        if extra is not None and not isinstance(extra, str):
-            problems.append(f"'{columns.input}' must be a string, got {type(extra).__name__}")
-        problems = [p for p in problems if p]
-        if problems:
-            return [], problems
-        question = row[ask] if not (extra or "").strip() else f"{row[ask]}\n\n{extra}"  # Alpaca's own layout
-        turns = [Turn("user", question), Turn("assistant", row[answer])]
-    if problems:
-        return [], problems
-    if not any(t.role == "assistant" for t in turns):
-        return [], ["conversation has no assistant turn"]
-    return turns, [f"conversation {p}" for p in role_problems([t.role for t in turns])]
-
-
-def _not_text(row: dict[str, Any], name: str) -> str | None:
-    if row.get(name) is None:
-        return f"no '{name}'"
-    if not isinstance(row[name], str):
-        return f"'{name}' must be a string, got {type(row[name]).__name__}"
-    return None
-
-
-def _message_turns(value: Any, name: str, from_text: bool) -> tuple[list[Turn], list[str]]:
-    if value is None:
-        return [], [f"no '{name}'"]
-    if from_text and isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError as exc:
-            return [], [f"'{name}' is not valid JSON (column {exc.colno}: {exc.msg})"]
-    if not isinstance(value, list):
-        return [], [f"'{name}' must be a list of {{role, content}} objects, got {type(value).__name__}"]
-    turns, problems = [], []
-    for k, message in enumerate(value, 1):
-        if not isinstance(message, dict):
-            problems.append(f"turn {k} must be an object with 'role' and 'content', got {type(message).__name__}")
-            continue
-        role, content = message.get("role"), message.get("content")
-        if role not in ROLES:
-            problems.append(f"turn {k} has unknown role {role!r} (roles: {', '.join(ROLES)})")
-        elif content is None:
-            problems.append(f"turn {k} ({role}) has no content")
-        elif not isinstance(content, str):
-            problems.append(f"turn {k} ({role}): content must be a string, got {type(content).__name__}")
-        else:
-            turns.append(Turn(role, content))
-    return turns, problems
 
 
 # --------------------------------------------------------------------------------------------------- curation

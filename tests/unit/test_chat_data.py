@@ -469,3 +469,25 @@ def test_a_conversation_is_one_split_unit_keyed_by_its_questions() -> None:
     assert sorted(c.line for name in splits for c in take_by_lines(chats, splits[name])) == sorted(
         c.line for c in chats
     )
+
+
+def test_a_generation_prompt_shorter_than_the_answers_header_leaves_the_separator_masked(byte_tokenizer: Any) -> None:
+    """Zephyr's published template prompts generation with '<|assistant|>' but writes '<|assistant|>\\n' before an
+    answer: the newline the turn adds is a separator, not part of what is learned."""
+    published = TEMPLATES["zephyr"].replace("{{ '<|assistant|>\\n' }}", "{{ '<|assistant|>' }}")
+    assert published != TEMPLATES["zephyr"]
+    byte_tokenizer.chat_template = published
+    try:
+        rows = build_chat_rows([two_round_chat()], byte_tokenizer)
+    finally:
+        byte_tokenizer.chat_template = None
+    assert kept_runs(byte_tokenizer, rows.input_ids[0], rows.labels[0]) == [a + "</s>" for _, a in ROUNDS]
+
+
+def test_the_chat_modules_import_without_ray_or_torch() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, raytune_ft.data.chat; print(sorted(m for m in ('ray', 'torch') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
