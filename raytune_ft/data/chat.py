@@ -182,7 +182,7 @@ def _render(tokenizer: Any, jinja: str, turns: tuple[Turn, ...], generation_prom
 
 
 def tokenize_conversation(
-    conversation: Conversation, tokenizer: Any, jinja: str, train_on: str = "assistant", source: str = ""
+    conversation: Conversation, tokenizer: Any, jinja: str, train_on: str = "assistant", source: str = "<chat>"
 ) -> TokenizedChat:
     """Render, tokenise, and label the answers. Each answer's text is found by rendering prefixes: the
     conversation before assistant turn i with the generation prompt, and through turn i; the answer is what the
@@ -190,7 +190,10 @@ def tokenize_conversation(
     any template that renders a conversation's beginning the same whatever follows (checked: each prefix must be a
     prefix of the whole text). Tokens are matched to the answers by character offsets of one tokenisation of the
     whole text, so the tokenizer need not split a prefix as it splits the whole. Each answer's end-of-turn token,
-    which the model must learn to emit to stop, is part of what turn i adds, so it is learned too."""
+    which the model must learn to emit to stop, is part of what turn i adds, so it is learned too; a token that
+    straddles an answer's edge (a merge of separator and answer) is learned. With train_on="all" nothing is masked
+    and a template that breaks the prefix rule is accepted; its conversations can then only be kept or dropped
+    whole by the length policy."""
     turns = conversation.turns
     whole = _render(tokenizer, jinja, turns, False)
     spans, ends, answer_turns = [], [], []
@@ -200,6 +203,10 @@ def tokenize_conversation(
         before = _render(tokenizer, jinja, turns[:i], True)
         through = _render(tokenizer, jinja, turns[: i + 1], False)
         if not (whole.startswith(through) and through.startswith(before)):
+            if train_on == "all":
+                # nothing to mask: the conversation is one unit, which the length policy keeps or drops whole
+                spans, ends, answer_turns = [], [len(whole)], [len(turns) - 1]
+                break
             raise DataError(
                 source,
                 conversation.line,
@@ -284,7 +291,7 @@ def build_chat_rows(
     train_on: str = "assistant",
     max_tokens: int | None = None,
     length_policy: str = "truncate",
-    source: str = "",
+    source: str = "<chat>",
 ) -> ChatRows:
     """Tokenise and label curated conversations, then apply the length policy. The report holds the template used,
     the length step (a curation StepReport, to join the data report's steps) and the token counts."""

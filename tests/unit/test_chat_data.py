@@ -491,3 +491,37 @@ def test_the_chat_modules_import_without_ray_or_torch() -> None:
     code = "import sys, raytune_ft.data.chat; print(sorted(m for m in ('ray', 'torch') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+@pytest.mark.parametrize("tokenizer_fixture", ["byte_tokenizer", "word_tokenizer"])
+def test_the_mask_agrees_with_transformers_generation_markers(tokenizer_fixture: str, request: Any) -> None:
+    """An independent check: ChatML with {% generation %} around each answer and its <|im_end|> gives, through
+    transformers' return_assistant_tokens_mask, the same tokens and the same learned positions as prefix rendering."""
+    tokenizer = request.getfixturevalue(tokenizer_fixture)
+    marked = TEMPLATES["chatml"].replace(
+        "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}",
+        "{% if message['role'] == 'assistant' %}{{ '<|im_start|>assistant\\n' }}{% generation %}"
+        "{{ message['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\\n' }}"
+        "{% else %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+        "{% endif %}",
+    )
+    assert "generation" in marked
+    theirs = tokenizer.apply_chat_template(
+        two_round_chat().messages(), chat_template=marked, return_dict=True, return_assistant_tokens_mask=True
+    )
+    ours = tokenize_conversation(two_round_chat(), tokenizer, TEMPLATES["chatml"])
+    assert ours.input_ids == list(theirs["input_ids"])
+    assert [label != IGNORE_INDEX for label in ours.labels] == [bool(m) for m in theirs["assistant_masks"]]
+
+
+def test_train_on_all_accepts_a_template_that_breaks_the_prefix_rule(byte_tokenizer: Any) -> None:
+    marks_last = TEMPLATES["chatml"].replace("{{ '<|im_start|>'", "{{ ('LAST' if loop.last else '') + '<|im_start|>'")
+    byte_tokenizer.chat_template = marks_last
+    try:
+        rows = build_chat_rows([two_round_chat()], byte_tokenizer, train_on="all")
+        total = len(rows.input_ids[0])
+        assert rows.labels[0] == rows.input_ids[0]
+        short = build_chat_rows([two_round_chat()], byte_tokenizer, train_on="all", max_tokens=total - 1)
+    finally:
+        byte_tokenizer.chat_template = None
+    assert short.conversations == [] and short.report["steps"][0]["first_answer_too_long"] == 1
