@@ -525,3 +525,11 @@ def test_train_on_all_accepts_a_template_that_breaks_the_prefix_rule(byte_tokeni
     finally:
         byte_tokenizer.chat_template = None
     assert short.conversations == [] and short.report["steps"][0]["first_answer_too_long"] == 1
+
+
+def test_missing_special_tokens_names_the_markers_a_tokenizer_would_split(word_tokenizer: Any) -> None:
+    from raytune_ft.data.chat_templates import missing_special_tokens
+
+    assert missing_special_tokens(word_tokenizer, "chatml") == []
+    assert missing_special_tokens(word_tokenizer, "zephyr") == ZEPHYR_TOKENS
+    assert missing_special_tokens(word_tokenizer, "tokenizer") == []
