@@ -15,13 +15,17 @@ Pure functions, not yet wired into the training loop:
     (masking_utils.find_packed_sequence_indices) and builds the block-diagonal mask itself, for eager and sdpa.
     It does so only when no 2D mask is given and the model holds no cache, and LlamaModel builds a DynamicCache
     whenever use_cache is on (the config's default, in training too), in which case the rows silently attend
-    across examples. So the batch carries use_cache=False. Cheaper to build than "block" (no mask in the batch).
+    across examples. So the batch carries use_cache=False. The batch holds no mask; transformers builds the same
+    one inside each forward.
   - "varlen": the padding-free layout of transformers' DataCollatorWithFlattening: every row's tokens in one
     (1, total) sequence, position ids restarting per example, and cu_seq_lens_q/k (int32) with max_length_q/k
     (ints), which flash_attention_2/3 hands to flash_attn_varlen_func (modeling_flash_attention_utils). GPU only.
 * `check_supports_packing(model, attention)` refuses a model or attention implementation that would not keep
   the examples apart, with a message saying what to change.
 * `fill_ratio` / `compare_fill`: tokens / (rows x block_size), packed against one example per row.
+
+A batch holds values that are not tensors (use_cache, and max_length_q/k for "varlen"): whoever moves it to a
+device moves the tensors only.
 """
 
 from __future__ import annotations
