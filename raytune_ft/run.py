@@ -211,7 +211,8 @@ class TuneProgress:
         grids = [len(dim.values) for dim in cfg.tune.search_space.values() if isinstance(dim, GridDim)]
         self.samples = cfg.tune.num_samples * math.prod(grids)
         self.best: tuple[float, str, Any] | None = None
-        self.first: tuple[float, int] | None = None  # (time, steps done) at the first report
+        self.first: dict[str, tuple[float, int]] = {}  # trial -> (time, step) of its first report
+        self.at: dict[str, int] = {}  # trial -> the step of its latest report
         self.trial_best: dict[str, float] = {}
         self.shown: dict[str, Any] = {}  # the trials view last sent: a trial's end updates its row
 
@@ -241,11 +242,8 @@ class TuneProgress:
         done, total = self.steps(trials, result)
         if total:
             line += f" | {done / total:.0%} of steps"
-            now = time.monotonic()
-            if self.first is None:
-                self.first = (now, done)  # start-up is behind us: the rate is measured from here
-            elif done > self.first[1]:
-                rate = (done - self.first[1]) / (now - self.first[0])
+            rate = self.rate(trials, trial_id, result.get("step"))
+            if rate:
                 line += f", ETA {(total - done) / rate / 60:.0f} min (at most: early stopping shortens it)"
         headline = line.removeprefix("tune: ")
         if isinstance(value, (int, float)):
@@ -253,6 +251,21 @@ class TuneProgress:
         evaluation = f"trial {trial_id}: " + evaluation_line(result, int(result.get("total_steps") or 0))
         self.shown = {"rows": self.rows(trials, result), "metric": self.metric, "headline": headline}
         tell(self.log, line, "trials", **self.shown, live_line=evaluation)
+
+    def rate(self, trials: list[Any], trial_id: str, step: Any) -> float:
+        """Steps per second of the search: each unfinished trial's own rate since its first report, summed. Each
+        trial's clock starts at its first report, after its start-up; one clock for all said "ETA 0 min" when
+        parallel trials sent their first reports moments apart."""
+        now = time.monotonic()
+        if isinstance(step, int):
+            self.first.setdefault(trial_id, (now, step))
+            self.at[trial_id] = step
+        rate = 0.0
+        for t in trials:
+            started, step_then = self.first.get(str(t.trial_id), (now, 0))
+            if t.status not in ("TERMINATED", "ERROR") and now > started:
+                rate += max(0, self.at[str(t.trial_id)] - step_then) / (now - started)
+        return rate
 
     def ended(self, trial: Any, status: str) -> None:
         best = self.trial_best.get(str(trial.trial_id))

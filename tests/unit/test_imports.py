@@ -114,3 +114,23 @@ def test_the_architecture_page_lists_who_imports_whom_as_the_code_does():
             expected = {"raytune_ft" if n == "__version__" else n for n in named}
             assert actual.get(package, set()) == expected, f"architecture.md's row for {package}"
     assert listed == set(actual) - {"raytune_ft"}, "architecture.md's import table misses a package"
+
+
+def test_the_architecture_page_maps_every_module():
+    """The module map names each module (`data/split.py`), or its package's files in a package row (`bench/`:
+    `train.py`, ...): a module added without a line there fails here."""
+    page = (PACKAGE.parent / "docs" / "architecture.md").read_text()
+    section = page.split("## Module map", 1)[1].split("\n## ", 1)[0]
+    named = set()
+    for line in section.splitlines():
+        if not line.startswith("| `"):
+            continue
+        who, what = line.split("|")[1:3]
+        for name in re.findall(r"`([\w/.]+)`", who):
+            if name.endswith("/"):  # a package row lists its files in its description
+                named |= {name + f for f in re.findall(r"`(\w+\.py)`", what)}
+            named.add(name.removeprefix("raytune_ft/"))
+    modules = {
+        str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py") if p.name not in ("__init__.py", "__main__.py")
+    }
+    assert sorted(modules - named) == [], "docs/architecture.md's module map misses these"

@@ -98,3 +98,37 @@ def test_tune_progress_counts_every_trial_of_a_grid(tmp_path, cfg):
     progress(trials, {"trial_id": "b", "step": 5, "total_steps": 10, "eval_loss": 0.5})
     assert lines[-1].startswith("tune: 1/4 trials finished, 1 running")
     assert "| 38% of steps" in lines[-1]  # 15 of 40
+
+
+def test_tune_progress_eta_counts_each_trial_from_its_own_first_report(tmp_path, cfg, monkeypatch):
+    """Two trials of 100 steps, each at 1 step/s once started: their first reports, 2 s apart, give no ETA (one
+    clock for both made it "ETA 0 min"); 50 s later each has done 50 more steps: about 2 steps/s, 50 steps left."""
+    from types import SimpleNamespace
+
+    import raytune_ft.run as run_module
+    from raytune_ft.run import TuneProgress
+
+    path = tmp_path / "exp.yaml"
+    path.write_text(
+        path.read_text() + "tune:\n  num_samples: 2\n  metric: eval_loss\n  mode: min\n"
+        "  search_space: {train.lr: {type: loguniform, low: 0.0001, high: 0.01}}\n"
+    )
+    clock = [1000.0]
+    monkeypatch.setattr(run_module.time, "monotonic", lambda: clock[0])
+    lines: list[str] = []
+    progress = TuneProgress(load_config(path), lines.append)
+    trials = [SimpleNamespace(trial_id=t, status="RUNNING", last_result={}) for t in ("a", "b")]
+
+    def report(trial: str, step: int) -> str:
+        progress(trials, {"trial_id": trial, "step": step, "total_steps": 100, "eval_loss": 0.5})
+        next(t for t in trials if t.trial_id == trial).last_result = {"step": step}
+        return lines[-1]
+
+    assert "ETA" not in report("a", 25)
+    clock[0] += 2
+    assert "ETA" not in report("b", 25)
+    clock[0] += 48
+    report("a", 75)  # a: 50 steps in 50 s; b: none yet since its first report
+    clock[0] += 2
+    assert "| 75% of steps, ETA 0 min" in report("b", 75)  # 50 left at about 2 steps/s
+    assert abs(progress.rate(trials, "b", 75) - (50 / 52 + 50 / 50)) < 1e-9  # each over its time since its start
