@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from raytune_ft.data.chat_templates import ROLES, role_problems
-from raytune_ft.data.readers import DataError, _decode, detect_format
+from raytune_ft.data.readers import DataError, _decode, detect_format, jsonl_objects
 
 MAX_ERRORS = 5  # bad rows written out in one ChatDataError's message (all are in its `problems`)
 SHAPES = ("messages", "instruction", "prompt")
@@ -114,17 +114,7 @@ def _rows(path: Path, fmt: str) -> tuple[list[str], list[tuple[int, dict[str, An
         return table.column_names, [(i + 1, row) for i, row in enumerate(table.to_pylist())]
     text = _decode(path)
     if fmt == "jsonl":
-        rows = []
-        for line_no, line in enumerate(text.split("\n"), 1):  # \n only: U+2028 is legal inside JSON strings
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(path, line_no, f"invalid JSON at column {exc.colno}: {exc.msg}") from None
-            if not isinstance(obj, dict):
-                raise DataError(path, line_no, f"expected a JSON object per line, got {type(obj).__name__}")
-            rows.append((line_no, obj))
+        rows = list(jsonl_objects(path, text))
         return (list(rows[0][1]) if rows else []), rows
     import csv
     import io

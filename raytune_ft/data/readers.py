@@ -10,6 +10,7 @@ import csv
 import io
 import json
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -173,9 +174,9 @@ def _read_delimited(
     return Records(texts, labels, rows, slices)
 
 
-def _read_jsonl(path: Path, text: str, text_column: str, label_column: str | None, slice_column: str | None) -> Records:
-    texts, labels, rows = [], [] if label_column is not None else None, []
-    slices: list[str] | None = [] if slice_column is not None else None
+def jsonl_objects(path: Path, text: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) for each non-blank line of a JSONL file's TEXT; anything but an object is an error
+    naming the line."""
     # split on \n only: U+2028 and friends are legal unescaped inside JSON strings
     for line_no, line in enumerate(text.split("\n"), 1):
         if not line.strip():
@@ -186,6 +187,13 @@ def _read_jsonl(path: Path, text: str, text_column: str, label_column: str | Non
             raise DataError(path, line_no, f"invalid JSON at column {exc.colno}: {exc.msg}") from None
         if not isinstance(obj, dict):
             raise DataError(path, line_no, f"expected a JSON object per line, got {type(obj).__name__}")
+        yield line_no, obj
+
+
+def _read_jsonl(path: Path, text: str, text_column: str, label_column: str | None, slice_column: str | None) -> Records:
+    texts, labels, rows = [], [] if label_column is not None else None, []
+    slices: list[str] | None = [] if slice_column is not None else None
+    for line_no, obj in jsonl_objects(path, text):
         if text_column not in obj:
             raise _missing_column(path, line_no, text_column, list(obj), "text")
         if not isinstance(obj[text_column], str):
