@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from raytune_ft.data.chat_templates import ROLES, role_problems
-from raytune_ft.data.readers import DataError, _decode, detect_format, jsonl_objects
+from raytune_ft.data.readers import DataError, _decode, detect_format, existing_file, jsonl_objects
 
 MAX_ERRORS = 5  # bad rows written out in one ChatDataError's message (all are in its `problems`)
 SHAPES = ("messages", "instruction", "prompt")
@@ -78,11 +78,7 @@ def read_conversations(path: str | Path, fmt: str = "auto", columns: ChatColumns
     """Every conversation of the file. A file-level fault (bad JSON, a missing column, no chat columns) stops at
     once, like data/readers.py; a row-level fault (role, content, turn order) is collected over the whole file and
     raised as one ChatDataError."""
-    path, columns = Path(path), columns or ChatColumns()
-    if not path.exists():
-        raise DataError(path, None, "file not found")
-    if not path.is_file():
-        raise DataError(path, None, "is not a file")
+    path, columns = existing_file(path), columns or ChatColumns()
     fmt = detect_format(path, fmt)
     if fmt == "text":
         raise DataError(path, None, "plain text holds no conversations; chat data needs jsonl, parquet, csv or tsv")

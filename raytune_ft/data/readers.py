@@ -70,15 +70,21 @@ def detect_format(path: Path, declared: str) -> str:
     return fmt
 
 
-def read_records(
-    path: str | Path, fmt: str, text_column: str, label_column: str | None, slice_column: str | None = None
-) -> Records:
-    """Read every record; `label_column=None` reads texts only (causal LM)."""
+def existing_file(path: str | Path) -> Path:
+    """PATH, or the error a reader gives for a data file that is missing or not a file."""
     path = Path(path)
     if not path.exists():
         raise DataError(path, None, "file not found")
     if not path.is_file():
         raise DataError(path, None, "is not a file")
+    return path
+
+
+def read_records(
+    path: str | Path, fmt: str, text_column: str, label_column: str | None, slice_column: str | None = None
+) -> Records:
+    """Read every record; `label_column=None` reads texts only (causal LM)."""
+    path = existing_file(path)
     fmt = detect_format(path, fmt)
     if fmt == "parquet":
         records = _read_parquet(path, text_column, label_column, slice_column)
