@@ -3,7 +3,15 @@
 
 Each output line is one conversation:
 
-    {"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...], "meta": {...}}
+    {"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...], "review": "...", "kind": "...",
+     "meta": {...}}
+
+``review`` is the text the conversation is about, with no template around it: the SST-2 sentence, or the Shakespeare
+passage of the prompt. It is the column to give the project's overlap-aware split (``data.columns.split_text:
+review``): SST-2's phrases are cut from its own sentences, and a phrase and the sentence that contains it must land in
+one split, which the question template around them in ``messages`` would hide. ``kind`` is ``"sentiment"`` (SST-2,
+one turn), ``"sentiment-follow-up"`` (SST-2 with a follow-up turn) or ``"continuation"`` (Shakespeare): the column to
+slice the evaluation by.
 
 Two sources:
 
@@ -15,7 +23,7 @@ Two sources:
   repeats is written once, from its first row, with the later rows in ``meta.duplicate_rows``; a sentence the file
   repeats with both labels has no derivable answer and is left out (counted on stderr). SST-2's rows are phrases
   cut from its own sentences, so conversations still overlap by text: split them with the project's overlap-aware
-  split on the SST-2 text (``meta.row`` gives it back), not at random.
+  split on ``review``, not at random.
 - tiny Shakespeare (``tinyshakespeare/input.txt``): "Continue this passage: ..." answered with the lines that follow
   it. Windows of lines never overlap; ``meta`` is ``{"source": "shakespeare", "line": first line (0-based),
   "prompt_lines": P, "answer_lines": A}``.
@@ -65,6 +73,7 @@ SHAKESPEARE_SYSTEM_PROMPTS = (
 
 
 def _yes_no(truth: bool) -> str:
+    """The one-word answer to a yes/no follow-up."""
     return "Yes" if truth else "No"
 
 
@@ -90,6 +99,8 @@ SHAKESPEARE_QUESTIONS = (
 
 @dataclass(frozen=True)
 class Sentence:
+    """One distinct SST-2 sentence: its first data row, its label, and the later rows that repeat it."""
+
     row: int
     label: int
     text: str
@@ -98,6 +109,8 @@ class Sentence:
 
 @dataclass(frozen=True)
 class Passage:
+    """One Shakespeare window: its first line (0-based), the lines to continue, and the lines that follow them."""
+
     line: int
     prompt: str
     answer: str
@@ -156,6 +169,7 @@ def read_passages(path: Path, rng: random.Random) -> list[Passage]:
 
 
 def sst2_conversation(sentence: Sentence, rng: random.Random, system_share: float, follow_up_share: float) -> dict:
+    """One SST-2 conversation: optional system prompt, the question and the label word, maybe one follow-up turn."""
     messages: list[dict[str, str]] = []
     if rng.random() < system_share:
         messages.append({"role": "system", "content": rng.choice(SYSTEM_PROMPTS)})
@@ -164,19 +178,22 @@ def sst2_conversation(sentence: Sentence, rng: random.Random, system_share: floa
         {"role": "user", "content": question},
         {"role": "assistant", "content": LABEL_WORDS[sentence.label]},
     ]
+    kind = "sentiment"
     if rng.random() < follow_up_share:
         follow_up, answer = rng.choice(FOLLOW_UPS)
         messages += [
             {"role": "user", "content": follow_up},
             {"role": "assistant", "content": answer(sentence.label)},
         ]
+        kind = "sentiment-follow-up"
     meta: dict[str, Any] = {"source": "sst2", "row": sentence.row, "label": sentence.label}
     if sentence.duplicate_rows:
         meta["duplicate_rows"] = list(sentence.duplicate_rows)
-    return {"messages": messages, "meta": meta}
+    return {"messages": messages, "review": sentence.text, "kind": kind, "meta": meta}
 
 
 def shakespeare_conversation(passage: Passage, rng: random.Random, system_share: float) -> dict:
+    """One Shakespeare conversation: optional system prompt, the passage to continue, and the lines that follow."""
     messages: list[dict[str, str]] = []
     if rng.random() < system_share:
         messages.append({"role": "system", "content": rng.choice(SHAKESPEARE_SYSTEM_PROMPTS)})
@@ -190,7 +207,7 @@ def shakespeare_conversation(passage: Passage, rng: random.Random, system_share:
         "prompt_lines": passage.prompt_lines,
         "answer_lines": passage.answer_lines,
     }
-    return {"messages": messages, "meta": meta}
+    return {"messages": messages, "review": passage.prompt, "kind": "continuation", "meta": meta}
 
 
 def counts(rows: int | None, share: float, sst2_available: int, passages_available: int) -> tuple[int, int]:
@@ -247,6 +264,7 @@ def build(
 
 
 def _share(value: str) -> float:
+    """argparse type: a share between 0 and 1."""
     share = float(value)
     if not 0 <= share <= 1:
         raise argparse.ArgumentTypeError("must be between 0 and 1")
@@ -254,6 +272,7 @@ def _share(value: str) -> float:
 
 
 def _positive(value: str) -> int:
+    """argparse type: a whole number of at least 1."""
     number = int(value)
     if number < 1:
         raise argparse.ArgumentTypeError("must be at least 1")
@@ -261,6 +280,7 @@ def _positive(value: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Parse the command line, build the conversations, write the JSONL and print the summary on stderr."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--sst2",

@@ -1,6 +1,7 @@
 """jobs/build_chat_data.py, the example chat data builder, run as a script on a slice of the real SST-2 and tiny
 Shakespeare files: OpenAI-format JSONL, the same bytes for a seed, roles in order, answers that follow from the
-labels, every SST-2 sentence in exactly one conversation, and Shakespeare answers that are the lines that follow."""
+labels, every SST-2 sentence in exactly one conversation, Shakespeare answers that are the lines that follow, and
+the `review` (split text) and `kind` (slice) columns beside the messages."""
 
 from __future__ import annotations
 
@@ -93,8 +94,10 @@ def test_shape_roles_and_answers(tmp_path: Path, slices: tuple[Path, Path]) -> N
     seen_sentences: Counter[str] = Counter()
     shakespeare_lines: list[range] = []
     follow_ups = 0
+    kinds: Counter[str] = Counter()
     for conversation in conversations:
-        assert set(conversation) == {"messages", "meta"}
+        assert list(conversation) == ["messages", "review", "kind", "meta"]
+        kinds[conversation["kind"]] += 1
         messages = conversation["messages"]
         for message in messages:
             assert set(message) == {"role", "content"}
@@ -107,6 +110,9 @@ def test_shape_roles_and_answers(tmp_path: Path, slices: tuple[Path, Path]) -> N
             assert meta["label"] == label
             assert text in turns[0]["content"] and turns[0]["content"].startswith(("What is", "Is this", "Classify"))
             assert turns[1]["content"] == LABEL_WORDS[label]
+            # the bare sentence, so the overlap-aware split sees a phrase inside the sentence it was cut from
+            assert conversation["review"] == text
+            assert conversation["kind"] == ("sentiment-follow-up" if len(turns) > 2 else "sentiment")
             seen_sentences[text] += 1
             if len(turns) > 2:
                 assert len(turns) == 4
@@ -124,8 +130,11 @@ def test_shape_roles_and_answers(tmp_path: Path, slices: tuple[Path, Path]) -> N
             answer = "\n".join(source_lines[line + prompt_lines : line + prompt_lines + answer_lines]).strip("\n")
             assert turns[0]["content"].endswith("\n\n" + prompt)
             assert turns[1]["content"] == answer
+            assert conversation["review"] == prompt and conversation["kind"] == "continuation"
             shakespeare_lines.append(range(line, line + prompt_lines + answer_lines))
     assert follow_ups > 0
+    assert kinds["sentiment-follow-up"] == follow_ups
+    assert kinds["sentiment"] == sources["sst2"] - follow_ups and kinds["continuation"] == sources["shakespeare"]
     assert set(seen_sentences.values()) == {1}  # no sentence in two conversations
     covered = [line for lines in shakespeare_lines for line in lines]
     assert len(covered) == len(set(covered))  # no Shakespeare line in two conversations
