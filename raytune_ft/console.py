@@ -24,7 +24,16 @@ from pathlib import Path
 from typing import Any, TextIO
 
 LOG_NAME = "console.log"
-EVAL_KEYS = ("eval_loss", "eval_accuracy", "eval_f1_macro", "eval_whole_accuracy", "eval_perplexity")
+EVAL_KEYS = (
+    "eval_loss",
+    "eval_accuracy",
+    "eval_f1_macro",
+    "eval_whole_accuracy",
+    "eval_perplexity",
+    "eval_gen_exact",
+    "eval_gen_contains",
+    "eval_gen_token_f1",
+)
 
 
 def tell(log: Callable[[str], None], line: str, kind: str, **data: Any) -> None:

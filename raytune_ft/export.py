@@ -20,7 +20,7 @@ import torch
 from raytune_ft import __version__
 from raytune_ft.config import ExperimentConfig
 from raytune_ft.layout import METADATA
-from raytune_ft.train.checkpoint import TRAINABLE, CheckpointError, verify_checkpoint
+from raytune_ft.train.checkpoint import PROBE_GENERATIONS, TRAINABLE, CheckpointError, verify_checkpoint
 
 PACKAGES = ("torch", "transformers", "peft", "deepspeed", "ray", "pyarrow", "raytune_ft")
 
@@ -42,7 +42,7 @@ def export_checkpoint(
 
     from raytune_ft.model_source import load_tokenizer
     from raytune_ft.modeling import build_model, merge_for_export
-    from raytune_ft.train.batches import collate
+    from raytune_ft.train.batches import collate, model_inputs
 
     state = verify_checkpoint(checkpoint_dir)
     torch.manual_seed(cfg.seed)
@@ -66,12 +66,21 @@ def export_checkpoint(
         raise CheckpointError(
             f"{checkpoint_dir / TRAINABLE}: trainable weights missing: {sorted(trainable - set(weights))[:3]}"
         )
-    merged = merge_for_export(model.primary if tasks else model).eval()
-
+    adapter_only = cfg.finetune.method == "lora" and cfg.finetune.lora.export == "adapter" and not tasks
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    merged.save_pretrained(tmp, safe_serialization=True)
-    load_tokenizer(cfg.model.name_or_path, cfg.model.revision, cfg.model.trust_remote_code).save_pretrained(tmp)
+    if adapter_only:
+        model.eval().save_pretrained(tmp, safe_serialization=True)  # a PeftModel saves its adapter alone
+    else:
+        merge_for_export(model.primary if tasks else model).eval().save_pretrained(tmp, safe_serialization=True)
+    tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.revision, cfg.model.trust_remote_code)
+    template = None
+    if cfg.model.task == "chat":
+        from raytune_ft.data.chat import resolve_template
+
+        # serving renders prompts with the tokenizer's own template: it must be the one training rendered with
+        template, tokenizer.chat_template = resolve_template(tokenizer, cfg.data.chat.template)
+    tokenizer.save_pretrained(tmp)
     if tasks:
         from safetensors.torch import save_file
 
@@ -84,20 +93,27 @@ def export_checkpoint(
     probe_file = checkpoint_dir / "probe_logits.safetensors"
     if probe is not None and probe_file.exists():
         expected = load_file(str(probe_file))["logits"]
-        reloaded = _auto_class(cfg).from_pretrained(tmp).eval()
+        reloaded = load_exported_model(tmp, cfg.model.task, cfg.model.name_or_path)
         batch = collate(probe, list(range(expected.shape[0])), pad_token_id or 0, torch.device("cpu"))
         with torch.no_grad():
-            got = reloaded(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+            got = reloaded(**model_inputs(batch)).logits.float()
         diff = float((got - expected).abs().max())
         check = {"probe_rows": int(expected.shape[0]), "max_abs_logit_diff": diff}
         if diff > 1e-3:
             raise CheckpointError(f"exported model disagrees with the trained model (max |logit diff| {diff:.2e})")
+        generated = checkpoint_dir / PROBE_GENERATIONS
+        if generated.is_file():
+            check.update(_generation_check(reloaded, tokenizer, json.loads(generated.read_text()), pad_token_id))
 
     meta = {
         "experiment": cfg.model_dump(mode="json", by_alias=True),
         "task": cfg.model.task,
         "classes": classes,
         "label_names": cfg.data.label_names,
+        # chat: the template the tokenizer carries (a name, or "tokenizer" for its own), and whether it is the
+        # adapter alone (loaded on provenance.base_model)
+        "chat_template": template,
+        "adapter_only": adapter_only,
         "checkpoint": {"path": str(checkpoint_dir), "step": state["step"], "epoch": state.get("epoch")},
         "metrics": state.get("metrics", {}),
         "data_report": data_report,
@@ -119,6 +135,41 @@ def export_checkpoint(
     return out_dir
 
 
+def _generation_check(model: Any, tokenizer: Any, probe: dict[str, Any], pad_id: int | None) -> dict[str, Any]:
+    """The export's greedy answers to the prompts the checkpoint's model answered (one batch, as there): how many
+    are the same tokens. Recorded, not enforced: a near-tie between two tokens may tip either way after the
+    merge's rounding, which the logit check above bounds."""
+    from raytune_ft.generation import greedy_answers, stop_ids
+
+    answers = greedy_answers(
+        model,
+        probe["prompts"],
+        max_new_tokens=probe["max_new_tokens"],
+        stop=stop_ids(tokenizer),
+        pad_id=pad_id if pad_id is not None else tokenizer.pad_token_id,
+        batch_size=len(probe["prompts"]),
+    )
+    same = sum(a == b for a, b in zip(answers, probe["answers"], strict=True))
+    return {"generation_probe_rows": len(answers), "generation_same_as_training": same}
+
+
+def load_exported_model(export_dir: Path, task: str, base_model: str, dtype: torch.dtype = torch.float32) -> Any:
+    """An export's model in eval mode: the saved model, or for an adapter-only export (adapter_config.json, no
+    config.json) the base model with the adapter merged in."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    auto = AutoModelForSequenceClassification if task == "sequence-classification" else AutoModelForCausalLM
+    export_dir = Path(export_dir)
+    if (export_dir / "config.json").is_file() or not (export_dir / "adapter_config.json").is_file():
+        return auto.from_pretrained(export_dir, dtype=dtype).eval()
+    from peft import PeftModel
+
+    from raytune_ft.model_source import resolve_model_source
+
+    base = auto.from_pretrained(resolve_model_source(base_model), dtype=dtype)
+    return PeftModel.from_pretrained(base, export_dir).merge_and_unload().eval()
+
+
 def _with_files(cfg: ExperimentConfig, tasks: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Each extra task's record with its data file and that file's SHA-256, as the model card lists them."""
     from raytune_ft.data.store import file_sha256
@@ -130,12 +181,6 @@ def _with_files(cfg: ExperimentConfig, tasks: list[dict[str, Any]]) -> list[dict
         data = {"path": str(source), "sha256": file_sha256(source) if source and source.is_file() else None}
         out.append({**task, "data": data})
     return out
-
-
-def _auto_class(cfg: ExperimentConfig) -> Any:
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    return AutoModelForSequenceClassification if cfg.model.task == "sequence-classification" else AutoModelForCausalLM
 
 
 def provenance(cfg: ExperimentConfig, data_report: dict[str, Any]) -> dict[str, Any]:

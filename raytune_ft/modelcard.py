@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from raytune_ft.config.schema import CAUSAL_TASKS
 from raytune_ft.layout import CARD, CONFIG_FILE, EVAL_DIR, EVAL_FILE, EXPERIMENT, METADATA, TEST_METRICS
 
 # the training and fine-tuning keys a reader of the card wants; the whole config is in experiment.yaml
@@ -111,7 +112,7 @@ def model_card(export_dir: Path) -> str:
         "---",
         f"base_model: {prov.get('base_model')}",
         "library_name: transformers",
-        f"pipeline_tag: {'text-generation' if meta.get('task') == 'causal-lm' else 'text-classification'}",
+        f"pipeline_tag: {'text-generation' if meta.get('task') in CAUSAL_TASKS else 'text-classification'}",
         "tags: [raytune-ft]",
         "---",
         "",
@@ -175,6 +176,9 @@ def model_card(export_dir: Path) -> str:
             + f" ({split.get('strategy')}; the test split is read once, after training or the search).",
         ]
 
+    if meta.get("task") == "chat":
+        lines += ["", "## Chat", ""] + chat_lines(meta, exp, report, tested)
+
     lines += ["", "## Fine-tuning", ""]
     lines += _table(["setting", "value"], applied_settings(exp))
     if schedule:
@@ -213,6 +217,45 @@ def model_card(export_dir: Path) -> str:
         lines.append(f"raytune-ft tune --replay {export_dir.parent}   # its PBT schedule, replayed")
     lines.append("```")
     return "\n".join(lines) + "\n"
+
+
+def chat_lines(meta: dict[str, Any], exp: dict[str, Any], report: dict[str, Any], tested: Any) -> list[str]:
+    """How a chat model was trained and is prompted: template, loss masking, length policy, packing, generation."""
+    chat = dotted_value(exp, "data.chat") or {}
+    generation = dotted_value(exp, "train.generation") or {}
+    template = meta.get("chat_template")
+    named = "the base tokenizer's own" if template == "tokenizer" else f"`{template}`"
+    masked = (
+        "the loss is on the assistant turns only (system, user and template tokens are masked)"
+        if chat.get("train_on") == "assistant"
+        else "the loss is on every token"
+    )
+    lines = [
+        f"- Template: {named}, saved with the tokenizer (`tokenizer.apply_chat_template` renders prompts as in "
+        "training).",
+        f"- Masking: {masked}.",
+        f"- Length: at most {chat.get('max_tokens') or dotted_value(exp, 'data.block_size')} tokens per "
+        f"conversation ({chat.get('length_policy')} beyond)" + _length_counts(report) + ".",
+        "- Packing: "
+        + (
+            f"on: conversations share rows of {dotted_value(exp, 'data.block_size')} tokens, attention within each."
+            if chat.get("packing")
+            else "off."
+        ),
+        f"- Generation metrics: {', '.join(generation.get('metrics') or [])} on greedy answers (at most "
+        f"{generation.get('max_new_tokens')} new tokens); validation on the first {generation.get('prompts')} "
+        "conversations at each evaluation" + (", the test split on every conversation" if tested else "") + ".",
+    ]
+    if meta.get("adapter_only"):
+        lines.append(f"- The LoRA adapter alone: load it on `{meta.get('provenance', {}).get('base_model')}`.")
+    return lines
+
+
+def _length_counts(report: dict[str, Any]) -> str:
+    steps = [s.get("length_policy") for s in (report.get("tokens") or {}).get("splits", {}).values()]
+    removed = sum(s.get("removed", 0) for s in steps if s)
+    cut = sum(s.get("truncated", 0) for s in steps if s)
+    return f"; {cut} truncated and {removed} dropped over the splits" if steps else ""
 
 
 def _pct(value: float | None) -> str:

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from raytune_ft.config import ExperimentConfig
-from raytune_ft.config.schema import GridDim
+from raytune_ft.config.schema import CAUSAL_TASKS, GridDim
 from raytune_ft.console import evaluation_line, tell
 from raytune_ft.errors import RaytuneFtError
 from raytune_ft.layout import METADATA, RUN_STATE, TEST_METRICS
@@ -421,7 +421,7 @@ def check_served(url: str, export: Path, texts: list[str], api_key: str | None) 
     local = LoadedModel(export, num_threads=1)
     headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {api_key}"} if api_key else {})}
     disagree = []
-    if local.task == "causal-lm":
+    if local.task in CAUSAL_TASKS:
         texts = texts[:4]
         for text in texts:
             body = {"prompt": text, "max_tokens": 8, "temperature": 0}

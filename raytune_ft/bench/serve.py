@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from raytune_ft.config.schema import CAUSAL_TASKS
 from raytune_ft.errors import RaytuneFtError
 
 # Review-like sentences of mixed length: the default request texts (the package reads no data set for this).
@@ -429,7 +430,7 @@ def bench_serve(
     log: Any = print,
 ) -> dict[str, Any]:
     info = model_info(url, api_key)
-    if info.get("task") == "causal-lm":
+    if info.get("task") in CAUSAL_TASKS:
         endpoint = f"{url.rstrip('/')}/v1/completions"
         bodies = [json.dumps({"prompt": t, "max_tokens": 16, "temperature": 0}).encode() for t in texts]
     else:
@@ -438,10 +439,10 @@ def bench_serve(
     levels = run_levels(endpoint, bodies, concurrency, rates, requests, warmup, api_key, log)
     floor_result = None
     export = model or (Path(info["export_dir"]) if info.get("export_dir") else None)
-    if info.get("task") != "causal-lm" and export is not None and export.is_dir():
+    if info.get("task") not in CAUSAL_TASKS and export is not None and export.is_dir():
         log(f"in-process floor: {export}")
         floor_result = floor(export, texts, batch_size=max(concurrency), repeats=50, threads=info.get("threads") or 1)
-    elif info.get("task") != "causal-lm":
+    elif info.get("task") not in CAUSAL_TASKS:
         log("no in-process floor: the export is not on this machine (pass --model EXPORT_DIR)")
     noop = noop_baseline(url, bodies[0] or b"{}", requests, warmup, address, log) if baseline_noop else None
     result = summarize(levels, floor_result, noop)

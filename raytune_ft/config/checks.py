@@ -8,6 +8,7 @@ from pydantic import BaseModel
 
 from raytune_ft.config.algorithms import ALGORITHMS
 from raytune_ft.config.schema import (
+    CAUSAL_TASKS,
     ChoiceDim,
     ExperimentConfig,
     GridDim,
@@ -70,17 +71,28 @@ def consistency_errors(cfg: ExperimentConfig) -> list[tuple[str, str]]:
 
     if classification and not data.columns.label:
         errors.append(("data.columns.label", "sequence-classification needs a label column"))
+    task = cfg.model.task
     if not classification:
         if data.curation.balance != "none":
-            errors.append(("data.curation.balance", "class balancing needs labels; causal-lm has none"))
+            errors.append(("data.curation.balance", f"class balancing needs labels; {task} has none"))
         if data.split.strategy == "stratified":
-            errors.append(("data.split.strategy", "stratified splitting needs labels; causal-lm has none"))
+            errors.append(("data.split.strategy", f"stratified splitting needs labels; {task} has none"))
         if data.labels is not None:
-            errors.append(("data.labels", "causal-lm has no labels"))
+            errors.append(("data.labels", f"{task} has no labels"))
+    if task == "chat" and data.format == "text":
+        errors.append(("data.format", "plain text holds no conversations; chat reads jsonl, parquet, csv or tsv"))
+    if task != "chat" and data.chat.packing:
+        errors.append(("data.chat.packing", f"packs conversations of model.task chat, not {task}"))
+    if cfg.finetune.lora.export == "adapter" and cfg.finetune.method != "lora":
+        errors.append(
+            ("finetune.lora.export", f"an adapter export needs finetune.method lora, not {cfg.finetune.method}")
+        )
+    if cfg.finetune.lora.export == "adapter" and cfg.tasks:
+        errors.append(("finetune.lora.export", "a multi-task export holds the extra heads beside a merged model"))
 
     if cfg.train.whole_repeats > 1:
         if not classification:
-            errors.append(("train.whole_repeats", "repeats whole rows of a classifier; causal-lm trains on blocks"))
+            errors.append(("train.whole_repeats", f"repeats whole rows of a classifier; {task} does not have them"))
         elif not data.split.overlap.containment:
             errors.append(("train.whole_repeats", "needs data.split.overlap.containment: true, which marks whole rows"))
 
@@ -137,7 +149,9 @@ def _task_errors(cfg: ExperimentConfig) -> list[tuple[str, str]]:
                 )
             )
         names.append(task.name)
-        if task.task == "causal-lm" and cfg.model.task != "causal-lm":
+        if task.task == "chat":
+            errors.append((f"{where}.task", "chat is the experiment's own task (model.task), not an extra one"))
+        if task.task == "causal-lm" and cfg.model.task not in CAUSAL_TASKS:
             errors.append(
                 (
                     f"{where}.task",

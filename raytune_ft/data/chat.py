@@ -1,7 +1,7 @@
 """Chat and instruction data for causal LMs: read conversations, curate them, render them with a chat template and
 tokenise them with labels that train on the answers only.
 
-Not wired into the pipeline yet. Each parameter is named as the YAML key that will set it:
+Each parameter is named as the YAML key that sets it (model.task: chat):
 
     data.columns.messages / .instruction / .input / .output / .prompt / .completion   -> ChatColumns
     data.chat.template       "auto" (the tokenizer's own template, else chatml), "tokenizer", "chatml", "llama3",
@@ -22,8 +22,9 @@ Splits: a conversation is one unit. `as_records` gives the split a Records of on
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -58,11 +59,14 @@ __all__ = [
     "curate_conversations",
     "dedupe_conversations",
     "drop_empty_answers",
+    "from_messages_json",
+    "generation_prompt",
     "prepare_chat",
     "read_conversations",
     "resolve_template",
     "split_text",
     "take_by_lines",
+    "tokenize_chat_table",
     "tokenize_conversation",
 ]
 
@@ -102,7 +106,7 @@ def drop_empty_answers(conversations: list[Conversation]) -> tuple[list[Conversa
             continue
         turns = turns[: max(empty - 1, 0)]  # the turn before an answer is its question (role rules)
         if any(t.role == "assistant" for t in turns):
-            kept.append(Conversation(turns, conversation.line))
+            kept.append(replace(conversation, turns=turns))
             cut += 1
     details = {"cut": cut, "no_answer_left": len(conversations) - len(kept)}
     return kept, curation.StepReport("drop_empty_answers", len(conversations), len(kept), details)
@@ -270,7 +274,7 @@ def apply_length_policy(
             continue
         k, n = fits[-1], chat.answer_ends[fits[-1]]
         truncated += 1
-        kept.append(Conversation(conversation.turns[: chat.answer_turns[k] + 1], conversation.line))
+        kept.append(replace(conversation, turns=conversation.turns[: chat.answer_turns[k] + 1]))
         kept_tokens.append(
             TokenizedChat(chat.input_ids[:n], chat.labels[:n], chat.answer_ends[: k + 1], chat.answer_turns[: k + 1])
         )
@@ -365,15 +369,66 @@ def prepare_chat(
 
 
 def split_text(conversation: Conversation) -> str:
-    """The text the split and its overlap check see for a conversation: its user turns joined. Questions, not
-    answers or system prompts: two conversations asking the same thing must land in one split whatever they
-    answer, and a system prompt shared by every row would make them all look alike."""
+    """The text the split and its overlap check see for a conversation: data.columns.split_text's value when the
+    row has one, else its user turns joined. Questions, not answers or system prompts: two conversations asking the
+    same thing must land in one split whatever they answer, and a system prompt shared by every row would make them
+    all look alike."""
+    if conversation.split_text is not None:
+        return conversation.split_text
     return "\n".join(t.content for t in conversation.turns if t.role == "user")
 
 
 def as_records(conversations: list[Conversation]) -> Records:
-    """One Records row per conversation (split_text, source line) for data/split.py's split_records."""
-    return Records([split_text(c) for c in conversations], None, [c.line for c in conversations])
+    """One Records row per conversation (split_text, source line, slice) for data/split.py's split_records."""
+    slices = [c.slice or "" for c in conversations] if any(c.slice is not None for c in conversations) else None
+    return Records([split_text(c) for c in conversations], None, [c.line for c in conversations], slices)
+
+
+def from_messages_json(
+    messages: list[str], lines: list[int] | None = None, slices: list[str | None] | None = None
+) -> list[Conversation]:
+    """Conversations back from a prepared split's `messages` column (each row's turns as JSON)."""
+    out = []
+    for k, text in enumerate(messages):
+        turns = tuple(Turn(m["role"], m["content"]) for m in json.loads(text))
+        out.append(Conversation(turns, lines[k] if lines else k + 1, slice=slices[k] if slices else None))
+    return out
+
+
+def generation_prompt(conversation: Conversation, tokenizer: Any, jinja: str) -> tuple[list[int], str]:
+    """What generation is scored on: the prompt (every turn before the last answer, rendered with the template's
+    generation prompt, as token ids) and the reference (that answer's text)."""
+    last = max(i for i, t in enumerate(conversation.turns) if t.role == "assistant")
+    text = _render(tokenizer, jinja, conversation.turns[:last], True)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"]), conversation.turns[last].content
+
+
+def tokenize_chat_table(
+    table: Any, tokenizer: Any, chat: Any, block_size: int, prompts: bool
+) -> tuple[dict[str, list], dict[str, Any]]:
+    """A prepared split (Arrow table with `messages`) as token ids and answer-only labels, cut to
+    data.chat.max_tokens (default block_size) by its policy; with PROMPTS also the generation prompts and
+    references. Returns the columns and the report of build_chat_rows (template, length step, token counts)."""
+    lines = table.column("source_line").to_pylist() if "source_line" in table.column_names else None
+    slices = table.column("slice").to_pylist() if "slice" in table.column_names else None
+    conversations = from_messages_json(table.column("messages").to_pylist(), lines, slices)
+    rows = build_chat_rows(
+        conversations,
+        tokenizer,
+        template=chat.template,
+        train_on=chat.train_on,
+        max_tokens=chat.max_tokens or block_size,
+        length_policy=chat.length_policy,
+    )
+    out: dict[str, list] = {"input_ids": rows.input_ids, "labels": rows.labels}
+    if slices is not None:
+        out["slices"] = [c.slice or "" for c in rows.conversations]
+    if prompts:
+        jinja = resolve_template(tokenizer, chat.template)[1]
+        pairs = [generation_prompt(c, tokenizer, jinja) for c in rows.conversations]
+        out["prompts"] = [ids for ids, _ in pairs]
+        out["references"] = [ref for _, ref in pairs]
+    return out, rows.report
 
 
 def take_by_lines(conversations: list[Conversation], records: Records) -> list[Conversation]:

@@ -31,6 +31,8 @@ class Conversation:
 
     turns: tuple[Turn, ...]
     line: int
+    split_text: str | None = None  # data.columns.split_text's value: what the split compares instead of user turns
+    slice: str | None = None  # data.columns.slice's value
 
     def messages(self) -> list[dict[str, str]]:
         return [{"role": t.role, "content": t.content} for t in self.turns]
@@ -46,6 +48,14 @@ class ChatColumns:
     output: str = "output"
     prompt: str = "prompt"
     completion: str = "completion"
+    split_text: str | None = None
+    slice: str | None = None
+
+    @classmethod
+    def of(cls, columns: Any) -> ChatColumns:
+        """From data.columns (a ColumnsConfig)."""
+        names = ("messages", "instruction", "input", "output", "prompt", "completion", "split_text", "slice")
+        return cls(**{name: getattr(columns, name) for name in names})
 
 
 @dataclass
@@ -87,10 +97,11 @@ def read_conversations(path: str | Path, fmt: str = "auto", columns: ChatColumns
     conversations, problems = [], []
     for line, row in rows:
         turns, row_problems = _turns(row, shape, columns, from_text=fmt in ("csv", "tsv"))
+        extra = {name: _optional_text(row, getattr(columns, name), row_problems) for name in ("split_text", "slice")}
         if row_problems:
             problems.append((line, "; ".join(row_problems)))
         else:
-            conversations.append(Conversation(tuple(turns), line))
+            conversations.append(Conversation(tuple(turns), line, **extra))
     if problems:
         raise ChatDataError(path, problems, "row" if fmt == "parquet" else "line")
     if not conversations:
@@ -171,6 +182,17 @@ def _turns(row: dict[str, Any], shape: str, columns: ChatColumns, from_text: boo
     if not any(t.role == "assistant" for t in turns):
         return [], ["conversation has no assistant turn"]
     return turns, [f"conversation {p}" for p in role_problems([t.role for t in turns])]
+
+
+def _optional_text(row: dict[str, Any], name: str | None, problems: list[str]) -> str | None:
+    """An optional column's value as text (a number is written out); absent or null: None."""
+    value = row.get(name) if name else None
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    problems.append(f"'{name}' must be a string, got {type(value).__name__}")
+    return None
 
 
 def _not_text(row: dict[str, Any], name: str) -> str | None:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from raytune_ft.config.schema import CHAT_TEMPLATES
+
 # <|im_start|>role\ncontent<|im_end|>\n  (OpenAI's ChatML, used by Qwen, Hermes, SmolLM and others)
 CHATML = (
     "{% for message in messages %}"
@@ -39,6 +41,7 @@ ZEPHYR = (
 )
 
 TEMPLATES: dict[str, str] = {"chatml": CHATML, "llama3": LLAMA3, "zephyr": ZEPHYR}
+assert tuple(TEMPLATES) == CHAT_TEMPLATES, "data.chat.template's names (config/schema.py) and these must agree"
 DEFAULT_TEMPLATE = "chatml"
 
 # The markers each template writes, which a tokenizer should hold as single (special) tokens: otherwise they are

@@ -76,7 +76,7 @@ def prepare_data(
         report = json.loads((data_dir / REPORT).read_text())
         if with_tokens and report.get("tokens", {}).get("settings") != _token_settings(cfg):
             on_stage("tokenizing")
-            report["tokens"] = _token_report(cfg, {n: _texts_of(data_dir, n) for n in SPLITS})
+            report["tokens"] = _token_report(cfg, _tables_of(data_dir))
             write_json_atomic(data_dir / REPORT, report)
         return PreparedData(data_dir, report, reused=True)
     if data_dir.exists():
@@ -93,18 +93,21 @@ def prepare_data(
             replaced = retire(data_dir)
 
     report, splits, classes = curate_and_split(cfg, on_stage)
+    tables = {name: _table(recs, classes) for name, recs in splits.items()}
     if with_tokens:
         on_stage("tokenizing")
-        report["tokens"] = _token_report(cfg, {name: recs.texts for name, recs in splits.items()})
+        report["tokens"] = _token_report(cfg, tables)
     report["fingerprint"] = fingerprint
     on_stage("writing splits")
-    write_prepared(data_dir, {name: _table(recs, classes) for name, recs in splits.items()}, report, fingerprint)
+    write_prepared(data_dir, tables, report, fingerprint)
     return PreparedData(data_dir, report, reused=False, replaced=replaced)
 
 
 def curate_and_split(
     cfg: ExperimentConfig, on_stage: Callable[[str], None] = lambda stage: None
 ) -> tuple[dict[str, Any], dict[str, Records], list[str] | None]:
+    if cfg.model.task == "chat":
+        return _curate_and_split_chat(cfg, on_stage)
     data, cur = cfg.data, cfg.data.curation
     source = Path(data.path)
     fmt = detect_format(source, data.format)
@@ -193,6 +196,67 @@ def curate_and_split(
     return report, splits, classes
 
 
+def _curate_and_split_chat(
+    cfg: ExperimentConfig, on_stage: Callable[[str], None]
+) -> tuple[dict[str, Any], dict[str, Records], None]:
+    """Chat data: conversations read, curated as wholes (empty answers, exact and normalised repeats), then split
+    as units, grouped by overlap of their split text (data.columns.split_text, else the user turns). Tokenising,
+    and so the length policy, comes later (data.chat.max_tokens depends on the tokenizer)."""
+    from raytune_ft.data.chat import ChatColumns, as_records, curate_conversations, read_conversations
+
+    data = cfg.data
+    source = Path(data.path)
+    on_stage(f"reading {source.name}")
+    read = read_conversations(source, data.format, ChatColumns.of(data.columns))
+    conversations = read.conversations
+    rows_read = len(conversations)
+    if data.max_rows is not None:
+        conversations = conversations[: data.max_rows]
+    on_stage("curating")
+    conversations, steps = curate_conversations(conversations, data.curation.dedupe, data.curation.normalize)
+    if not conversations:
+        raise DataError(source, None, "no conversations left after curation; every answer was empty or repeated")
+    records = as_records(conversations)
+    records.messages = [json.dumps(c.messages(), ensure_ascii=False) for c in conversations]
+    normalize = curation.normalizer(data.curation.normalize)
+    on_stage("splitting")
+    split_cfg = chat_split_settings(data.split)
+    splits, strategy, grouping = split_records(records, split_cfg, normalize, str(source))
+    check_classes_present(splits, [], data.split, str(source))
+    report = {
+        "source": {
+            "path": str(source),
+            "format": read.format,
+            "shape": read.shape,
+            "rows_read": rows_read,
+            "rows_used": min(rows_read, data.max_rows or rows_read),
+        },
+        "steps": [s.as_dict() for s in steps],
+        "classes": None,
+        "split": {
+            "strategy": strategy,
+            "seed": data.split.seed,
+            "validation": data.split.validation,
+            "test": data.split.test,
+            "unit": "conversation",
+            "compared": f"column '{data.columns.split_text}'" if data.columns.split_text else "user turns",
+            "grouping": grouping.report,
+        },
+        "leakage": leakage_report(records, splits, split_cfg, normalize, on_stage),
+        "splits": {name: {"rows": len(recs)} for name, recs in splits.items()},
+    }
+    return report, splits, None
+
+
+def chat_split_settings(split: SplitConfig) -> SplitConfig:
+    """Conversations are independent units, so `auto` splits them at random (not the contiguous regions of a
+    corpus), and their split texts are short prompts, so the overlap check takes the classification defaults."""
+    strategy = "random" if split.strategy == "auto" else split.strategy
+    found = split.overlap
+    short = found.model_copy(update={"min_words": found.min_words or 3, "shingle_words": found.shingle_words or 3})
+    return split.model_copy(update={"strategy": strategy, "overlap": short})
+
+
 def leakage_report(
     records: Records,
     splits: dict[str, Records],
@@ -250,31 +314,51 @@ def _classes(records: Records, declared: list[str] | None, source: Path) -> list
 
 
 def _token_settings(cfg: ExperimentConfig) -> dict[str, Any]:
-    classification = cfg.model.task == "sequence-classification"
-    return {
+    task = cfg.model.task
+    settings: dict[str, Any] = {
         "tokenizer": cfg.model.name_or_path,
-        "max_length": cfg.data.max_length if classification else None,
-        "block_size": None if classification else cfg.data.block_size,
+        "max_length": cfg.data.max_length if task == "sequence-classification" else None,
+        "block_size": None if task == "sequence-classification" else cfg.data.block_size,
     }
+    if task == "chat":
+        settings["chat"] = cfg.data.chat.model_dump(mode="json")
+    return settings
 
 
-def _token_report(cfg: ExperimentConfig, texts: dict[str, list[str]]) -> dict[str, Any]:
-    from raytune_ft.data.tokenize import token_stats
+def _token_report(cfg: ExperimentConfig, tables: dict[str, Any]) -> dict[str, Any]:
+    """Token lengths per split; for chat, also what the length policy cut or dropped and how many tokens learn."""
+    from raytune_ft.data.tokenize import length_stats, token_stats
     from raytune_ft.model_source import load_tokenizer
 
     settings = _token_settings(cfg)
     tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.revision, cfg.model.trust_remote_code)
-    per_split = {
-        name: token_stats(split_texts, tokenizer, settings["max_length"], settings["block_size"])
-        for name, split_texts in texts.items()
-    }
-    return {"settings": settings, "splits": per_split}
+    if cfg.model.task != "chat":
+        per_split = {
+            name: token_stats(
+                table.column("text").to_pylist(), tokenizer, settings["max_length"], settings["block_size"]
+            )
+            for name, table in tables.items()
+        }
+        return {"settings": settings, "splits": per_split}
+    from raytune_ft.data.chat import tokenize_chat_table
+
+    report: dict[str, Any] = {"settings": settings, "splits": {}}
+    for name, table in tables.items():
+        columns, chat = tokenize_chat_table(table, tokenizer, cfg.data.chat, cfg.data.block_size, prompts=False)
+        report["template"] = chat["chat"]["template"]
+        lengths = [len(ids) for ids in columns["input_ids"]]
+        report["splits"][name] = {
+            **(length_stats(lengths) if lengths else {"rows": 0}),
+            "length_policy": chat["steps"][0],
+            "tokens": chat["tokens"],
+        }
+    return report
 
 
-def _texts_of(data_dir: Path, name: str) -> list[str]:
+def _tables_of(data_dir: Path) -> dict[str, Any]:
     import pyarrow.parquet as pq
 
-    return pq.read_table(data_dir / f"{name}.parquet", columns=["text"]).column("text").to_pylist()
+    return {name: pq.read_table(data_dir / f"{name}.parquet") for name in SPLITS}
 
 
 def _table(records: Records, classes: list[str] | None) -> Any:
@@ -289,5 +373,7 @@ def _table(records: Records, classes: list[str] | None) -> Any:
         columns["slice"] = pa.array(records.slices, pa.string())
     if records.whole is not None:
         columns["whole"] = pa.array(records.whole, pa.bool_())
+    if records.messages is not None:
+        columns["messages"] = pa.array(records.messages, pa.string())
     columns["source_line"] = pa.array(records.rows, pa.int64())
     return pa.table(columns)

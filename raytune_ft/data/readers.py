@@ -46,6 +46,7 @@ class Records:
     rows: list[int]
     slices: list[str] | None = None  # value of data.columns.slice per row, for per-slice metrics
     whole: list[bool] | None = None  # no other row contains this one (set by the split, data/overlap.py)
+    messages: list[str] | None = None  # chat: each row's conversation, its turns as JSON (data/chat.py)
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -57,6 +58,7 @@ class Records:
             rows=[self.rows[i] for i in indices],
             slices=[self.slices[i] for i in indices] if self.slices is not None else None,
             whole=[self.whole[i] for i in indices] if self.whole is not None else None,
+            messages=[self.messages[i] for i in indices] if self.messages is not None else None,
         )
 
 

@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from raytune_ft.config.schema import CAUSAL_TASKS
+
 HEADS_FILE = "task_heads.safetensors"
 TASKS_FILE = "tasks.json"
 
@@ -73,9 +75,12 @@ class MultiTaskModel(nn.Module):
     def config(self) -> Any:
         return self.primary.config
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, task: str | None = None) -> Any:
-        if task is None or task == self.primary_name or self.tasks[task].task == "causal-lm":
-            return self.primary(input_ids=input_ids, attention_mask=attention_mask)
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, task: str | None = None, **inputs: Any
+    ) -> Any:
+        # INPUTS: what a packed chat batch adds for the primary model (position_ids, use_cache)
+        if task is None or task == self.primary_name or self.tasks[task].task in CAUSAL_TASKS:
+            return self.primary(input_ids=input_ids, attention_mask=attention_mask, **inputs)
         hidden = backbone_of(self.primary)(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         return SimpleNamespace(logits=self.heads[task](pool(hidden, attention_mask, self.decoder)))
 

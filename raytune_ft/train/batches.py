@@ -22,6 +22,7 @@ import torch
 
 from raytune_ft.data.tokenize import tokenize_causal_blocks, tokenize_classification
 
+IGNORE_INDEX = -100  # a token with no loss (PyTorch's cross-entropy default)
 GROUP_BATCHES = 50  # global batches sorted together by train.group_by_length
 
 
@@ -108,11 +109,28 @@ class StepPlan:
 
 
 def tokenize_splits(
-    tables: dict[str, Any], tokenizer: Any, task: str, max_length: int, block_size: int
+    tables: dict[str, Any],
+    tokenizer: Any,
+    task: str,
+    max_length: int,
+    block_size: int,
+    chat: Any = None,
+    seed: int = 0,
 ) -> dict[str, dict[str, list]]:
-    """Token ids per split, small enough to ship to every worker through Ray's object store."""
+    """Token ids per split, small enough to ship to every worker through Ray's object store. CHAT (data.chat) is
+    needed for task "chat": labels on the answers, and for every split but train the generation prompts and
+    references; with chat.packing the training split is packed into block_size rows (shuffled with SEED first)."""
     out = {}
     for name, table in tables.items():
+        if task == "chat":
+            from raytune_ft.data.chat import tokenize_chat_table
+
+            out[name] = tokenize_chat_table(table, tokenizer, chat, block_size, prompts=name != "train")[0]
+            if name == "train" and chat.packing:
+                from raytune_ft.train.packing import packed_columns
+
+                out[name] = packed_columns(out[name]["input_ids"], out[name]["labels"], block_size, seed)
+            continue
         texts = table.column("text").to_pylist()
         if task == "causal-lm":
             enc = tokenize_causal_blocks(texts, tokenizer, block_size)
@@ -127,8 +145,27 @@ def tokenize_splits(
     return out
 
 
-def collate(split: dict[str, list], rows: list[int], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
-    """Pad to the longest row of this micro-batch (right padding, masked)."""
+def collate(
+    split: dict[str, list],
+    rows: list[int],
+    pad_id: int,
+    device: torch.device,
+    attention: str = "block",
+    mask_dtype: torch.dtype = torch.float32,
+) -> dict[str, Any]:
+    """The model's keyword arguments for ROWS, plus `labels`. Plain rows are padded to the longest of the
+    micro-batch (right padding, masked); chat labels are padded with -100. Packed rows (a split with seq_lens) go
+    through packing.collate_packed with ATTENTION ("block" on CPU, "varlen" with flash attention) and a mask in
+    MASK_DTYPE, the model's. Only tensors are moved to DEVICE."""
+    if "seq_lens" in split:
+        from raytune_ft.train.packing import PackedRow, collate_packed
+
+        packed = [
+            PackedRow(split["input_ids"][i], split["labels"][i], split["position_ids"][i], split["seq_lens"][i])
+            for i in rows
+        ]
+        batch = collate_packed(packed, pad_id, attention, mask_dtype=mask_dtype)  # type: ignore[arg-type]
+        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     ids = [split["input_ids"][i] for i in rows]
     width = max(len(x) for x in ids)
     input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
@@ -137,6 +174,21 @@ def collate(split: dict[str, list], rows: list[int], pad_id: int, device: torch.
         input_ids[j, : len(row)] = torch.tensor(row, dtype=torch.long)
         mask[j, : len(row)] = 1
     batch = {"input_ids": input_ids.to(device), "attention_mask": mask.to(device)}
-    if "labels" in split:
+    if "labels" in split and is_token_labels(split):
+        labels = torch.full((len(ids), width), IGNORE_INDEX, dtype=torch.long)
+        for j, i in enumerate(rows):
+            labels[j, : len(split["labels"][i])] = torch.tensor(split["labels"][i], dtype=torch.long)
+        batch["labels"] = labels.to(device)
+    elif "labels" in split:
         batch["labels"] = torch.tensor([split["labels"][i] for i in rows], dtype=torch.long, device=device)
     return batch
+
+
+def is_token_labels(split: dict[str, list]) -> bool:
+    """Chat rows carry a label per token (IGNORE_INDEX where nothing is learned); classification rows one class."""
+    return bool(split.get("labels")) and isinstance(split["labels"][0], list)
+
+
+def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
+    """What the model's forward takes: the batch without its labels (the losses here are computed outside)."""
+    return {k: v for k, v in batch.items() if k != "labels"}

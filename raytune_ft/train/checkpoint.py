@@ -26,6 +26,7 @@ from raytune_ft.errors import RaytuneFtError
 STATE = "state.json"
 TRAINABLE = "trainable.safetensors"
 DS_TAG = "ds"
+PROBE_GENERATIONS = "probe_generations.json"  # chat: greedy answers to the first validation prompts
 CHECKPOINT_PREFIX = "step_"
 
 

@@ -18,7 +18,7 @@ from raytune_ft.metrics import (
     unpack_counts,
     whole_metrics,
 )
-from raytune_ft.train.batches import collate
+from raytune_ft.train.batches import collate, model_inputs
 
 PROBE_ROWS = 4
 
@@ -32,10 +32,20 @@ def task_loss(
 ) -> torch.Tensor:
     """TASK names an extra task of a multi-task model (its head); None is the model's own task."""
     extra = {"task": task} if task is not None else {}
-    out = module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **extra)
+    out = module(**model_inputs(batch), **extra)
     if classification:
         return F.cross_entropy(out.logits.float(), batch["labels"], weight=class_weights)
+    if "labels" in batch:  # chat: the answers' tokens only
+        return label_loss(out.logits, batch["labels"], "mean")[0]
     return next_token_loss(out.logits, batch["input_ids"], batch["attention_mask"], "mean")[0]
+
+
+def label_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str) -> tuple[torch.Tensor, int]:
+    """Next-token loss on the tokens whose label is not -100: the logits at t predict the label at t+1."""
+    targets = labels[:, 1:].reshape(-1)
+    n_tokens = int((targets != -100).sum())
+    shift = logits[:, :-1].float().reshape(-1, logits.size(-1))
+    return F.cross_entropy(shift, targets, ignore_index=-100, reduction=reduction), n_tokens
 
 
 def next_token_loss(
@@ -91,7 +101,7 @@ def evaluate(
         real = len(chunk)
         chunk = chunk + [0] * (min(batch_size, per_rank - start) - real)  # dummies keep ranks in lockstep
         batch = collate(val, chunk, pad_id, device)
-        out = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **extra)
+        out = engine(**model_inputs(batch), **extra)
         if real == 0:
             continue
         if classes:
@@ -102,6 +112,10 @@ def evaluate(
             confusion += confusion_matrix(preds, labels.cpu(), len(classes))
             if preds_by_row is not None:
                 preds_by_row[torch.tensor(chunk[:real])] = preds + 1
+        elif "labels" in batch:
+            loss, tokens = label_loss(out.logits[:real], batch["labels"][:real], "sum")
+            loss_sum += float(loss)
+            count += tokens
         else:
             loss, tokens = next_token_loss(
                 out.logits[:real], batch["input_ids"][:real], batch["attention_mask"][:real], "sum"
@@ -137,6 +151,76 @@ def evaluate(
     return metrics
 
 
+@torch.no_grad()
+def generation_metrics(
+    engine: Any, val: dict[str, list], rank: int, world: int, cfg: ExperimentConfig, pad_id: int, tokenizer: Any
+) -> dict[str, Any]:
+    """eval_gen_<metric> (train.generation.metrics) over the first train.generation.prompts validation prompts,
+    greedy, each rank a share; and eval_slice/<value>/gen_<metric> per data.columns.slice value. Under ZeRO-3 on
+    several ranks every forward is collective, so each rank generates the same number of batches (padding its share
+    with copies of a prompt whose answers are discarded) in lockstep (synced)."""
+    from raytune_ft.generation import answer_text, greedy_answers, stop_ids
+    from raytune_ft.metrics import answer_scores
+
+    gen = cfg.train.generation
+    n = min(gen.prompts, len(val.get("prompts") or []))
+    if n == 0:
+        return {}
+    mine = list(range(rank, n, world))
+    prompts = [val["prompts"][i] for i in mine]
+    prompts += [val["prompts"][0]] * (math.ceil(n / world) - len(mine))
+    ids = greedy_answers(
+        engine.module,
+        prompts,
+        max_new_tokens=gen.max_new_tokens,
+        stop=stop_ids(tokenizer),
+        pad_id=pad_id,
+        batch_size=cfg.train.eval_batch_size or cfg.train.batch_size,
+        synced=cfg.deepspeed.zero_stage == 3 and world > 1,
+    )
+    answers = [answer_text(tokenizer, row) for row in ids[: len(mine)]]
+    scores = answer_scores(answers, [val["references"][i] for i in mine])
+    table = torch.zeros((n, len(gen.metrics)), dtype=torch.float64)
+    for i, row in zip(mine, scores, strict=True):
+        table[i] = torch.tensor([row[m] for m in gen.metrics], dtype=torch.float64)
+    if world > 1:
+        device = next(engine.module.parameters()).device
+        on_device = table.to(device)
+        torch.distributed.all_reduce(on_device)
+        table = on_device.cpu()
+    metrics: dict[str, Any] = {f"eval_gen_{m}": float(table[:, k].mean()) for k, m in enumerate(gen.metrics)}
+    if "slices" in val:
+        values = val["slices"][:n]
+        for value in sorted(set(values)):
+            rows = torch.tensor([i for i, v in enumerate(values) if v == value])
+            for k, m in enumerate(gen.metrics):
+                metrics[f"eval_slice/{value}/gen_{m}"] = float(table[rows, k].mean())
+    return metrics
+
+
+@torch.no_grad()
+def probe_generations(
+    engine: Any, val: dict[str, list], cfg: ExperimentConfig, pad_id: int, tokenizer: Any, world: int
+) -> dict[str, Any]:
+    """Greedy answers to the first validation prompts, one batch, so an export can be checked to generate what the
+    model that wrote the checkpoint generated. Every rank runs it (ZeRO-3's forwards are collective)."""
+    from raytune_ft.generation import greedy_answers, stop_ids
+
+    prompts = list(val.get("prompts") or [])[:PROBE_ROWS]
+    if not prompts:
+        return {}
+    answers = greedy_answers(
+        engine.module,
+        prompts,
+        max_new_tokens=cfg.train.generation.max_new_tokens,
+        stop=stop_ids(tokenizer),
+        pad_id=pad_id,
+        batch_size=len(prompts),
+        synced=cfg.deepspeed.zero_stage == 3 and world > 1,
+    )
+    return {"prompts": prompts, "answers": answers, "max_new_tokens": cfg.train.generation.max_new_tokens}
+
+
 def _names(cfg: ExperimentConfig, classes: list[str]) -> list[str]:
     return list(cfg.data.label_names) if cfg.data.label_names else list(classes)
 
@@ -147,6 +231,6 @@ def probe_logits(engine: Any, val: dict[str, list], pad_id: int, device: torch.d
     engine.eval()
     rows = list(range(min(PROBE_ROWS, len(val["input_ids"]))))
     batch = collate(val, rows, pad_id, device)
-    logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float().cpu()
+    logits = engine(**model_inputs(batch)).logits.float().cpu()
     engine.train()
     return logits.contiguous()

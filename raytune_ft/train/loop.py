@@ -23,6 +23,7 @@ from raytune_ft.config.schema import ExperimentConfig
 from raytune_ft.train.batches import StepPlan, collate
 from raytune_ft.train.checkpoint import (
     DS_TAG,
+    PROBE_GENERATIONS,
     STATE,
     TRAINABLE,
     CheckpointError,
@@ -38,7 +39,14 @@ from raytune_ft.train.checkpoint import (
 )
 from raytune_ft.train.ds_config import deepspeed_config, import_deepspeed, resolved_precision
 from raytune_ft.train.engine import enable_activation_checkpointing, make_optimizer, start_engine
-from raytune_ft.train.evaluate import evaluate, over_ranks, probe_logits, task_loss
+from raytune_ft.train.evaluate import (
+    evaluate,
+    generation_metrics,
+    over_ranks,
+    probe_generations,
+    probe_logits,
+    task_loss,
+)
 from raytune_ft.train.hooks import StepHooks
 from raytune_ft.train.measure import SteadyClock, model_sizes, peak_rss_mb, rss_mb
 from raytune_ft.train.schedule import EarlyStopping, apply_configured_hyperparameters, lr_scheduler
@@ -150,6 +158,19 @@ class Recipe:
         if cfg.train.activation_checkpointing:
             enable_activation_checkpointing(model)
         self.model = model
+        self.tokenizer: Any = None  # chat: generated answers are decoded to be scored
+        if cfg.model.task == "chat":
+            from raytune_ft.model_source import load_tokenizer
+
+            self.tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.revision, cfg.model.trust_remote_code)
+        # packed rows: one block-diagonal mask per row on CPU, flash-attention's varlen layout where it runs
+        self.attention = "varlen" if cfg.model.attn_implementation == "flash_attention_2" else "block"
+        self.mask_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision, torch.float32)
+        if cfg.model.task == "chat" and cfg.data.chat.packing:
+            from raytune_ft.train.packing import check_supports_packing
+
+            base = model.get_base_model() if hasattr(model, "get_base_model") else model
+            check_supports_packing(base, self.attention)  # type: ignore[arg-type]
         # which model this run trains: written into every checkpoint's state, compared before one is loaded
         self.model_record = model_record(model, cfg.model.name_or_path)
 
@@ -329,7 +350,7 @@ class Recipe:
         samples = tokens = 0
         stream, micro_batches = self.mix.step(step, self.rank)
         for rows in micro_batches:
-            batch = collate(stream.train, rows, self.pad_id, self.device)
+            batch = collate(stream.train, rows, self.pad_id, self.device, self.attention, self.mask_dtype)
             loss = self.loss(stream, batch)
             self.engine.backward(loss)
             for hook in self.hooks:
@@ -338,7 +359,7 @@ class Recipe:
             self.running_loss += loss.detach()  # a tensor: reading it (a device sync) waits until the next report
             self.micro_count += 1
             samples += len(rows)
-            tokens += int(batch["attention_mask"].sum())
+            tokens += sum(len(stream.train["input_ids"][i]) for i in rows)  # not the padding
         if self.device.type == "cuda":
             torch.cuda.synchronize()  # a step's time is its kernels', not how fast Python queued them
         self.clock.step_done(began, samples, tokens)
@@ -420,6 +441,12 @@ class Recipe:
     def evaluate(self) -> dict[str, Any]:
         """Validation metrics of the primary task; each extra task's and eval_combined_loss; the retain set's."""
         metrics = self.evaluate_on(self.val_rows, self.classes)
+        if self.tokenizer is not None:
+            metrics.update(
+                generation_metrics(
+                    self.engine, self.val_rows, self.rank, self.world, self.cfg, self.pad_id, self.tokenizer
+                )
+            )
         if self.tasks:
             metrics.update(self.task_metrics(metrics))
         if self.retain is not None:
@@ -498,6 +525,11 @@ class Recipe:
         else:
             tensors = {n: p.detach().float().cpu().clone() for n, p in trainable}
         probe = probe_logits(engine, self.val_rows, self.pad_id, self.device)
+        generated = (
+            probe_generations(engine, self.val_rows, self.cfg, self.pad_id, self.tokenizer, self.world)
+            if self.tokenizer is not None
+            else {}
+        )
         rng = {"cpu": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state()
@@ -505,6 +537,8 @@ class Recipe:
         if rank == 0:
             save_file(tensors, str(tmp / TRAINABLE))
             save_file({"logits": probe}, str(tmp / "probe_logits.safetensors"))
+            if generated:
+                (tmp / PROBE_GENERATIONS).write_text(json.dumps(generated))
             if self.ewc is not None:
                 save_file(self.ewc.state_tensors(), str(tmp / "ewc.safetensors"))
             (tmp / STATE).write_text(json.dumps(self.checkpoint_state(step, metrics), indent=1, default=float))
@@ -613,7 +647,8 @@ def progress_line(metrics: dict[str, Any], total: int, global_batch: int) -> str
     """What a person follows during a run: step, losses, the headline metrics, speed and time left."""
     done = metrics["step"]
     shown = [f"step {done}/{total}", f"train_loss {metrics['train_loss']:.4f}"]
-    for key in ("eval_loss", "eval_accuracy", "eval_f1_macro", "eval_whole_accuracy", "eval_perplexity"):
+    keys = ("eval_loss", "eval_accuracy", "eval_f1_macro", "eval_whole_accuracy", "eval_perplexity")
+    for key in (*keys, "eval_gen_exact", "eval_gen_contains", "eval_gen_token_f1"):
         if key in metrics:
             shown.append(f"{key} {metrics[key]:.4f}")
     rate = metrics.get("samples_per_s") or 0

@@ -1,7 +1,8 @@
 """Packing for chat and instruction fine-tuning: several short conversations share one row of up to
 `data.block_size` tokens, and attention never crosses from one conversation into another.
 
-Pure functions, not yet wired into the training loop:
+Pure functions; train/batches.py packs a chat run's training split with `packed_columns` (data.chat.packing) and
+collates its rows with `collate_packed`:
 
 * `pack(examples, block_size)` puts tokenized examples (input_ids, labels with -100 where no loss) into rows by
   best-fit decreasing, restarts the position ids at 0 for each example and sets the label of each example's first
@@ -170,6 +171,24 @@ def pack(examples: Iterable[Any], block_size: int) -> list[PackedRow]:
             row.example_ids.append(i)
         rows.append(row)
     return rows
+
+
+def packed_columns(input_ids: list[list[int]], labels: list[list[int]], block_size: int, seed: int) -> dict[str, list]:
+    """A training split's examples shuffled with SEED (pack() sorts them by length, so which examples share a row
+    would otherwise follow the file) and packed, as columns that travel through Ray's object store: input_ids,
+    labels, position_ids and seq_lens per row. The examples per row are fixed for the run; the rows are shuffled
+    every epoch like any rows."""
+    import random
+
+    order = list(range(len(input_ids)))
+    random.Random(seed).shuffle(order)
+    rows = pack([(input_ids[i], labels[i]) for i in order], block_size)
+    return {
+        "input_ids": [r.input_ids for r in rows],
+        "labels": [r.labels for r in rows],
+        "position_ids": [r.position_ids for r in rows],
+        "seq_lens": [r.seq_lens for r in rows],
+    }
 
 
 def block_attention_mask(

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from raytune_ft.config import ExperimentConfig, config_to_yaml
+from raytune_ft.config.schema import CAUSAL_TASKS
 from raytune_ft.console import evaluation_line, tell
 from raytune_ft.data import load_split, prepare_data
 from raytune_ft.layout import CONFIG_FILE, METADATA
@@ -43,10 +44,13 @@ def score_of(cfg: ExperimentConfig) -> tuple[str, str]:
 
 def prepare_worker_data(cfg: ExperimentConfig) -> dict[str, Any]:
     """Tokenised train/validation splits plus what workers need to interpret them (never the test split)."""
-    prepared = prepare_data(cfg, with_tokens=False)
+    # chat: the token report holds what the length policy cut or dropped, which the export's data report must say
+    prepared = prepare_data(cfg, with_tokens=cfg.model.task == "chat")
     tables = {name: load_split(prepared.data_dir, name) for name in ("train", "validation")}
     tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.revision, cfg.model.trust_remote_code)
-    data = tokenize_splits(tables, tokenizer, cfg.model.task, cfg.data.max_length, cfg.data.block_size)
+    data = tokenize_splits(
+        tables, tokenizer, cfg.model.task, cfg.data.max_length, cfg.data.block_size, cfg.data.chat, cfg.seed
+    )
     return {
         "data": data,
         "classes": prepared.report.get("classes"),
@@ -67,7 +71,7 @@ def _retain_data(cfg: ExperimentConfig, tokenizer: Any, classes: list[str] | Non
     from raytune_ft.data.tokenize import tokenize_causal_blocks, tokenize_classification
 
     path, columns = cfg.train.retain_path, cfg.data.columns
-    if cfg.model.task == "causal-lm":
+    if cfg.model.task in CAUSAL_TASKS:  # general text, scored as perplexity
         records = read_records(path, "auto", columns.text, None)
         blocks = tokenize_causal_blocks(records.texts[: cfg.train.retain_max_rows], tokenizer, cfg.data.block_size)
         if not blocks["input_ids"]:
@@ -113,7 +117,9 @@ def _task_data(cfg: ExperimentConfig, task: Any, tokenizer: Any) -> dict[str, An
         "loss_weight": task.loss_weight,
         "classes": prepared.report.get("classes"),
         "label_names": task.data.label_names,
-        "data": tokenize_splits(tables, tokenizer, task.task, task.data.max_length, task.data.block_size),
+        "data": tokenize_splits(
+            tables, tokenizer, task.task, task.data.max_length, task.data.block_size, task.data.chat, cfg.seed
+        ),
         "data_dir": prepared.data_dir,
         "data_report": prepared.report,
     }
