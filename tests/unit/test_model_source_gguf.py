@@ -10,6 +10,7 @@ import importlib
 import importlib.util
 import json
 import os
+import re
 import shutil
 import sys
 import threading
@@ -259,18 +260,19 @@ def test_errors_name_the_reference(
 ) -> None:
     missing = str(tmp_path / "absent.gguf")
     for call in (check_model_source, resolve_model_source):
-        with pytest.raises(ModelSourceError, match=rf"'{missing}': GGUF file .* does not exist"):
+        with pytest.raises(ModelSourceError, match=rf"'{re.escape(missing)}': GGUF file .* does not exist"):
             call(missing)
     with pytest.raises(ModelSourceError, match="does not exist"):
         check_model_source("~/surely-no-such-dir-raytune/model.gguf")
 
     not_gguf = tmp_path / "garbage.gguf"
     not_gguf.write_bytes(b"not a gguf file at all")
-    with pytest.raises(ModelSourceError, match=rf"'{not_gguf}': transformers could not read GGUF file"):
+    with pytest.raises(ModelSourceError, match=rf"'{re.escape(str(not_gguf))}': transformers could not read GGUF file"):
         resolve_model_source(str(not_gguf))
     truncated = tmp_path / "truncated.gguf"
     truncated.write_bytes(tiny_gguf[0].read_bytes()[:200])  # cut inside the metadata: struct.error in the reader
-    with pytest.raises(ModelSourceError, match=rf"'{truncated}': transformers could not read GGUF file"):
+    cut_short = rf"'{re.escape(str(truncated))}': transformers could not read GGUF file"
+    with pytest.raises(ModelSourceError, match=cut_short):
         resolve_model_source(str(truncated))
     assert converted_dirs(cache) == []  # nothing half-written left behind
 
@@ -279,7 +281,7 @@ def test_errors_name_the_reference(
     monkeypatch.setattr(
         ms.importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else real_find_spec(name, *a)
     )
-    with pytest.raises(ModelSourceError, match=rf"'{not_gguf}': .*pip install gguf"):
+    with pytest.raises(ModelSourceError, match=rf"'{re.escape(str(not_gguf))}': .*pip install gguf"):
         check_model_source(str(not_gguf))
 
 
