@@ -3,11 +3,18 @@
 Each worker accumulates a loss sum, a token/row count and a confusion matrix over its slice of the data; these
 are all sums, so one all-reduce of them gives the same numbers as scoring the whole set on one worker. Ratios
 (accuracy, F1, perplexity) are only formed after the reduction. Pure torch: no scikit-learn at run time.
+
+Generated answers of chat models are scored per row (answer_scores: exact, contains, token F1 as SQuAD computes
+them); their means are sums over rows divided by the row count, so they add up across workers too.
 """
 
 from __future__ import annotations
 
 import math
+import re
+import string
+import unicodedata
+from collections import Counter
 from typing import Any
 
 import torch
@@ -140,3 +147,62 @@ def unpack_counts(t: torch.Tensor, num_classes: int | None) -> tuple[float, int,
     if num_classes is None:
         return loss_sum, n, None
     return loss_sum, n, t[2:].round().long().reshape(num_classes, num_classes)
+
+
+# ------------------------------------------------------------------------------------------- generated answers
+
+ANSWER_METRICS = ("exact", "contains", "token_f1")
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD's answer normalisation: lower-case, punctuation dropped (ASCII and Unicode punctuation), the articles
+    a/an/the dropped, whitespace collapsed; so "The Paris." and "paris" compare equal."""
+    text = "".join(
+        ch for ch in text.lower() if ch not in string.punctuation and not unicodedata.category(ch).startswith("P")
+    )
+    return " ".join(_ARTICLES.sub(" ", text).split())
+
+
+def _contains_words(answer: list[str], reference: list[str]) -> bool:
+    """REFERENCE as a run of whole words inside ANSWER: as words, not characters, so that a reference "4" is not
+    found in "14" nor "cat" in "concatenate"."""
+    n = len(reference)
+    return any(answer[i : i + n] == reference for i in range(len(answer) - n + 1))
+
+
+def _token_f1(answer: list[str], reference: list[str]) -> float:
+    """SQuAD's F1 of the two bags of words; when either is empty, 1.0 if both are, else 0.0."""
+    if not answer or not reference:
+        return float(answer == reference)
+    common = sum((Counter(answer) & Counter(reference)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(answer), common / len(reference)
+    return 2 * precision * recall / (precision + recall)
+
+
+def answer_scores(answers: list[str], references: list[str]) -> list[dict[str, float]]:
+    """Per row, each generated answer against its reference, both normalised (normalize_answer): `exact` (equal),
+    `contains` (the reference's words appear consecutively in the answer; an empty reference is contained in any
+    answer), `token_f1` (SQuAD's word-overlap F1). Each is 0.0 or 1.0 except token_f1."""
+    if len(answers) != len(references):
+        raise ValueError(f"{len(answers)} answers for {len(references)} references")
+    rows = []
+    for answer, reference in zip(answers, references, strict=True):
+        got, want = normalize_answer(answer).split(), normalize_answer(reference).split()
+        rows.append(
+            {
+                "exact": float(got == want),
+                "contains": float(_contains_words(got, want)),
+                "token_f1": _token_f1(got, want),
+            }
+        )
+    return rows
+
+
+def mean_answer_scores(rows: list[dict[str, float]], metrics: list[str]) -> dict[str, float]:
+    """The mean of each of METRICS over ROWS (answer_scores' rows); {} when there are no rows."""
+    if not rows:
+        return {}
+    return {name: sum(row[name] for row in rows) / len(rows) for name in metrics}

@@ -5,6 +5,10 @@ reliability diagram), metrics per slice (any column, and text length), the most 
 hard cases reported apart, forgetting on a retain set, and latency at batch 1 and batched.
 Causal LM: perplexity on DATA, forgetting as perplexity on general text before (the base model) and after,
 edge cases as prompts whose greedy completion must contain the expected text, and latency per completion.
+Chat: each conversation's last answer generated greedily from the turns before it and scored against the
+reference (exact, contains, token F1; per slice and prompt length), the loss and perplexity on the answer tokens,
+the first and the worst examples, edge cases as questions whose answer must contain the expected text, and latency
+per answer (evaluation/chat.py).
 
 Everything goes to OUT/eval.json (plus reliability.png and eval.md); the export's model card picks it up.
 """
@@ -42,6 +46,7 @@ class EvalRequest:
     batch_size: int = 32
     max_rows: int | None = None
     task: str | None = None  # an extra classification task of a multi-task export (default: its own task)
+    max_new_tokens: int | None = None  # chat: tokens per answer at most (default: the export's train.generation)
 
 
 def evaluate_export(export: Path, request: EvalRequest, out_dir: Path | None = None) -> dict[str, Any]:
@@ -60,13 +65,16 @@ def evaluate_export(export: Path, request: EvalRequest, out_dir: Path | None = N
         columns = spec["data"].get("columns", {})
     text_column = request.text_column or columns.get("text", "text")
     started = time.time()
-    if model.task == "causal-lm" and task is None:
+    if model.task == "chat" and task is None:
+        report, texts = _evaluate_chat(model, request, experiment)
+    elif model.task == "causal-lm" and task is None:
         report = _evaluate_lm(model, request, text_column, experiment)
     else:
         label_column = request.label_column or columns.get("label", "label")
         report = _evaluate_classifier(model, request, text_column, label_column, task)
     if task is None:
-        texts = _read(request.data, text_column, None, limit=request.max_rows).texts
+        if model.task != "chat":
+            texts = _read(request.data, text_column, None, limit=request.max_rows).texts
         report["overlap_with_training"] = overlap_with_training(experiment, texts)
     report.update(
         export=str(model.export_dir),
@@ -100,7 +108,10 @@ def overlap_with_training(experiment: dict[str, Any], texts: list[str]) -> dict[
     train = data_dir_for(cfg) / "train.parquet"
     if not train.is_file():
         return {"measured": False, "reason": f"the export's training split is not at {train}"}
-    train_texts = load_split(train.parent, "train").column("text").to_pylist()
+    table = load_split(train.parent, "train")
+    if "text" not in table.column_names:
+        return {"measured": False, "reason": f"the export's training split {train} has no text column"}
+    train_texts = table.column("text").to_pylist()
     settings = overlap.resolve(cfg.data.split.overlap, causal_lm=cfg.model.task == "causal-lm")
     found = overlap.leakage(train_texts, texts, normalizer(cfg.data.curation.normalize), settings)
     return {"measured": True, "training_split": str(train), **found}
@@ -265,6 +276,61 @@ def _evaluate_lm(model: Any, request: EvalRequest, text_column: str, experiment:
     report["latency"] = _latency(lambda batch: [model.complete(p, 16, 0.0, 1.0, 0) for p in batch], prompts, request)
     report["latency"]["max_tokens"] = 16
     return report
+
+
+def _evaluate_chat(model: Any, request: EvalRequest, experiment: dict) -> tuple[dict[str, Any], list[str]]:
+    """The chat report (evaluation/chat.py's pieces), and each conversation's user turns joined: the text its
+    overlap with the training split is measured on, as the split itself compared conversations."""
+    from raytune_ft.data.chat import read_conversations, split_text
+    from raytune_ft.evaluation import chat
+    from raytune_ft.metrics import ANSWER_METRICS, answer_scores, mean_answer_scores
+
+    data_cfg = experiment.get("data", {})
+    conversations = read_conversations(request.data, "auto", chat.chat_columns(data_cfg.get("columns", {})))
+    conversations = conversations.conversations[: request.max_rows] if request.max_rows else conversations.conversations
+    cases = [chat.chat_case(c) for c in conversations]
+    max_new = request.max_new_tokens or int(experiment.get("train", {}).get("generation", {}).get("max_new_tokens", 32))
+    answers = _answers(model, [c.messages for c in cases], max_new, request.batch_size)
+    scores = answer_scores(answers, [c.reference for c in cases])
+    max_tokens = int((data_cfg.get("chat") or {}).get("max_tokens") or data_cfg.get("block_size") or 128)
+    loss = chat.answer_loss(model.model, model.tokenizer, conversations, max_tokens)
+    metrics = {"rows": len(cases), **mean_answer_scores(scores, list(ANSWER_METRICS)), **loss}
+    report: dict[str, Any] = {"metrics": metrics, "generation": {"max_new_tokens": max_new, "decoding": "greedy"}}
+    columns = {"length": chat.length_slices(cases)}
+    for column in request.slice_columns:
+        by_line = chat.slice_values(request.data, column)
+        columns[column] = [by_line[c.line] for c in cases]
+    report["slices"] = chat.score_slices(columns, scores)
+    report["examples"] = chat.examples(cases, answers, scores, request.top_mistakes)
+    if request.edge_cases is not None:
+        edge = _read(request.edge_cases, "text", "expected")
+        kinds = _optional_column(request.edge_cases, "text", "expected", "kind")
+        wanted = edge.labels or []
+        said = _answers(model, [[{"role": "user", "content": t}] for t in edge.texts], max_new, request.batch_size)
+        # a case passes when the answer holds the expected text (as the `contains` score compares them)
+        passed = [row["contains"] == 1.0 for row in answer_scores(said, wanted)]
+        got = [want if ok else answer for want, ok, answer in zip(wanted, passed, said, strict=True)]
+        report["edge_cases"] = scoring.edge_case_results(edge.texts, wanted, got, kinds) | {
+            "file": str(request.edge_cases)
+        }
+    questions = [c.messages for c in cases]
+    by_text = {json.dumps(m): m for m in questions}  # _latency passes texts around: messages as their JSON
+    report["latency"] = _latency(
+        lambda batch: model.answer([by_text[t] for t in batch], max_new, request.batch_size), list(by_text), request
+    )
+    report["latency"]["max_tokens"] = max_new
+    return report, [split_text(c) for c in conversations]
+
+
+def _answers(model: Any, conversations: list[list[dict[str, str]]], max_new: int, batch_size: int) -> list[str]:
+    """model.answer over CONVERSATIONS sorted by length, so that batches pad little, given back in input order
+    (an answer does not depend on which prompts share its batch: generation.greedy_answers pads on the left)."""
+    order = sorted(range(len(conversations)), key=lambda i: sum(len(m["content"]) for m in conversations[i]))
+    answers = model.answer([conversations[i] for i in order], max_new, batch_size)
+    out = [""] * len(conversations)
+    for i, answer in zip(order, answers, strict=True):
+        out[i] = answer
+    return out
 
 
 def _latency(run: Any, texts: list[str], request: EvalRequest) -> dict[str, Any]:

@@ -17,7 +17,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from raytune_ft.config.schema import ServeConfig
+from raytune_ft.config.schema import CAUSAL_TASKS, ServeConfig
 from raytune_ft.export import METADATA
 from raytune_ft.serve.api import (
     BATCH_SIZE_HEADER,
@@ -90,7 +90,7 @@ def build_app(export_dir: Path, settings: ServeConfig, api_key: str | None = Non
     meta = json.loads((export_dir / METADATA).read_text())
     # a multi-task export: a classify request may name any classification task (the primary included)
     classify_tasks = tuple(t["name"] for t in meta.get("tasks", []) if t["task"] == "sequence-classification")
-    ClassifyRequest, CompletionRequest = request_models(settings.limits, classify_tasks, task == "causal-lm")
+    ClassifyRequest, CompletionRequest = request_models(settings.limits, classify_tasks, task in CAUSAL_TASKS)
     # the answers in the OpenAPI schema (documentation only: the routes return dicts, not validated per request)
     POST_ERRORS = error_responses(400, 401, 413, 415, 422, 429, 500)
 
@@ -136,7 +136,7 @@ def build_app(export_dir: Path, settings: ServeConfig, api_key: str | None = Non
             info["experiment"] = self.model.meta.get("experiment", {}).get("name")
             return {"object": "list", "data": [info]}
 
-        if task != "causal-lm" or classify_tasks:
+        if task not in CAUSAL_TASKS or classify_tasks:
 
             @api.post(CLASSIFY, response_model=None, responses={200: {"model": ClassifyResponse}, **POST_ERRORS})
             async def classify(self, body: ClassifyRequest, response: Response) -> dict:  # type: ignore[valid-type]
@@ -156,7 +156,7 @@ def build_app(export_dir: Path, settings: ServeConfig, api_key: str | None = Non
                 response.headers[SERVER_TIMING] = f"model;dur={model_ms:.2f}, wait;dur={wait_ms:.2f}"
                 return {"predictions": [prediction for prediction, _, _ in results]}
 
-        if task == "causal-lm":
+        if task in CAUSAL_TASKS:  # a chat model completes raw text too (its own template is up to the client)
 
             @api.post(COMPLETIONS, response_model=None, responses={200: {"model": CompletionResponse}, **POST_ERRORS})
             async def completions(self, body: CompletionRequest) -> dict:  # type: ignore[valid-type]

@@ -13,9 +13,12 @@ from typing import Any
 
 import torch
 
+from raytune_ft.config.schema import CAUSAL_TASKS
 from raytune_ft.errors import RaytuneFtError
 from raytune_ft.export import METADATA
 from raytune_ft.layout import TEST_METRICS
+
+ADAPTER_CONFIG = "adapter_config.json"  # what peft's save_pretrained writes beside the adapter weights
 
 
 class ExportError(RaytuneFtError, ValueError):
@@ -71,16 +74,16 @@ class LoadedModel:
         self.name: str = experiment.get("name") or self.export_dir.name
         self.max_length: int = int(experiment.get("data", {}).get("max_length") or 512)
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.export_dir))
-        if self.task == "causal-lm":
+        if self.task in CAUSAL_TASKS:
             from transformers import AutoModelForCausalLM
 
-            self.model = AutoModelForCausalLM.from_pretrained(str(self.export_dir))
+            self.model = self._load(AutoModelForCausalLM)
             if self.tokenizer.pad_token is None:
                 self.tokenizer.pad_token = self.tokenizer.eos_token
         else:
             from transformers import AutoModelForSequenceClassification
 
-            self.model = AutoModelForSequenceClassification.from_pretrained(str(self.export_dir))
+            self.model = self._load(AutoModelForSequenceClassification)
         # a replica given a GPU (serve.num_gpus) sees it here; one without sees none (Ray hides the others)
         self.device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
         self.dtype = serving_dtype(dtype, self.device)
@@ -89,10 +92,35 @@ class LoadedModel:
         classes = self.meta.get("classes") or []
         names = self.meta.get("label_names") or classes
         self.labels: list[str] = [str(n) for n in names] or (
-            [str(i) for i in range(self.model.config.num_labels)] if self.task != "causal-lm" else []
+            [str(i) for i in range(self.model.config.num_labels)] if self.task not in CAUSAL_TASKS else []
         )
         self._load_task_heads()
         self.loaded_at = time.time()
+
+    def _load(self, auto_class: Any) -> Any:
+        """The export's model. An adapter-only export (`finetune.lora.export: adapter`: adapter_config.json and no
+        config.json) is its base model, named in the provenance, with the adapter loaded and merged in: served
+        merged, it runs as fast as a merged export; only the download is smaller."""
+        folder = str(self.export_dir)
+        if not ((self.export_dir / ADAPTER_CONFIG).is_file() and not (self.export_dir / "config.json").is_file()):
+            return auto_class.from_pretrained(folder)
+        from peft import PeftModel
+
+        from raytune_ft.model_source import resolve_model_source
+
+        base_ref = self.meta.get("provenance", {}).get("base_model")
+        if not base_ref:
+            raise ExportError(f"{self.export_dir}: an adapter-only export whose {METADATA} names no base model")
+        options: dict[str, Any] = {}
+        if self.task not in CAUSAL_TASKS:
+            labels = self.meta.get("label_names") or self.meta.get("classes") or []
+            options = {"num_labels": len(labels)} if labels else {}
+        base = auto_class.from_pretrained(resolve_model_source(base_ref), **options)
+        # tokens training added (a chat template's markers) grew the embeddings, which the adapter saved at that
+        # size: the base must have as many rows before the adapter loads into it
+        if len(self.tokenizer) > base.get_input_embeddings().num_embeddings:
+            base.resize_token_embeddings(len(self.tokenizer))
+        return PeftModel.from_pretrained(base, folder).merge_and_unload()
 
     def _load_task_heads(self) -> None:
         """A multi-task export: each extra classification task's head and labels, beside the primary model."""
@@ -122,7 +150,7 @@ class LoadedModel:
             "id": self.name,
             "object": "model",
             "task": self.task,
-            "labels": self.labels if self.task != "causal-lm" else None,
+            "labels": self.labels if self.task not in CAUSAL_TASKS else None,
             "tasks": {name: labels for name, labels in self.task_labels.items()} or None,
             "base_model": self.meta.get("provenance", {}).get("base_model"),
             "checkpoint_step": checkpoint.get("step"),
@@ -209,6 +237,29 @@ class LoadedModel:
             "prompt_tokens": int(encoded["input_ids"].shape[1]),
             "completion_tokens": int(new.shape[0]),
         }
+
+    def prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
+        """MESSAGES ({role, content}) rendered with the export's own chat template (saved with its tokenizer, so
+        as training rendered them) and the assistant's generation prompt, as token ids."""
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise ExportError(f"{self.export_dir}: the tokenizer has no chat template to render conversations with")
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        # the template writes every marker itself (a BOS included): the tokenizer must add none
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def answer(self, conversations: list[list[dict[str, str]]], max_new_tokens: int, batch_size: int = 16) -> list[str]:
+        """The assistant's next answer to each conversation (a list of {role, content}), greedy, in input order."""
+        from raytune_ft.generation import answer_text, greedy_answers, stop_ids
+
+        ids = greedy_answers(
+            self.model,
+            [self.prompt_ids(messages) for messages in conversations],
+            max_new_tokens=max_new_tokens,
+            stop=stop_ids(self.tokenizer),
+            pad_id=self.tokenizer.pad_token_id,
+            batch_size=batch_size,
+        )
+        return [answer_text(self.tokenizer, answer) for answer in ids]
 
 
 def _label(labels: list[str], i: int) -> str:
