@@ -258,6 +258,9 @@ def _length_counts(report: dict[str, Any]) -> str:
     return f"; {cut} truncated and {removed} dropped over the splits" if steps else ""
 
 
+ANSWER_SCORES = ("exact", "contains", "token_f1")  # a chat evaluation's scores per slice, as metrics.answer_scores
+
+
 def _pct(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.1f} %"
 
@@ -278,16 +281,22 @@ def evaluation_summary(ev: dict[str, Any]) -> list[str]:
     if "perplexity" in m:
         texts = f" ({m['rows']} texts)" if "rows" in m else ""
         out.append(f"Perplexity {m['perplexity']:.3f} over {m.get('tokens')} tokens{texts}.")
-    else:
+    if "token_f1" in m:  # a chat export: greedy answers scored against the references (evaluation/chat.py)
+        out.append(
+            f"Answers to {m.get('rows')} conversations: exact {_pct(m.get('exact'))}, contains "
+            f"{_pct(m.get('contains'))}, token F1 {_pct(m['token_f1'])}."
+        )
+    elif "perplexity" not in m:
         out.append(f"{m.get('rows')} rows: accuracy {_pct(m.get('accuracy'))}, macro-F1 {_pct(m.get('f1_macro'))}.")
     cal = ev.get("calibration")
     if cal:
         bins = f" over {len(cal['bins'])} bins" if cal.get("bins") else ""
         out.append(f"Calibration: expected calibration error {cal['ece']:.4f} (maximum {cal['mce']:.4f}){bins}.")
     for column, s in (ev.get("slices") or {}).items():
+        gap = ("token F1", s["token_f1_gap"]) if "token_f1_gap" in s else ("macro-F1", s.get("f1_macro_gap"))
         out.append(
-            f"Slices by {column}: worst {s.get('worst_slice')}, best {s.get('best_slice')}, macro-F1 gap "
-            f"{_pct(s.get('f1_macro_gap'))}."
+            f"Slices by {column}: worst {s.get('worst_slice')}, best {s.get('best_slice')}, {gap[0]} gap "
+            f"{_pct(gap[1])}."
         )
     seen = ev.get("overlap_with_training") or {}
     if seen.get("measured"):
@@ -334,6 +343,12 @@ def evaluation_markdown(ev: dict[str, Any]) -> str:
         )
     for column, s in (ev.get("slices") or {}).items():
         lines += ["", f"## Slices by {column}", ""]
+        if "token_f1_gap" in s:  # a chat export's slices: answer scores
+            lines += _table(
+                ["value", "rows", "exact", "contains", "token F1"],
+                [[k, v.get("rows"), *(_pct(v.get(n)) for n in ANSWER_SCORES)] for k, v in s["slices"].items()],
+            )
+            continue
         lines += _table(
             ["value", "rows", "accuracy", "macro-F1"],
             [
@@ -345,6 +360,12 @@ def evaluation_markdown(ev: dict[str, Any]) -> str:
     if failures:
         lines += ["", "## Failed edge cases", ""]
         lines += [f"- [{f['kind']}] {f['text']!r}: expected {f['expected']!r}, got {f['got']!r}" for f in failures]
+    worst = (ev.get("examples") or {}).get("worst")
+    if worst:
+        lines += ["", "## Worst answers", ""]
+        lines += [
+            f"- {w['token_f1']:.2f} {w['prompt']!r}: expected {w['reference']!r}, said {w['answer']!r}" for w in worst
+        ]
     mistakes = ev.get("confident_mistakes")
     if mistakes:
         lines += ["", "## Most confident mistakes", ""]

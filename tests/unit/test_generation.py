@@ -113,6 +113,20 @@ def test_an_answer_ends_before_its_first_stop_id_and_the_mode_is_given_back(mode
         greedy_answers(model, [[]], stop=stop, **options)
 
 
+def test_synced_generation_in_a_process_group_gives_the_same_answers(model, tokenizer, tmp_path):
+    """synced=True (ZeRO-3) steps until every rank is done, through collectives: here a group of one (gloo)."""
+    import torch.distributed as dist
+
+    prompts = [prompt(tokenizer, user(q)) for q in QUESTIONS]
+    options = {"max_new_tokens": 6, "stop": [tokenizer.eos_token_id], "pad_id": tokenizer.pad_token_id}
+    plain = greedy_answers(model, prompts, **options)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        assert greedy_answers(model, prompts, synced=True, batch_size=3, **options) == plain
+    finally:
+        dist.destroy_process_group()
+
+
 def test_answer_text_cuts_at_a_marker_spelt_in_pieces_and_strips(tokenizer):
     # split_special_tokens: the marker as bytes, as a tokenizer without it as one token would write it
     ids = tokenizer(" Paris <|im_end|>\nmore", add_special_tokens=False, split_special_tokens=True)["input_ids"]
@@ -241,7 +255,10 @@ def test_eval_of_a_chat_export_scores_each_last_answer_per_slice(chat_export, tm
     assert report["overlap_with_training"]["measured"] is False  # the tiny experiment is not a complete config
     written = json.loads((tmp_path / "out" / "eval.json").read_text())
     assert written["metrics"] == pytest.approx(m)
-    assert "Perplexity" in evaluation_markdown(report)
+    card = evaluation_markdown(report)
+    assert "Perplexity" in card and "Answers to 5 conversations: exact 60.0 %, contains 60.0 %, token F1 60.0 %" in card
+    assert "Slices by source: worst (missing), best good, token F1 gap 100.0 %." in card
+    assert "| good | 3 | 100.0 % | 100.0 % | 100.0 % |" in card and "## Worst answers" in card
 
     with pytest.raises(ValueError, match="no column 'group'"):
         evaluate_export(chat_export, EvalRequest(data=data, slice_columns=["group"], latency_requests=1), tmp_path)
