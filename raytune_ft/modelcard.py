@@ -14,7 +14,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-from raytune_ft.config.schema import CAUSAL_TASKS
 from raytune_ft.layout import CARD, CONFIG_FILE, EVAL_DIR, EVAL_FILE, EXPERIMENT, METADATA, TEST_METRICS
 
 # the training and fine-tuning keys a reader of the card wants; the whole config is in experiment.yaml
@@ -112,7 +111,8 @@ def model_card(export_dir: Path) -> str:
         "---",
         f"base_model: {prov.get('base_model')}",
         "library_name: transformers",
-        f"pipeline_tag: {'text-generation' if meta.get('task') in CAUSAL_TASKS else 'text-classification'}",
+        "pipeline_tag: "
+        + ("text-classification" if meta.get("task") == "sequence-classification" else "text-generation"),
         "tags: [raytune-ft]",
         "---",
         "",

@@ -45,6 +45,14 @@ def evaluate(
         int, typer.Option("--batch-size", min=1, help="Texts per forward pass, for the metrics and batched latency.")
     ] = 32,
     max_rows: Annotated[int | None, typer.Option("--max-rows", min=1, help="Evaluate the first N rows.")] = None,
+    max_new_tokens: Annotated[
+        int | None,
+        typer.Option(
+            "--max-new-tokens",
+            min=1,
+            help="Chat: tokens generated per answer at most (default: the export's train.generation.max_new_tokens).",
+        ),
+    ] = None,
     task: Annotated[
         str | None, typer.Option("--task", help="An extra task of a multi-task export: its head, labels and columns.")
     ] = None,
@@ -78,6 +86,7 @@ def evaluate(
         latency_requests=latency_requests,
         batch_size=batch_size,
         max_rows=max_rows,
+        max_new_tokens=max_new_tokens,
         task=task,
     )
     try:

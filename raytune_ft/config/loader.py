@@ -402,7 +402,7 @@ def _local_model_dir(ref: str) -> str | None:
     if not (ref.startswith(PACKAGE_PREFIX) or Path(ref).is_absolute()):
         return None
     try:
-        return resolve_model_source(ref)
+        return resolve_model_source(ref, convert=False)  # a GGUF not converted yet: its LoRA targets wait for it
     except ModelSourceError:
         return None
 

@@ -18,8 +18,6 @@ from raytune_ft.errors import RaytuneFtError
 from raytune_ft.export import METADATA
 from raytune_ft.layout import TEST_METRICS
 
-ADAPTER_CONFIG = "adapter_config.json"  # what peft's save_pretrained writes beside the adapter weights
-
 
 class ExportError(RaytuneFtError, ValueError):
     """The directory is not a raytune_ft export (or a run directory holding one)."""
@@ -74,16 +72,9 @@ class LoadedModel:
         self.name: str = experiment.get("name") or self.export_dir.name
         self.max_length: int = int(experiment.get("data", {}).get("max_length") or 512)
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.export_dir))
-        if self.task in CAUSAL_TASKS:
-            from transformers import AutoModelForCausalLM
-
-            self.model = self._load(AutoModelForCausalLM)
-            if self.tokenizer.pad_token is None:
-                self.tokenizer.pad_token = self.tokenizer.eos_token
-        else:
-            from transformers import AutoModelForSequenceClassification
-
-            self.model = self._load(AutoModelForSequenceClassification)
+        self.model = self._load()
+        if self.task in CAUSAL_TASKS and self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
         # a replica given a GPU (serve.num_gpus) sees it here; one without sees none (Ray hides the others)
         self.device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
         self.dtype = serving_dtype(dtype, self.device)
@@ -97,30 +88,13 @@ class LoadedModel:
         self._load_task_heads()
         self.loaded_at = time.time()
 
-    def _load(self, auto_class: Any) -> Any:
-        """The export's model. An adapter-only export (`finetune.lora.export: adapter`: adapter_config.json and no
-        config.json) is its base model, named in the provenance, with the adapter loaded and merged in: served
-        merged, it runs as fast as a merged export; only the download is smaller."""
-        folder = str(self.export_dir)
-        if not ((self.export_dir / ADAPTER_CONFIG).is_file() and not (self.export_dir / "config.json").is_file()):
-            return auto_class.from_pretrained(folder)
-        from peft import PeftModel
+    def _load(self) -> Any:
+        """The export's model (an adapter-only export: merged into its base, see export.load_exported_model)."""
+        from raytune_ft.export import load_exported_model
 
-        from raytune_ft.model_source import resolve_model_source
-
-        base_ref = self.meta.get("provenance", {}).get("base_model")
-        if not base_ref:
-            raise ExportError(f"{self.export_dir}: an adapter-only export whose {METADATA} names no base model")
-        options: dict[str, Any] = {}
-        if self.task not in CAUSAL_TASKS:
-            labels = self.meta.get("label_names") or self.meta.get("classes") or []
-            options = {"num_labels": len(labels)} if labels else {}
-        base = auto_class.from_pretrained(resolve_model_source(base_ref), **options)
-        # tokens training added (a chat template's markers) grew the embeddings, which the adapter saved at that
-        # size: the base must have as many rows before the adapter loads into it
-        if len(self.tokenizer) > base.get_input_embeddings().num_embeddings:
-            base.resize_token_embeddings(len(self.tokenizer))
-        return PeftModel.from_pretrained(base, folder).merge_and_unload()
+        labels = self.meta.get("label_names") or self.meta.get("classes")
+        base = self.meta.get("provenance", {}).get("base_model")
+        return load_exported_model(self.export_dir, self.task, base, labels)
 
     def _load_task_heads(self) -> None:
         """A multi-task export: each extra classification task's head and labels, beside the primary model."""

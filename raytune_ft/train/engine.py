@@ -62,4 +62,30 @@ def start_engine(
     )
     if cfg.train.compile:
         engine.compile()
+    _drop_every_frozen_name(engine)
     return engine
+
+
+def _drop_every_frozen_name(engine: Any) -> None:
+    """DeepSpeed leaves frozen weights out of a checkpoint by their names in named_parameters(), which names a tied
+    weight once: its second name (a causal LM's lm_head, tied to the embeddings) stayed, so every LoRA checkpoint of
+    SmolLM2-135M carried the 113 MB embedding matrix, and a PBT exploit moved it. Every name of a frozen weight is
+    dropped here; loading is not strict when weights are frozen, and the tie holds in the model either way."""
+    original = engine.module_state_dict
+
+    def module_state_dict(
+        destination: Any = None, prefix: str = "", keep_vars: bool = False, exclude_frozen_parameters: bool = False
+    ) -> Any:
+        sd = original(
+            destination=destination,
+            prefix=prefix,
+            keep_vars=keep_vars,
+            exclude_frozen_parameters=exclude_frozen_parameters,
+        )
+        if exclude_frozen_parameters:
+            for name, param in engine.module.named_parameters(remove_duplicate=False):
+                if not param.requires_grad:
+                    sd.pop(prefix + name, None)
+        return sd
+
+    engine.module_state_dict = module_state_dict

@@ -33,7 +33,7 @@ def test_metrics(export_dir: Path, cfg: ExperimentConfig, data_dir: Path, classe
     )
     test = split["test"]
     classification = cfg.model.task == "sequence-classification"
-    model = load_exported_model(export_dir, cfg.model.task, cfg.model.name_or_path)
+    model = load_exported_model(export_dir, cfg.model.task, cfg.model.name_or_path, classes, torch.float32)
     # by length, so that each batch pads little; predictions go back to their rows below
     rows = sorted(range(len(test["input_ids"])), key=lambda i: len(test["input_ids"][i]))
     preds = [0] * len(rows)  # by row index

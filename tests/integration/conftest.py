@@ -67,6 +67,56 @@ def tiny_llama(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_chat_llama(tmp_path_factory) -> Path:
+    """A 2-layer Llama (hidden 32) for chat, with a byte-level tokenizer that holds the ChatML markers as single
+    tokens and carries the ChatML template (tests/tiny_models.chat_tokenizer)."""
+    import torch
+    from tiny_models import chat_tokenizer, llama_config
+    from transformers import LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("tiny-chat-llama")
+    torch.manual_seed(0)
+    tokenizer = chat_tokenizer()
+    tokenizer.save_pretrained(folder)
+    config = llama_config(
+        len(tokenizer),
+        max_position_embeddings=512,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.convert_tokens_to_ids("<|im_start|>"),
+    )
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def chat_data(tmp_path_factory) -> Path:
+    """160 conversations built by jobs/build_chat_data.py from the real SST-2 and tiny Shakespeare, as a user of
+    the chat example builds them: single- and multi-turn sentiment questions and passages to continue."""
+    import subprocess
+    import sys
+
+    out = tmp_path_factory.mktemp("chat-data") / "chat.jsonl"
+    script = Path(__file__).resolve().parents[2] / "jobs" / "build_chat_data.py"
+    args = ["--rows", "160", "--shakespeare-share", "0.1", "--seed", "0", "--out", str(out)]
+    subprocess.run([sys.executable, str(script), *args], check=True, capture_output=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def chat_run(tmp_path_factory, tiny_chat_llama, chat_data, local_ray):
+    """The tiny chat Llama trained with LoRA on 2 workers, ZeRO-2, packed rows, 6 steps, and exported: test_chat
+    checks the run and its export. (result, config)"""
+    from helpers import chat_cfg
+
+    from raytune_ft.train import train
+
+    free_session_cpus()
+    cfg = chat_cfg(tmp_path_factory.mktemp("chat"), "chat", tiny_chat_llama, chat_data)
+    return train(cfg), cfg
+
+
+@pytest.fixture(scope="session")
 def s3_server():
     """A real S3-compatible server (moto's, in a thread of this process) for the session, and the environment
     that reaches it: endpoint, region and credentials, the secret key drawn anew each session. Only the

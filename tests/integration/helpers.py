@@ -86,6 +86,38 @@ def lm_cfg(root: Path, name: str, model: Path, **sections: dict) -> ExperimentCo
     return validate_raw(raw, None, "lm.yaml", [], base_dir=root)
 
 
+def chat_cfg(root: Path, name: str, model: Path, data: Path, **sections: dict) -> ExperimentConfig:
+    """The tiny chat Llama on the built conversations: LoRA on 2 workers, ZeRO-2, packed 256-token rows, 6 steps,
+    an evaluation (with 8 generated answers) and a checkpoint every 3."""
+    raw = {
+        "name": name,
+        "seed": 3,
+        "output_dir": str(root),
+        "model": {"name_or_path": str(model), "task": "chat"},
+        "data": {
+            "path": str(data),
+            "block_size": 256,
+            "columns": {"split_text": "review", "slice": "kind"},
+            "chat": {"packing": True, "max_tokens": 256},
+            "split": {"validation": 0.15, "test": 0.1},
+        },
+        "finetune": {"method": "lora", "lora": {"r": 4, "alpha": 8, "dropout": 0.0}},
+        "deepspeed": {"zero_stage": 2},
+        "train": {
+            "lr": 1e-2,
+            "batch_size": 2,
+            "max_steps": 6,
+            "eval_every_steps": 3,
+            "checkpoint_every_steps": 3,
+            "generation": {"prompts": 8, "max_new_tokens": 6},
+        },
+        "scaling": {"num_workers": 2, "cpus_per_worker": 1},
+    }
+    for section, values in sections.items():
+        raw[section] = {**raw.get(section, {}), **values}
+    return validate_raw(raw, None, "chat.yaml", [], base_dir=root)
+
+
 def curve(result: object) -> list[float]:
     return [round(h["eval_loss"], 6) for h in result.history]
 
