@@ -86,7 +86,7 @@ def lm_cfg(root: Path, name: str, model: Path, **sections: dict) -> ExperimentCo
     return validate_raw(raw, None, "lm.yaml", [], base_dir=root)
 
 
-def chat_cfg(root: Path, name: str, model: Path, data: Path, **sections: dict) -> ExperimentConfig:
+def chat_cfg(root: Path, name: str, model: Path, conversations: Path, **sections: dict) -> ExperimentConfig:
     """The tiny chat Llama on the built conversations: LoRA on 2 workers, ZeRO-2, packed 256-token rows, 6 steps,
     an evaluation (with 8 generated answers) and a checkpoint every 3."""
     raw = {
@@ -95,7 +95,7 @@ def chat_cfg(root: Path, name: str, model: Path, data: Path, **sections: dict) -
         "output_dir": str(root),
         "model": {"name_or_path": str(model), "task": "chat"},
         "data": {
-            "path": str(data),
+            "path": str(conversations),
             "block_size": 256,
             "columns": {"split_text": "review", "slice": "kind"},
             "chat": {"packing": True, "max_tokens": 256},
