@@ -89,10 +89,11 @@ def prepare_data(
                 "holds a test split built from other data or settings; the test split is written once. "
                 "Use a new experiment name, or --force to move the old directory aside and rebuild",
             )
-        if force or (data_dir / "test.parquet").exists():
-            replaced = retire(data_dir)
 
+    # read and split before the old directory moves: a file with bad rows leaves what was built in place
     report, splits, classes = curate_and_split(cfg, on_stage)
+    if data_dir.exists() and (force or (data_dir / "test.parquet").exists()):
+        replaced = retire(data_dir)
     tables = {name: _table(recs, classes) for name, recs in splits.items()}
     if with_tokens:
         on_stage("tokenizing")

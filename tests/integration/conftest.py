@@ -105,14 +105,18 @@ def chat_data(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def chat_run(tmp_path_factory, tiny_chat_llama, chat_data, local_ray):
-    """The tiny chat Llama trained with LoRA on 2 workers, ZeRO-2, packed rows, 6 steps, and exported: test_chat
-    checks the run and its export. (result, config)"""
+    """The tiny chat Llama trained with LoRA on 2 workers, ZeRO-2, packed rows, 6 steps, a retain set scored at
+    every evaluation, and exported: test_chat checks the run and its export. (result, config)"""
     from helpers import chat_cfg
 
     from raytune_ft.train import train
 
     free_session_cpus()
-    cfg = chat_cfg(tmp_path_factory.mktemp("chat"), "chat", tiny_chat_llama, chat_data)
+    root = tmp_path_factory.mktemp("chat")
+    # the forgetting guard on general text, as a chat run of a pre-trained model would use it
+    retain = root / "general.txt"
+    retain.write_text("\n".join(f"The weather on day {i} was mild, and the market opened at nine." for i in range(40)))
+    cfg = chat_cfg(root, "chat", tiny_chat_llama, chat_data, train={"retain_path": str(retain)})
     return train(cfg), cfg
 
 

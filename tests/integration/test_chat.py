@@ -39,7 +39,7 @@ def conversation_prefixes(data_dir: Path) -> list[list[dict[str, str]]]:
 def test_lora_zero2_packed_chat_run_scores_answers_and_its_export_generates_the_same(chat_run):
     result, cfg = chat_run
     metrics = result.metrics
-    for key in ("eval_loss", "eval_perplexity", *GENERATION):
+    for key in ("eval_loss", "eval_perplexity", *GENERATION, "eval_retain_perplexity", "eval_retain_worse_by"):
         assert key in metrics, key
     assert all(0.0 <= metrics[key] <= 1.0 for key in GENERATION)
     # per kind of conversation (data.columns.slice: kind), among the 8 prompts generated from
@@ -100,6 +100,8 @@ def test_full_finetuning_with_zero3_resumes_a_chat_run_after_a_killed_worker(
 
 
 def test_pbt_exploit_between_chat_trials_moves_the_adapter_alone(tiny_chat_llama, chat_data, tmp_path, local_ray):
+    """Two LoRA trials meet at step 3; the weaker takes the other's checkpoint. The winner is exported as its
+    adapter alone (finetune.lora.export: adapter), which the test evaluation loads onto the base model."""
     from raytune_ft.tune import tune_experiment
 
     cfg = chat_cfg(
@@ -107,6 +109,7 @@ def test_pbt_exploit_between_chat_trials_moves_the_adapter_alone(tiny_chat_llama
         "chat-pbt",
         tiny_chat_llama,
         chat_data,
+        finetune={"lora": {"r": 4, "alpha": 8, "dropout": 0.0, "export": "adapter"}},
         train={"lr_schedule": "constant", "warmup_ratio": 0},
         scaling={"num_workers": 1},
         tune=pbt_pair(3, keep_checkpoints=1, max_failures=0, mlflow=False),
@@ -122,5 +125,8 @@ def test_pbt_exploit_between_chat_trials_moves_the_adapter_alone(tiny_chat_llama
     for path in written:
         states = torch.load(path, map_location="cpu", weights_only=False)
         assert states["module"] and all("lora_" in name for name in states["module"]), path
+    assert (found.winner_dir / "adapter_config.json").is_file() and not (found.winner_dir / "config.json").exists()
     assert found.test_metrics["test_rows"] > 0 and "test_gen_token_f1" in found.test_metrics
+    [answer] = LoadedModel(found.winner_dir).answer([[{"role": "user", "content": "Is it good?"}]], 4)
+    assert isinstance(answer, str)
     assert len(reads_of_test_split(cfg.run_dir / "data")) == 1

@@ -583,3 +583,61 @@ def test_sst2_train_file(make_config):
         whole = texts_of_column(prepared.data_dir, name, "whole")
         assert sum(whole) == report["splits"][name]["whole_rows"] and 0.05 < sum(whole) / len(whole) < 0.3
     assert report["split"]["grouping"]["largest_groups"][0] < 0.01 * rows_after_curation  # no chain of everything
+
+
+def chat_rows(n: int) -> list[dict]:
+    """N distinct conversations, some multi-turn, some with a system prompt."""
+    rows = []
+    for i in range(n):
+        messages = [{"role": "system", "content": "Be brief."}] if i % 3 == 0 else []
+        messages += [
+            {"role": "user", "content": f"Is review number {i} about film {i * 7} positive?"},
+            {"role": "assistant", "content": "yes" if i % 2 else "no"},
+        ]
+        if i % 4 == 0:
+            messages += [{"role": "user", "content": "Why?"}, {"role": "assistant", "content": f"Reason {i}."}]
+        rows.append({"messages": messages, "kind": "follow-up" if i % 4 == 0 else "single"})
+    return rows
+
+
+def write_chat(path: Path, rows: list) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_chat_conversations_are_split_as_units_and_bad_rows_leave_the_built_split_alone(make_config, tmp_path):
+    """A conversation stays whole in one split (its turns as JSON, its slice and source line kept); a file that
+    later holds bad rows is refused with every bad line named, and the data directory built before is untouched,
+    even when a rebuild was forced (nothing moves aside before the new data has been read)."""
+    source = write_chat(tmp_path / "chat.jsonl", chat_rows(60))
+    cfg = make_config(
+        {"path": str(source), "columns": {"slice": "kind"}, "split": {"validation": 0.2, "test": 0.2}}, task="chat"
+    )
+    built = prepare_data(cfg, with_tokens=False)
+    report = built.report
+    assert report["split"]["unit"] == "conversation" and report["split"]["strategy"] == "random"
+    assert report["split"]["compared"] == "user turns"
+    assert sum(report["splits"][name]["rows"] for name in SPLITS) == 60
+    lines = []
+    for name in SPLITS:
+        table = pq.read_table(built.data_dir / f"{name}.parquet")
+        lines += table.column("source_line").to_pylist()
+        columns = [table.column(c).to_pylist() for c in ("messages", "source_line", "slice")]
+        for text, line, kind in zip(*columns, strict=True):
+            row = chat_rows(60)[line - 1]
+            assert json.loads(text) == row["messages"] and kind == row["kind"]
+    assert sorted(lines) == list(range(1, 61))  # every conversation in exactly one split, whole
+    before = {p.name: sha(p) for p in built.data_dir.iterdir()}
+
+    bad = chat_rows(60)
+    bad[4]["messages"][0]["role"] = "moderator"
+    bad[9]["messages"] = [{"role": "user", "content": "no answer"}]
+    bad[20]["messages"][0]["content"] = 42
+    write_chat(source, bad)
+    with pytest.raises(DataError) as error:
+        prepare_data(cfg, with_tokens=False, force=True)
+    message = str(error.value)
+    assert f"{source}:5:" in message
+    assert "'moderator'" in message and "line 10" in message and "line 21" in message
+    assert {p.name: sha(p) for p in built.data_dir.iterdir()} == before
+    assert not list(built.data_dir.parent.glob("data.replaced-*"))
