@@ -1,5 +1,6 @@
 """`raytune-ft bench train`: the same model, data and global batch through a bare single-process PyTorch loop and
-through the Ray Train + DeepSpeed loop, plus a no-op TorchTrainer to judge start-up against Ray Train's own."""
+through the Ray Train + DeepSpeed loop, plus a no-op TorchTrainer to judge start-up against Ray Train's own; with
+--packing (chat), the Ray Train + DeepSpeed loop on packed against padded rows."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ from raytune_ft.config import ExperimentConfig
 from raytune_ft.train.hooks import StepHooks
 
 KEYS = ("samples_per_s", "tokens_per_s", "time_to_first_step_s", "peak_rss_mb")
+# what --packing compares, packed over padded: real tokens, conversations and rows per second
+PACKING_KEYS = ("tokens_per_s", "conversations_per_s", "samples_per_s")
 VALIDATION_ROWS = 8
 
 
@@ -31,15 +34,37 @@ def bench_config(cfg: ExperimentConfig, steps: int, **sections: dict[str, Any]) 
     return ExperimentConfig.model_validate(data)
 
 
+def with_packing(cfg: ExperimentConfig, packing: bool) -> ExperimentConfig:
+    """The chat experiment with data.chat.packing set to PACKING, the rest of data.chat as it was."""
+    data = cfg.model_dump(mode="json", by_alias=True)
+    data["data"]["chat"]["packing"] = packing
+    return ExperimentConfig.model_validate(data)
+
+
 def global_batch(cfg: ExperimentConfig) -> int:
+    """Rows per optimizer step over all workers."""
     return cfg.train.batch_size * cfg.train.grad_accum * cfg.scaling.num_workers
 
 
-def bench_data(data: dict[str, dict[str, list]], cfg: ExperimentConfig, steps: int) -> tuple[dict, int]:
-    """The training rows `steps` steps read (all of the split when it is smaller), a few validation rows, and the
-    number of epochs that covers `steps`."""
+def bench_rows(n: int, need: int, spread: bool) -> list[int]:
+    """Which of N training rows the benchmark keeps when its steps read NEED: all of them when there are no more,
+    else the first NEED or, SPREAD, NEED rows evenly spaced over the split. Packed rows need spreading: pack()
+    opens rows longest example first, so the first rows hold the split's longest conversations and are fuller than
+    the split's rows are on average."""
+    if need >= n:
+        return list(range(n))
+    return [i * n // need for i in range(need)] if spread else list(range(need))
+
+
+def bench_data(
+    data: dict[str, dict[str, list]], cfg: ExperimentConfig, steps: int, spread: bool | None = None
+) -> tuple[dict, int]:
+    """The training rows `steps` steps read (all of the split when it is smaller; see bench_rows, SPREAD by default
+    for a packed split), a few validation rows, and the number of epochs that covers `steps`."""
     need = steps * global_batch(cfg)
-    train = {k: v[:need] for k, v in data["train"].items()}
+    split = data["train"]
+    keep = bench_rows(len(split["input_ids"]), need, "seq_lens" in split if spread is None else spread)
+    train = {k: [v[i] for i in keep] for k, v in split.items()}
     n = len(train["input_ids"])
     epochs = math.ceil(steps / max(1, n // global_batch(cfg)))
     val = {k: v[:VALIDATION_ROWS] for k, v in data["validation"].items()}
@@ -47,6 +72,7 @@ def bench_data(data: dict[str, dict[str, list]], cfg: ExperimentConfig, steps: i
 
 
 def _noop_loop(config: dict[str, Any]) -> None:
+    """A Ray Train loop doing nothing but report when it started: Ray Train's own start-up."""
     import ray.train
 
     from raytune_ft.train.figures import report_figures
@@ -54,15 +80,44 @@ def _noop_loop(config: dict[str, Any]) -> None:
     report_figures({"first_step_at": time.time()}, ray.train.get_context().get_world_rank())
 
 
+def step_counts(split: dict[str, list], micro_batches: list[list[int]], varlen: bool = False) -> dict[str, int]:
+    """What one step's MICRO_BATCHES of SPLIT hold: examples (a packed row holds len(seq_lens) conversations, any
+    other row one example), real tokens, and slots, the token positions the forward computes: each micro-batch is
+    padded to its longest row (train.batches.collate), except packed rows in flash-attention's VARLEN layout,
+    which are not padded at all."""
+    packed = "seq_lens" in split
+    examples = tokens = slots = 0
+    for rows in micro_batches:
+        lengths = [len(split["input_ids"][i]) for i in rows]
+        examples += sum(len(split["seq_lens"][i]) for i in rows) if packed else len(rows)
+        tokens += sum(lengths)
+        slots += sum(lengths) if packed and varlen else len(rows) * max(lengths, default=0)
+    return {"examples": examples, "tokens": tokens, "slots": slots}
+
+
 class BenchFigures(StepHooks):
     """The benchmark's measurement of the training recipe, joined to it as a hook: at the last step, the figures
     `bench train`, `bench lm` and `bench train --zero-stages` read, reported instead of an evaluation and a
     checkpoint (the loop itself is measured; nothing is saved). MEASURE_MODEL_STATE: also model_state_mb, the
-    gradients, parameters and optimizer states of the last step (the largest worker's)."""
+    gradients, parameters and optimizer states of the last step (the largest worker's).
+
+    Besides the recipe's own rates, it counts the examples of the steps the recipe's SteadyClock times (every step
+    after the first): examples_per_s (conversations per second for chat: a packed row holds several; the recipe
+    counts rows) and batch_fill, real tokens / padded token positions of those steps."""
 
     def __init__(self, measure_model_state: bool = False) -> None:
         self.measure_model_state = measure_model_state
         self.model_state_mb: float | None = None
+        self.counts = {"examples": 0, "tokens": 0, "slots": 0}
+
+    def on_step_start(self, recipe: Any, step: int) -> None:
+        """Count the examples of a step the clock times; the step's rows come from the recipe's own TaskMix, a pure
+        function of seed and step, so asking for them again reads the rows the step is about to train on."""
+        if recipe.clock.first_step_at is None:  # the first step only starts the clock (SteadyClock)
+            return
+        stream, micro_batches = recipe.mix.step(step, recipe.rank)
+        for key, value in step_counts(stream.train, micro_batches, recipe.attention == "varlen").items():
+            self.counts[key] += value
 
     def after_backward(self, recipe: Any, step: int) -> None:
         if self.measure_model_state and step == recipe.total - 1 and self.model_state_mb is None:
@@ -82,10 +137,17 @@ class BenchFigures(StepHooks):
         from raytune_ft.train.measure import peak_device_mb, peak_rss_mb
 
         world, device = recipe.world, recipe.device
+        seconds = recipe.clock.seconds
+        counts = self.counts
+        # like recipe.rates(): each rank's count over its own seconds, summed over ranks (collectives on every rank)
+        examples_per_s = over_ranks(counts["examples"] / seconds, world, device) * world if seconds else None
+        batch_fill = over_ranks(counts["tokens"] / counts["slots"], world, device) if counts["slots"] else None
         report_figures(
             {
                 "step": done,
                 **recipe.rates(),
+                "examples_per_s": examples_per_s,
+                "batch_fill": batch_fill,
                 "loop_started_at": recipe.started_at,
                 "engine_ready_at": recipe.engine_ready_at,
                 "first_step_at": recipe.clock.first_step_at,
@@ -159,6 +221,9 @@ def bare_loop(payload: dict[str, Any], queue: Any) -> None:
     # the same global batch in one process
     plan = StepPlan.of(cfg, train, 1, grad_accum=cfg.train.grad_accum * cfg.scaling.num_workers)
     pad_id = payload["pad_token_id"]
+    # packed chat rows: collated as the recipe collates them (loop.Recipe.build_model); task_loss takes the chat
+    # labels (label_loss) from the batch
+    attention = "varlen" if cfg.model.attn_implementation == "flash_attention_2" else "block"
     ewc = None
     if cfg.finetune.ewc is not None:
         sample = plan.permutation(-1)[: cfg.finetune.ewc.fisher_samples].tolist()
@@ -179,7 +244,7 @@ def bare_loop(payload: dict[str, Any], queue: Any) -> None:
             perm_epoch, perm = epoch, plan.permutation(epoch)
         micro = plan.micro_batches(step, 0, perm)
         for rows in micro:
-            batch = collate(train, rows, pad_id, device)
+            batch = collate(train, rows, pad_id, device, attention)
             with torch.autocast("cuda", dtype=half) if mixed else contextlib.nullcontext():
                 loss = loss_of(model, batch)
             if cfg.finetune.l1:
@@ -188,7 +253,8 @@ def bare_loop(payload: dict[str, Any], queue: Any) -> None:
                 loss = loss + ewc.penalty(model)
             (loss / len(micro)).backward()
             samples += len(rows)
-            tokens += int(batch["attention_mask"].sum())
+            # real lengths, as the recipe counts them: a packed batch's attention_mask is 4D and additive
+            tokens += sum(len(train["input_ids"][i]) for i in rows)
         if cfg.train.grad_clip:
             torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
         optimizer.step()
@@ -291,6 +357,85 @@ def bench_throughput(
     }
 
 
+def bench_packing(cfg: ExperimentConfig, steps: int, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """`bench train --packing`: the Ray Train + DeepSpeed loop (the training recipe with BenchFigures) on a chat
+    experiment's training conversations, packed into data.block_size rows (data.chat.packing true) and one per row
+    (false), the same steps, micro-batch and workers. Per mode: tokens_per_s (real tokens, not padding),
+    conversations_per_s (counted by BenchFigures over the timed steps' rows: a packed row holds len(seq_lens)
+    conversations), samples_per_s (rows), batch_fill; the packed/padded speed-up of each rate; and compare_fill
+    on all of the training split's conversation lengths (each padded to block_size, as the fill ratio is defined;
+    the padded loop pads each micro-batch only to its longest row, which batch_fill measures)."""
+    import ray
+
+    from raytune_ft.train.packing import compare_fill, packed_columns
+    from raytune_ft.train.trainer import prepare_worker_data
+
+    if cfg.model.task != "chat":
+        raise ValueError(
+            f"--packing compares packed against padded chat batches; {cfg.name} has model.task "
+            f"'{cfg.model.task}', not chat"
+        )
+    if steps < 2:
+        raise ValueError("--steps must be at least 2: the first step is start-up, the rest are timed")
+    log("preparing data")
+    # one tokenisation, packed here as tokenize_splits packs it: both modes train on the same conversations
+    worker_data = prepare_worker_data(with_packing(cfg, False))
+    train, val = worker_data["data"]["train"], worker_data["data"]["validation"]
+    block = cfg.data.block_size
+    splits = {
+        "padded": train,
+        "packed": packed_columns(train["input_ids"], train["labels"], block, cfg.seed),
+    }
+    fill = compare_fill([len(ids) for ids in train["input_ids"]], block)
+    shared = {
+        "classes": worker_data["classes"],
+        "class_weights": worker_data["class_weights"],
+        "pad_token_id": worker_data["pad_token_id"],
+    }
+    runs: dict[str, dict[str, Any]] = {}
+    metrics: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="raytune-ft-bench-") as storage:
+        for mode, split in splits.items():
+            # rows spread over the split in both modes, so that neither reads only the file's first conversations
+            data, epochs = bench_data({"train": split, "validation": val}, cfg, steps, spread=True)
+            bcfg = bench_config(with_packing(cfg, mode == "packed"), steps, train={"epochs": epochs})
+            log(f"Ray Train + DeepSpeed loop, {mode}: {steps} steps of {global_batch(cfg)} rows")
+            _fresh_ray(cfg)
+            loop_config = {**shared, "experiment": bcfg.model_dump(mode="json", by_alias=True), "data": ray.put(data)}
+            metrics, started = run_on_ray(bcfg, bench_loop(), loop_config, storage, mode)
+            rows = data["train"]
+            runs[mode] = {
+                "tokens_per_s": metrics.get("tokens_per_s"),
+                "conversations_per_s": metrics.get("examples_per_s"),
+                "samples_per_s": metrics.get("samples_per_s"),
+                "batch_fill": metrics.get("batch_fill"),
+                "rows": len(rows["input_ids"]),
+                "conversations": step_counts(rows, [list(range(len(rows["input_ids"])))])["examples"],
+                "time_to_first_step_s": metrics["first_step_at"] - started,
+                "peak_rss_mb": metrics.get("peak_rss_mb"),
+            }
+    return {
+        "experiment": cfg.name,
+        "model": cfg.model.name_or_path,
+        "finetune": cfg.finetune.method,
+        "zero_stage": cfg.deepspeed.zero_stage,
+        "workers": cfg.scaling.num_workers,
+        "steps": steps,
+        "global_batch": global_batch(cfg),
+        "block_size": block,
+        "device": metrics.get("device"),
+        "precision": metrics.get("precision"),
+        "fill": fill,
+        **runs,
+        "speedup": speedups(runs["packed"], runs["padded"]),
+    }
+
+
+def speedups(packed: dict[str, Any], padded: dict[str, Any]) -> dict[str, float | None]:
+    """Packed / padded of each rate in PACKING_KEYS (None where either is missing)."""
+    return {k: _ratio(packed.get(k), padded.get(k)) for k in PACKING_KEYS}
+
+
 def _fresh_ray(cfg: ExperimentConfig) -> None:
     """On an embedded local Ray, each measured trainer gets a new Ray instance, so that both pay the same cold
     start a user's `raytune-ft train` pays; a remote cluster is joined once and stays as it is."""
@@ -304,4 +449,5 @@ def _fresh_ray(cfg: ExperimentConfig) -> None:
 
 
 def _ratio(b: float | None, a: float | None) -> float | None:
+    """B / A, None when either is missing or A is 0."""
     return b / a if a and b is not None else None

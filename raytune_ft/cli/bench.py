@@ -56,10 +56,20 @@ def bench_train(
     peak_tflops: Annotated[
         float | None, typer.Option("--peak-tflops", help="Accelerator peak for MFU when its name is not known.")
     ] = None,
+    packing: Annotated[
+        bool,
+        typer.Option(
+            "--packing",
+            help="Chat experiments: instead of the bare-loop comparison, the Ray Train + DeepSpeed loop on packed "
+            "and on padded rows (data.chat.packing true/false): tokens/s, conversations/s, rows/s, fill.",
+        ),
+    ] = False,
     json_path: Annotated[Path | None, typer.Option("--json", help="Also write the figures to this JSON file.")] = None,
 ) -> None:
-    """Bare PyTorch loop vs the Ray Train + DeepSpeed loop on the same model, data and global batch."""
+    """Bare PyTorch loop vs the Ray Train + DeepSpeed loop on the same model, data and global batch; with
+    --packing, packed against padded chat rows."""
     from raytune_ft.bench import MEMORY_MODELS, bench_memory, bench_throughput
+    from raytune_ft.bench.train import bench_packing
     from raytune_ft.data import DataError
     from raytune_ft.model_source import ModelSourceError
 
@@ -74,10 +84,21 @@ def bench_train(
         fail(f"--memory-model: expected one of {', '.join(MEMORY_MODELS)}, got '{memory_model}'", EXIT_CONFIG)
     if skip_throughput and not stages:
         fail("--memory-only needs --zero-stages", EXIT_CONFIG)
+    if packing and cfg.model.task != "chat":
+        fail(
+            f"--packing compares packed and padded chat rows, so it needs model.task: chat; {config} has "
+            f"model.task '{cfg.model.task}'",
+            EXIT_CONFIG,
+        )
+    if packing and skip_throughput:
+        fail("--packing runs training loops; --memory-only runs none", EXIT_CONFIG)
     log = lambda m: err.print(m, highlight=False)  # noqa: E731
     result: dict[str, Any] = {}
     try:
-        if not skip_throughput:
+        if packing:
+            result = bench_packing(cfg, steps, log=log)
+            _print_packing(result)
+        elif not skip_throughput:
             result = bench_throughput(cfg, steps, log=log, peak_tflops=peak_tflops)
             _print_throughput(result)
         if stages:
@@ -108,6 +129,31 @@ def _print_throughput(r: dict[str, Any]) -> None:
     )
     if r["ray"].get("mfu") is not None:
         out.print(f"model FLOPs utilisation: {r['ray']['mfu']:.1%}", highlight=False)
+
+
+def _print_packing(r: dict[str, Any]) -> None:
+    """The --packing table: each figure padded and packed, and packed/padded for the rates."""
+    table = Table(
+        title=f"{r['experiment']}: packed vs padded, {r['steps']} steps x {r['global_batch']} rows of up to "
+        f"{r['block_size']} tokens, {r['workers']} worker(s), ZeRO-{r['zero_stage']}, {r['finetune']}, "
+        f"{r['device']} {r['precision']}",
+        title_justify="left",
+    )
+    for col in ("", "padded", "packed", "packed/padded"):
+        table.add_column(col, justify="left" if not col else "right")
+    for key in ("tokens_per_s", "conversations_per_s", "samples_per_s"):
+        table.add_row(key, num(r["padded"][key]), num(r["packed"][key]), num(r["speedup"][key], 3))
+    for key, digits in (("batch_fill", 3), ("time_to_first_step_s", 1), ("peak_rss_mb", 0)):
+        table.add_row(key, num(r["padded"][key], digits), num(r["packed"][key], digits), "")
+    out.print(table)
+    f = r["fill"]
+    out.print(
+        f"fill of {r['block_size']}-token rows over the {f['examples']} training conversations ({f['tokens']} "
+        f"tokens): packed {f['fill_packed']:.3f} in {f['rows_packed']} rows, padded {f['fill_padded']:.3f} in "
+        f"{f['rows_padded']} rows; batch_fill is that of the timed steps' batches (padded to their longest row)",
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 def _print_memory(m: dict[str, Any]) -> None:

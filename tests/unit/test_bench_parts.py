@@ -239,3 +239,64 @@ def test_memory_after_the_last_trial_is_sampled_even_when_the_search_ends_at_onc
     assert after is not None and after[0] > 0 and after[1] > 0
     assert after == memory.samples[-1][1:]
     assert memory.at(0.0) == memory.samples[0][1:]  # a time it sampled past: the first sample at or after it
+
+
+def test_bench_data_spreads_packed_rows_over_the_split(tmp_path):
+    """pack() opens rows longest example first: the first packed rows are the fullest, so a packed split's rows
+    are taken evenly spaced; a plain split keeps its first rows unless asked to spread them."""
+    from raytune_ft.bench.train import bench_rows
+
+    assert bench_rows(10, 4, spread=True) == [0, 2, 5, 7]
+    assert bench_rows(10, 4, spread=False) == [0, 1, 2, 3]
+    assert bench_rows(3, 4, spread=True) == [0, 1, 2]  # fewer rows than the steps read: all of them
+    cfg = cfg_with(tmp_path, train={"batch_size": 2, "grad_accum": 1}, scaling={"num_workers": 1})
+    packed = {"input_ids": [[i] for i in range(10)], "labels": [[i] for i in range(10)], "seq_lens": [[1]] * 10}
+    data, _ = bench_data({"train": packed, "validation": packed}, cfg, steps=2)
+    assert data["train"]["input_ids"] == [[0], [2], [5], [7]]
+    plain = {k: v for k, v in packed.items() if k != "seq_lens"}
+    data, _ = bench_data({"train": plain, "validation": plain}, cfg, steps=2)
+    assert data["train"]["input_ids"] == [[0], [1], [2], [3]]
+    data, _ = bench_data({"train": plain, "validation": plain}, cfg, steps=2, spread=True)
+    assert data["train"]["input_ids"] == [[0], [2], [5], [7]]
+
+
+def test_step_counts_count_conversations_real_tokens_and_padded_positions():
+    from raytune_ft.bench.train import step_counts
+
+    packed = {"input_ids": [[1] * 6, [1] * 4, [1] * 8], "seq_lens": [[2, 4], [4], [3, 3, 2]]}
+    # micro-batches [0, 1] (padded to 6) and [2]: 2 + 1 + 3 conversations, 18 tokens, 2 x 6 + 8 positions
+    assert step_counts(packed, [[0, 1], [2]]) == {"examples": 6, "tokens": 18, "slots": 20}
+    assert step_counts(packed, [[0, 1], [2]], varlen=True) == {"examples": 6, "tokens": 18, "slots": 18}
+    plain = {"input_ids": [[1] * 3, [1] * 5], "labels": [[-100, 1, 1], [-100] * 5]}
+    # a plain row is one conversation; varlen only changes packed rows (plain ones are padded anyway)
+    assert step_counts(plain, [[0, 1]], varlen=True) == {"examples": 2, "tokens": 8, "slots": 10}
+
+
+def test_speedups_are_packed_over_padded_per_rate():
+    from raytune_ft.bench.train import PACKING_KEYS, speedups
+
+    packed = {"tokens_per_s": 300.0, "conversations_per_s": 6.0, "samples_per_s": 1.0}
+    padded = {"tokens_per_s": 100.0, "conversations_per_s": 2.0, "samples_per_s": 2.0}
+    assert speedups(packed, padded) == {"tokens_per_s": 3.0, "conversations_per_s": 3.0, "samples_per_s": 0.5}
+    assert set(speedups({}, padded)) == set(PACKING_KEYS)
+    assert speedups({"tokens_per_s": 1.0}, {"tokens_per_s": 0.0})["tokens_per_s"] is None
+
+
+def test_with_packing_sets_only_the_packing_flag(tmp_path):
+    from raytune_ft.bench.train import with_packing
+
+    chat = {"template": "tokenizer", "train_on": "all", "packing": True}
+    cfg = cfg_with(
+        tmp_path, model={"name_or_path": str(tmp_path / "m"), "task": "chat"}, data={"path": "d.jsonl", "chat": chat}
+    )
+    off = with_packing(cfg, False)
+    assert off.data.chat.packing is False and cfg.data.chat.packing is True  # the original is untouched
+    assert (off.data.chat.template, off.data.chat.train_on) == ("tokenizer", "all")
+    assert with_packing(off, True).data.chat == cfg.data.chat
+
+
+def test_bench_train_packing_needs_a_chat_experiment(tmp_path):
+    result = runner.invoke(app, ["bench", "train", str(experiment(tmp_path, balanced_rows(4))), "--packing"])
+    assert result.exit_code == 2
+    message = result.stderr.replace("\n", " ")
+    assert "--packing" in message and "model.task: chat" in message and "'sequence-classification'" in message
