@@ -357,6 +357,23 @@ def bench_throughput(
     }
 
 
+def unpacked_train(cfg: ExperimentConfig, worker_data: dict[str, Any]) -> dict[str, list]:
+    """The chat experiment's training conversations one per row. The data step runs with the experiment as
+    configured, never with data.chat.packing flipped: the split's fingerprint (data.pipeline.split_fingerprint)
+    holds all of data.chat, so a flipped flag would build, or refuse, a data directory the experiment's own runs
+    then refuse. A packed split is tokenised again, unpacked, from the same training table."""
+    if not cfg.data.chat.packing:
+        return worker_data["data"]["train"]
+    from raytune_ft.data import load_split
+    from raytune_ft.model_source import load_tokenizer
+    from raytune_ft.train.batches import tokenize_splits
+
+    tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.revision, cfg.model.trust_remote_code)
+    tables = {"train": load_split(worker_data["data_dir"], "train")}
+    chat = with_packing(cfg, False).data.chat
+    return tokenize_splits(tables, tokenizer, "chat", cfg.data.max_length, cfg.data.block_size, chat, cfg.seed)["train"]
+
+
 def bench_packing(cfg: ExperimentConfig, steps: int, log: Callable[[str], None] = print) -> dict[str, Any]:
     """`bench train --packing`: the Ray Train + DeepSpeed loop (the training recipe with BenchFigures) on a chat
     experiment's training conversations, packed into data.block_size rows (data.chat.packing true) and one per row
@@ -378,10 +395,10 @@ def bench_packing(cfg: ExperimentConfig, steps: int, log: Callable[[str], None] 
     if steps < 2:
         raise ValueError("--steps must be at least 2: the first step is start-up, the rest are timed")
     log("preparing data")
-    # one tokenisation, packed here as tokenize_splits packs it: both modes train on the same conversations
-    worker_data = prepare_worker_data(with_packing(cfg, False))
-    train, val = worker_data["data"]["train"], worker_data["data"]["validation"]
+    worker_data = prepare_worker_data(cfg)
+    train, val = unpacked_train(cfg, worker_data), worker_data["data"]["validation"]
     block = cfg.data.block_size
+    # the same conversations in both modes, packed as tokenize_splits packs them with data.chat.packing
     splits = {
         "padded": train,
         "packed": packed_columns(train["input_ids"], train["labels"], block, cfg.seed),
