@@ -8,7 +8,7 @@ tune -> tune, serve -> serve, bench -> bench, cluster -> jobs.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
@@ -18,7 +18,8 @@ Task = Literal["sequence-classification", "causal-lm", "chat"]
 # Tasks trained by next-token prediction (an LM head): plain text in blocks, or conversations with answer-only loss.
 CAUSAL_TASKS = ("causal-lm", "chat")
 # The named chat templates (their Jinja lives in raytune_ft/data/chat_templates.py, which checks it has these).
-CHAT_TEMPLATES = ("chatml", "llama3", "zephyr")
+TemplateSetting = Literal["auto", "tokenizer", "chatml", "llama3", "zephyr"]
+CHAT_TEMPLATES = get_args(TemplateSetting)[2:]
 PositiveInt = Annotated[int, Field(gt=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
 Fraction = Annotated[float, Field(ge=0, lt=1)]
@@ -206,7 +207,7 @@ class SplitConfig(Section):
 class ChatConfig(Section):
     """How `chat` conversations are rendered, masked, cut to length and packed (raytune_ft/data/chat.py)."""
 
-    template: Literal["auto", "tokenizer", CHAT_TEMPLATES] = Field(  # type: ignore[valid-type]
+    template: TemplateSetting = Field(
         default="auto",
         description="The chat template: `auto` (the tokenizer's own, else `chatml`), `tokenizer` (the tokenizer's "
         "own, an error if it has none), or a named one: `chatml`, `llama3`, `zephyr`. The export's tokenizer is "

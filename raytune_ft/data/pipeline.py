@@ -23,8 +23,9 @@ from raytune_ft.data.store import (
     write_prepared,
 )
 
-# Fields that change tokenisation only; the splits (and so the test split) do not depend on them.
-TOKENIZATION_FIELDS = ("max_length", "block_size")
+# Fields that change tokenisation only; the splits (and so the test split) do not depend on them. data.chat renders,
+# masks, cuts and packs conversations after they are split.
+TOKENIZATION_FIELDS = ("max_length", "block_size", "chat")
 
 
 @dataclass

@@ -641,3 +641,16 @@ def test_chat_conversations_are_split_as_units_and_bad_rows_leave_the_built_spli
     assert "'moderator'" in message and "line 10" in message and "line 21" in message
     assert {p.name: sha(p) for p in built.data_dir.iterdir()} == before
     assert not list(built.data_dir.parent.glob("data.replaced-*"))
+
+
+def test_chat_rendering_settings_keep_the_split(make_config, tmp_path):
+    """data.chat (template, masking, length, packing) acts after the split: changing it reuses the test split."""
+    from raytune_ft.data.pipeline import split_fingerprint
+
+    source = write_chat(tmp_path / "chat.jsonl", chat_rows(10))
+    plain = make_config({"path": str(source)}, task="chat")
+    other = make_config(
+        {"path": str(source), "chat": {"template": "chatml", "packing": True, "length_policy": "drop"}}, task="chat"
+    )
+    assert other.data.chat.template == "chatml"
+    assert split_fingerprint(plain, "sha") == split_fingerprint(other, "sha")
