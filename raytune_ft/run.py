@@ -528,9 +528,10 @@ def summary(run: Run) -> dict[str, Any]:
         out["hyperparameters"] = _winner_config(run)
     tested = run.export / TEST_METRICS
     if tested.is_file():
-        out["test"] = {
-            k: v for k, v in json.loads(tested.read_text()).items() if k.startswith("test_") and "/" not in k
-        }
+        found = json.loads(tested.read_text())
+        out["test"] = {k: v for k, v in found.items() if k.startswith("test_") and "/" not in k}
+        for value, scores in (found.get("gen_slices") or {}).items():  # chat: answers per kind of conversation
+            out["test"][f"test_slice/{value}/gen_exact"] = scores.get("exact")
     evaluated = sorted((run.export / "eval").glob("*/eval.json")) if meta_path.is_file() else []
     if evaluated:
         out["eval"] = {p.parent.name: _eval_headline(json.loads(p.read_text())) for p in evaluated}

@@ -454,7 +454,7 @@ def _print_run_summary(summary: dict[str, Any]) -> None:
         table.add_row(key, _short(value))
     for part in ("validation", "test"):
         for key, value in (summary.get(part) or {}).items():
-            if key.endswith(("_accuracy", "_f1_macro", "_loss", "_perplexity")):
+            if key.endswith(("_accuracy", "_f1_macro", "_loss", "_perplexity", "gen_exact", "gen_token_f1")):
                 table.add_row(key, _short(value))
     promotion = summary.get("promotion")
     if promotion is not None:
