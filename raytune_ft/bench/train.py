@@ -56,6 +56,19 @@ def bench_rows(n: int, need: int, spread: bool) -> list[int]:
     return [i * n // need for i in range(need)] if spread else list(range(need))
 
 
+def run_header(cfg: ExperimentConfig, steps: int) -> dict[str, Any]:
+    """What every bench train result starts with: which experiment, model, method, stage, workers and batch."""
+    return {
+        "experiment": cfg.name,
+        "model": cfg.model.name_or_path,
+        "finetune": cfg.finetune.method,
+        "zero_stage": cfg.deepspeed.zero_stage,
+        "workers": cfg.scaling.num_workers,
+        "steps": steps,
+        "global_batch": global_batch(cfg),
+    }
+
+
 def bench_data(
     data: dict[str, dict[str, list]], cfg: ExperimentConfig, steps: int, spread: bool | None = None
 ) -> tuple[dict, int]:
@@ -337,13 +350,7 @@ def bench_throughput(
     ray_side["mfu"] = mfu(ray_metrics, cfg.scaling.num_workers, peak_tflops)
     noop_ttfs = noop["first_step_at"] - noop_started
     return {
-        "experiment": cfg.name,
-        "model": cfg.model.name_or_path,
-        "finetune": cfg.finetune.method,
-        "zero_stage": cfg.deepspeed.zero_stage,
-        "workers": cfg.scaling.num_workers,
-        "steps": steps,
-        "global_batch": global_batch(cfg),
+        **run_header(cfg, steps),
         "params": ray_metrics.get("n_params"),
         "trainable_params": ray_metrics.get("n_trainable"),
         "device": ray_metrics.get("device"),
@@ -432,13 +439,7 @@ def bench_packing(cfg: ExperimentConfig, steps: int, log: Callable[[str], None] 
                 "peak_rss_mb": metrics.get("peak_rss_mb"),
             }
     return {
-        "experiment": cfg.name,
-        "model": cfg.model.name_or_path,
-        "finetune": cfg.finetune.method,
-        "zero_stage": cfg.deepspeed.zero_stage,
-        "workers": cfg.scaling.num_workers,
-        "steps": steps,
-        "global_batch": global_batch(cfg),
+        **run_header(cfg, steps),
         "block_size": block,
         "device": metrics.get("device"),
         "precision": metrics.get("precision"),
