@@ -14,6 +14,14 @@ are computed together; a batch of one adapter needs no gather. Which adapter eac
 A classification adapter gets its own `ForSequenceClassification` shell built on the meta device (no weights
 allocated), whose backbone is the shared backbone module and whose head holds the adapter's saved head weights
 (peft's modules_to_save): the same model `load_exported_model` builds by merging, computed unmerged.
+
+`unload` of an adapter that a forward in progress uses (in any thread) is deferred until the last such forward
+ends: a hook on the backbone counts, per forward, the adapters its rows hold. A forward whose adapter was freed
+between its `select` and its start raises AdapterError.
+
+Two exports share a base when their recorded references are equal, or resolve to one directory, or to two
+directories with the same config.json (less settings that do not change the computation: architectures, dtype,
+labels, ...) and the same weights files (names, sizes, and bytes sampled at the start, middle and end of each).
 """
 
 from __future__ import annotations
@@ -153,6 +161,12 @@ def adapter_exports(paths: list[Path]) -> list[AdapterExport]:
             ident = f"{name}-{n}"
         taken.add(ident)
         exports.append(_check_export(export_dir, meta, ident))
+    check_bases(exports)
+    return exports
+
+
+def check_bases(exports: list[AdapterExport]) -> None:
+    """ExportError unless every export's base model is the first one's (see _base_difference)."""
     first = exports[0]
     for export in exports[1:]:
         why = _base_difference(export.base_model, first.base_model)
@@ -161,7 +175,6 @@ def adapter_exports(paths: list[Path]) -> list[AdapterExport]:
                 f"{export.path}: its base model is {export.base_model}, the deployment's base is "
                 f"{first.base_model} (from {first.path}); {why}"
             )
-    return exports
 
 
 def _expand(path: Path) -> list[Path]:
@@ -453,6 +466,7 @@ class AdapterHost:
         self.exports: dict[str, AdapterExport] = {e.id: e for e in exports}
         if len(self.exports) != len(exports):
             raise ExportError(f"adapter ids are not unique: {[e.id for e in exports]}; use adapter_exports")
+        check_bases(exports)
         self.device = torch.device(device)
         self.dtype = dtype
         self.base_model = exports[0].base_model

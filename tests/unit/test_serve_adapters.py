@@ -337,6 +337,9 @@ def test_an_adapter_of_another_base_is_refused_and_two_names_of_one_base_are_not
         f"{other}: its base model is {other_base}, the deployment's base is {family['base']} (from {family['alpha']})"
     )
     assert "hidden_size (48 vs 32)" in message
+    first, mismatched = adapter_exports([family["alpha"]])[0], adapter_exports([other])[0]
+    with pytest.raises(ExportError, match="its base model is"):
+        AdapterHost([first, mismatched])  # the host checks too
 
     # the same model under another name: a copy, and a link to it
     copy = tmp_path / "copy"
