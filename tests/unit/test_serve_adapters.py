@@ -271,6 +271,36 @@ def test_selection_is_per_thread(host, reference):
     assert host.selected() != ["alpha"] * 3  # the main thread's own selection is untouched by the others
 
 
+def test_the_generation_engine_answers_each_request_with_its_own_adapter(host, reference):
+    """host.select as the engine's rows_hook: requests of two adapters and of the base, generating in one batch,
+    each get the greedy answer of their own merged export."""
+    import asyncio
+
+    from raytune_ft.generation import greedy_answers
+    from raytune_ft.serve.engine import Finish, GenerationEngine, Sampling
+
+    tokenizer = host.tokenizer("alpha")
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    prompts = [list(tokenizer("hello there")["input_ids"]), list(tokenizer("a b")["input_ids"])]
+    requests = [(p, a) for p in prompts for a in ("alpha", "beta", None)]
+    engine = GenerationEngine(host.causal_lm, pad_id=pad, stop_ids=[eos], max_batch_size=8, rows_hook=host.select)
+
+    async def one(prompt: list[int], adapter: str | None) -> list[int]:
+        stream = engine.generate(prompt, Sampling(max_new_tokens=8), adapter=adapter)
+        return [t async for t in stream if not isinstance(t, Finish)]
+
+    async def every() -> list[list[int]]:
+        return list(await asyncio.gather(*(one(p, a) for p, a in requests)))
+
+    try:
+        got = asyncio.run(every())
+    finally:
+        engine.close()
+    want = [greedy_answers(reference[a], [p], max_new_tokens=8, stop=[eos], pad_id=pad)[0] for p, a in requests]
+    assert got == want
+    assert len({tuple(w) for w in want[:3]}) > 1  # the adapters answer differently
+
+
 def test_a_bert_classifier_adapter_matches_its_merged_export(tmp_path):
     base = make_bert_base(tmp_path / "bert")
     export = make_export(tmp_path / "sent", base, "sent", CLS, ("query", "value"), seed=5)
