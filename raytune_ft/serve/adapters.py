@@ -167,6 +167,8 @@ def adapter_exports(paths: list[Path]) -> list[AdapterExport]:
 
 def check_bases(exports: list[AdapterExport]) -> None:
     """ExportError unless every export's base model is the first one's (see _base_difference)."""
+    if not exports:
+        return
     first = exports[0]
     for export in exports[1:]:
         why = _base_difference(export.base_model, first.base_model)
@@ -270,9 +272,7 @@ def _lora_defaults() -> dict[str, Any]:
 def _check_lora_config(export_dir: Path, config: dict[str, Any], task: str) -> None:
     problem = _lora_config_problem(config, task)
     if problem:
-        raise ExportError(
-            f"{export_dir}: {problem}; this adapter cannot share a base model with others, serve it alone"
-        )
+        raise ExportError(f"{export_dir}: {problem}; serve it alone (merged: finetune.lora.export: merged)")
 
 
 def _lora_config_problem(config: dict[str, Any], task: str) -> str | None:
