@@ -426,9 +426,24 @@ def bench_serve(
     address: Annotated[str | None, typer.Option("--address", help="Ray cluster of the server.")] = None,
     json_path: Annotated[Path | None, typer.Option("--json", help="Write the figures to this JSON file.")] = None,
     plot_path: Annotated[Path | None, typer.Option("--plot", help="Latency-vs-throughput plot (PNG).")] = None,
+    max_tokens: Annotated[
+        int, typer.Option("--max-tokens", min=1, help="Generation server: max_tokens of each streamed request.")
+    ] = 64,
+    adapters: Annotated[
+        str | None,
+        typer.Option(
+            "--adapters",
+            help="Generation server: LoRA adapter ids to time cold and warm (default: every adapter /v1/models lists).",
+        ),
+    ] = None,
+    adapter_requests: Annotated[
+        int, typer.Option("--adapter-requests", min=1, help="Warm requests per adapter after its first.")
+    ] = 10,
 ) -> None:
     """Load-test a served model over HTTP: closed loop per concurrency, open loop per rate; p50/p90/p99/max,
-    requests/s and errors per level, the in-process floor, serving overhead and batching gain."""
+    requests/s and errors per level, the in-process floor, serving overhead and batching gain. A causal-LM or chat
+    server is measured streaming (closed loop): time to first token, inter-token latency, output tokens/s, the
+    in-process engine's floor, and each LoRA adapter's cold and warm latency."""
 
     from raytune_ft.bench.serve import BenchServeError, plot
 
@@ -441,25 +456,54 @@ def bench_serve(
         fail("--concurrency levels must be >= 1 and --rates > 0, at least one level in all", EXIT_CONFIG)
     texts, key = request_texts(texts_file), api_key_from(api_key_env)
     from raytune_ft.bench.serve import bench_serve as run_bench
+    from raytune_ft.bench.serve import model_info
+    from raytune_ft.config.schema import CAUSAL_TASKS
 
     log = lambda m: err.print(m, highlight=False)  # noqa: E731
     try:
-        result = run_bench(
-            url,
-            concurrency=levels,
-            rates=rate_list,
-            requests=requests,
-            warmup=warmup,
-            api_key=key,
-            texts=texts,
-            model=model,
-            baseline_noop=baseline_noop,
-            address=address,
-            log=log,
-        )
+        info = model_info(url, key)
+        if info.get("task") in CAUSAL_TASKS:  # a generation server: streamed, closed loop (bench/generation.py)
+            from raytune_ft.bench.generation import bench_generation
+
+            if not levels:
+                fail("a generation server is measured in closed loop: pass --concurrency levels", EXIT_CONFIG)
+            result = bench_generation(
+                url,
+                info,
+                concurrency=levels,
+                requests=requests,
+                warmup=warmup,
+                api_key=key,
+                texts=texts,
+                model=model,
+                max_tokens=max_tokens,
+                adapters=[a.strip() for a in adapters.split(",") if a.strip()] if adapters else None,
+                adapter_requests=adapter_requests,
+                rates=rate_list,
+                baseline_noop=baseline_noop,
+                address=address,
+                log=log,
+            )
+        else:
+            result = run_bench(
+                url,
+                concurrency=levels,
+                rates=rate_list,
+                requests=requests,
+                warmup=warmup,
+                api_key=key,
+                texts=texts,
+                model=model,
+                baseline_noop=baseline_noop,
+                address=address,
+                log=log,
+            )
     except BenchServeError as exc:
         fail(str(exc), EXIT_RUNTIME)
-    _print_serve(result)
+    if result.get("benchmark") == "generation":
+        _print_generation(result)
+    else:
+        _print_serve(result)
     if plot_path is not None:
         log(f"plot: {plot(result, plot_path)}")
     write_json(json_path, result)
@@ -586,3 +630,42 @@ def _print_serve(r: dict[str, Any]) -> None:
             f"of which {num(r.get('app_overhead_ms'))} ms beyond the forward pass",
             highlight=False,
         )
+
+
+def _print_generation(r: dict[str, Any]) -> None:
+    table = Table(title=f"{r['endpoint']} ({r['model']}, streamed, max_tokens {r['max_tokens']})", title_justify="left")
+    columns = ("level", "req/s", "out tok/s", "TTFT p50", "TTFT p99", "ITL p50", "ITL p99", "e2e p50", "e2e p99")
+    for col in (*columns, "tokens/req", "errors"):
+        table.add_column(col, justify="left" if col == "level" else "right")
+    keys = ("ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms", "e2e_p50_ms", "e2e_p99_ms")
+    for lv in r["levels"]:
+        row = [num(lv["rps"], 2), num(lv["output_tokens_per_s"], 1), *(num(lv[k], 1) for k in keys)]
+        table.add_row(f"c={lv['concurrency']}", *row, num(lv["mean_output_tokens"], 1), str(lv["errors"]))
+    out.print(table)
+    out.print("latencies in ms; ITL: gaps between streamed text events, pooled over requests", highlight=False)
+    for lv in r["levels"]:
+        if lv["error_kinds"]:
+            kinds = ", ".join(f"{kind} x{n}" for kind, n in lv["error_kinds"].items())
+            out.print(f"c={lv['concurrency']} errors: {kinds}", highlight=False)
+    if r.get("floor"):
+        f = r["floor"]
+        out.print(
+            f"in-process floor (GenerationEngine, {f['threads']} thread(s)): TTFT p50 {num(f['ttft_p50_ms'])} ms, "
+            f"{num(f['output_tokens_per_s_c1'])} tokens/s at c=1, {num(f['output_tokens_per_s_top'])} at "
+            f"c={f['top_concurrency']}; serving adds {num(r['ttft_over_floor_ms'])} ms to TTFT at c=1",
+            highlight=False,
+        )
+    if r.get("batching_gain") is not None:
+        out.print(f"batching gain (output tokens/s at the highest concurrency / at c=1): {r['batching_gain']:.2f}x")
+    if r.get("noop_p50_ms") is not None:
+        out.print(f"no-op Ray Serve app p50 {r['noop_p50_ms']:.1f} ms", highlight=False)
+    if r.get("adapters"):
+        table = Table(title="LoRA adapters (serve_multiplexed_model_id)", title_justify="left")
+        for col in ("adapter", "task", "loaded before", "cold ms", "warm p50 ms", "cold - warm ms", "errors"):
+            table.add_column(col, justify="left" if col in ("adapter", "task") else "right")
+        for a in r["adapters"]:
+            loaded = "?" if a["loaded_before"] is None else "yes" if a["loaded_before"] else "no"
+            errors = ", ".join(f"{kind} x{n}" for kind, n in a["error_kinds"].items()) or "0"
+            cells = (num(a["cold_ms"]), num(a["warm_p50_ms"]), num(a["cold_over_warm_ms"]))
+            table.add_row(a["id"], str(a["task"]), loaded, *cells, errors)
+        out.print(table)
