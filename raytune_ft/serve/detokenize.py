@@ -6,6 +6,9 @@ Two things make the text of a prefix of the ids unsafe to send yet:
     decoding gives U+FFFD for it, which must not reach the client;
   * a stop string spelt by several tokens: its first pieces must be held back until it is clear whether the stop
     string follows (then nothing of it is sent) or not (then the held text is sent).
+It assumes the text of a prefix of the ids, up to such a held tail, does not change when more ids come: true of
+byte-level BPE and SentencePiece decoding. Not of the WordPiece "tokenization spaces" cleanup (" ." becoming ".");
+transformers 5 ignores that setting for BPE tokenizers, the generative ones.
 """
 
 from __future__ import annotations

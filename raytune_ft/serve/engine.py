@@ -292,13 +292,15 @@ class GenerationEngine:
         if max_context < 2:
             raise ValueError(f"max_context must be at least 2, got {max_context}")
         self.model = model.eval()
-        self.pad_id = int(pad_id)
+        # pad ids only fill masked columns: any id will do for a tokenizer without a pad token
+        self.pad_id = int(pad_id) if pad_id is not None else 0
         self.stop_ids = [int(s) for s in stop_ids]
         self.max_batch_size = max_batch_size
         self.max_context = int(max_context)
         self.rows_hook = rows_hook
         self.device = next(model.parameters()).device
         self._logits_to_keep = _accepts_logits_to_keep(model)
+        self._vocab_size = model.get_input_embeddings().num_embeddings
 
         self._cond = threading.Condition()
         self._waiting: collections.deque[_Request] = collections.deque()
@@ -328,6 +330,9 @@ class GenerationEngine:
                 f"the prompt has {len(prompt_ids)} tokens; the context holds {self.max_context}, "
                 f"so a prompt may have at most {self.max_context - 1} to leave room for an answer"
             )
+        if min(prompt_ids) < 0 or max(prompt_ids) >= self._vocab_size:
+            # caught here, an id the embedding does not have cannot fail the other prompts of its prefill
+            raise ValueError(f"the prompt holds token ids outside the model's vocabulary (0 to {self._vocab_size - 1})")
         if sampling.temperature < 0 or not 0 < sampling.top_p <= 1:
             raise ValueError(f"temperature must be >= 0 and top_p in (0, 1], got {sampling}")
         request = _Request(
@@ -375,9 +380,9 @@ class GenerationEngine:
             self._waiting.append(request)
             self._cond.notify()
 
-    def _count(self, key: str) -> None:
+    def _count(self, key: str, n: int = 1) -> None:
         with self._cond:
-            self._stats[key] += 1
+            self._stats[key] += n
 
     def stats(self) -> dict[str, int]:
         with self._cond:
@@ -417,33 +422,33 @@ class GenerationEngine:
         while self._waiting and len(taken) < room:
             request = self._waiting.popleft()
             if request.cancelled:
-                self._stats["cancelled"] += 1
+                self._stats["cancelled"] += 1  # the lock is held
             else:
                 taken.append(request)
         return taken
 
     def _step(self, newcomers: list[_Request]) -> None:
         """One step: prefill the newcomers, change the batch (joiners in, finished and cancelled rows out), then one
-        decode step for every running row."""
+        decode step for every running row. A failure fails the requests it touched and leaves the engine serving."""
+        joiners: list[_Request] = []
         joining = None
         if newcomers:
             try:
-                joining = self._prefill(newcomers)
+                joiners, joining = self._prefill(newcomers)
             except Exception as error:  # the running rows' cache is untouched: only the newcomers fail
                 self._fail(newcomers, error)
-                newcomers = []
-        self._change_batch(newcomers, joining)
-        if not self._rows:
-            return
         try:
-            self._decode()
+            self._change_batch(joiners, joining)
+            if self._rows:
+                self._decode()
         except Exception as error:  # some layers may hold the new column, others not: start the batch afresh
-            self._fail(self._rows, error)
-            self._rows, self._cache, self._mask = [], None, None
+            self._fail(self._rows + joiners, error)
+            with self._cond:
+                self._rows, self._cache, self._mask = [], None, None
 
-    def _prefill(self, newcomers: list[_Request]) -> tuple[DynamicCache, torch.Tensor] | None:
-        """One forward over the newcomers' prompts, left padded, giving each its first token; the cache and mask of
-        those still going after it (None if none is)."""
+    def _prefill(self, newcomers: list[_Request]) -> tuple[list[_Request], tuple[DynamicCache, torch.Tensor] | None]:
+        """One forward over the newcomers' prompts, left padded, giving each its first token. Returns the newcomers
+        still going after it, with their rows of the prefill's cache and mask (None when none is)."""
         width = max(len(r.prompt) for r in newcomers)
         ids = torch.full((len(newcomers), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(newcomers), width), dtype=torch.long)
@@ -456,26 +461,34 @@ class GenerationEngine:
         logits = self._forward(newcomers, ids, mask, positions, cache)
         self._stats["prefills"] += 1
         for request, token in zip(newcomers, _choose(logits, newcomers), strict=True):
-            request.take(token)
+            if request.active:
+                request.take(token)
+        # `active` can change under us (a consumer going away): read it once
         going = [row for row, r in enumerate(newcomers) if r.active]
+        self._count_cancelled([r for row, r in enumerate(newcomers) if row not in going])
+        joiners = [newcomers[row] for row in going]
         if not going:
-            return None
+            return [], None
         if len(going) < len(newcomers):
-            return _rebuild(cache, mask, going, None)
-        return cache, mask
+            return joiners, _rebuild(cache, mask, going, None)
+        return joiners, (cache, mask)
 
-    def _change_batch(self, newcomers: list[_Request], joining: tuple[DynamicCache, torch.Tensor] | None) -> None:
-        """Drop the rows that finished or were cancelled, and add the newcomers still going; copies the cache only
-        when the batch changes."""
-        keep = [row for row, request in enumerate(self._rows) if request.active]
-        joiners = [request for request in newcomers if request.active]
-        leaving = [r for r in self._rows if not r.active] + [r for r in newcomers if not r.active]
-        self._stats["cancelled"] += sum(not r.done for r in leaving)  # the rest finished or failed: counted then
+    def _change_batch(self, joiners: list[_Request], joining: tuple[DynamicCache, torch.Tensor] | None) -> None:
+        """Drop the rows that finished or were cancelled, and add the JOINERS (the rows of JOINING); copies the
+        cache only when the batch changes."""
+        keep = [row for row, request in enumerate(self._rows) if request.active]  # read once, as above
+        self._count_cancelled([r for row, r in enumerate(self._rows) if row not in keep])
         if len(keep) == len(self._rows) and not joiners:
             return
-        self._cache, self._mask = _rebuild(self._cache, self._mask, keep, joining if joiners else None)
+        cache, mask = _rebuild(self._cache, self._mask, keep, joining)
         with self._cond:  # stats() reads the rows from other threads
-            self._rows = [self._rows[row] for row in keep] + joiners
+            self._rows, self._cache, self._mask = [self._rows[row] for row in keep] + joiners, cache, mask
+
+    def _count_cancelled(self, leaving: list[_Request]) -> None:
+        # the others left finished or failed: counted then
+        cancelled = sum(not r.done for r in leaving)
+        if cancelled:
+            self._count("cancelled", cancelled)
 
     def _decode(self) -> None:
         """One token for every running row: its newest token in, at its own position, over the whole cache."""
@@ -516,9 +529,9 @@ class GenerationEngine:
 
     def _fail(self, requests: list[_Request], error: Exception) -> None:
         log.exception("generation step failed for %d request(s)", len(requests), exc_info=error)
-        failure = GenerationFailed(f"generation failed: {type(error).__name__}: {error}")
+        message = f"generation failed: {type(error).__name__}: {error}"
         for request in requests:
-            request.fail(failure)
+            request.fail(GenerationFailed(message))  # one each: every consumer raises its own
 
     def _stop_all(self) -> None:
         """After close(): everything still in flight or waiting fails."""
@@ -526,9 +539,8 @@ class GenerationEngine:
             pending = [r for r in self._rows if not r.done] + list(self._waiting)
             self._waiting.clear()
             self._rows, self._cache, self._mask = [], None, None
-        stopped = GenerationFailed("the engine stopped")
         for request in pending:
-            request.fail(stopped)
+            request.fail(GenerationFailed("the engine stopped"))
 
 
 def _check_full_attention(config: Any) -> None:

@@ -181,7 +181,7 @@ def test_a_full_context_ends_the_answer_and_invalid_requests_raise_before_queuei
         assert engine.max_context == len(prompt) + 3
         tokens, finish = asyncio.run(collect(engine.generate(prompt, Sampling(50))))
         assert tokens == reference(llama, [prompt], 3, [PAD])[0] and finish == Finish("length", len(prompt), 3)
-        for bad_prompt, max_new in [([], 5), (prompt[:3], 0), (prompt + [1, 2, 3], 5)]:
+        for bad_prompt, max_new in [([], 5), (prompt[:3], 0), (prompt + [1, 2, 3], 5), ([1, 259], 5), ([-1], 5)]:
             with pytest.raises(ValueError):
                 engine.generate(bad_prompt, Sampling(max_new))  # raised at the call, not at iteration
         assert engine.stats()["prefills"] == 1 and engine.stats()["waiting"] == 0
