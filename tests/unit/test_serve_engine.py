@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import torch
 from tiny_models import chat_tokenizer, llama_config
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaForCausalLM
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from raytune_ft.generation import greedy_answers
 from raytune_ft.serve.detokenize import TextStream
@@ -188,6 +188,26 @@ def test_a_full_context_ends_the_answer_and_invalid_requests_raise_before_queuei
     finally:
         engine.close()
     assert engine_for(llama).max_context == 256  # the model's max_position_embeddings
+
+
+def test_an_idle_engine_sleeps_and_models_with_sliding_window_layers_are_refused(llama, prompts, tokenizer):
+    engine = engine_for(llama)
+    try:
+        generate_all(engine, prompts[:2], Sampling(5))
+        before = engine.stats()
+        time.sleep(0.05)
+        assert engine.stats() == before and before["running"] == 0  # no steps while nothing is in flight
+    finally:
+        engine.close()
+    sliding = Qwen2Config(
+        vocab_size=len(tokenizer),
+        **{"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64},
+        use_sliding_window=True,
+        sliding_window=16,
+        max_window_layers=1,
+    )
+    with pytest.raises(ValueError, match="full attention"):
+        engine_for(Qwen2ForCausalLM(sliding))
 
 
 # --- sampling
