@@ -330,9 +330,20 @@ def report(
 @app.command()
 def serve(
     target: Annotated[
-        str, typer.Argument(help="Run directory or export to serve; `stop` deletes a detached app.", show_default=False)
+        str,
+        typer.Argument(
+            help="Export or run directory to serve (several LoRA exports, or a folder of them: adapters of one "
+            "base); `stop` deletes a detached app.",
+            show_default=False,
+        ),
     ],
-    overrides: OverridesArg = None,
+    more: Annotated[
+        list[str] | None,
+        typer.Argument(
+            help="More exports (served as adapters of one base with TARGET), then KEY=VALUE overrides of `serve`.",
+            show_default=False,
+        ),
+    ] = None,
     detach: Annotated[
         bool, typer.Option("--detach", help="Leave the app running on a local Ray head (started if none) and exit.")
     ] = False,
@@ -345,9 +356,19 @@ def serve(
         ),
     ] = None,
 ) -> None:
-    """Deploy an exported model behind HTTP with Ray Serve (settings: the export's `serve` section + overrides)."""
-    from raytune_ft.serve.deploy import ServeError, deploy, serve_until_interrupted, start_detached, stop
-    from raytune_ft.serve.model import ExportError, find_export
+    """Deploy exported models behind HTTP with Ray Serve (settings: the first export's `serve` section + overrides).
+
+    One export is served as it is. Several LoRA exports of one base model (or a folder of them) are served by one
+    deployment holding the base once, the request's `model` naming the adapter."""
+    from raytune_ft.serve.deploy import (
+        ServeError,
+        deploy,
+        serve_until_interrupted,
+        serving_config,
+        start_detached,
+        stop,
+    )
+    from raytune_ft.serve.model import ExportError
 
     log = lambda m: err.print(m, highlight=False)  # noqa: E731
     if target == "stop":
@@ -357,40 +378,35 @@ def serve(
         except ServeError as exc:
             fail(str(exc), EXIT_RUNTIME)
         return
+    # a path that exists is an export; anything else with "=" is an override
+    exports = [Path(target), *(Path(a) for a in more or [] if Path(a).exists() or "=" not in a)]
+    overrides = [a for a in more or [] if not Path(a).exists() and "=" in a]
+    extra = [*overrides, *([f"cluster.address={address}"] if address else [])]
     try:
-        export = find_export(Path(target))
+        cfg = serving_config(exports, extra)
     except ExportError as exc:
         fail(str(exc), EXIT_CONFIG)
-    extra = [*(overrides or []), *([f"cluster.address={address}"] if address else [])]
-    cfg = _export_config(export, extra)
+    except ConfigError as exc:
+        config_errors(exc, f"the settings of {exports[0]}")
+    export: Path | list[Path] = exports[0] if len(exports) == 1 else exports
     from raytune_ft.train.ray_cluster import ClusterError
 
     try:
         url = start_detached(export, cfg, extra, log=log) if detach else deploy(export, cfg, log)
-    except ServeError as exc:
+    except (ServeError, ExportError) as exc:
         fail(str(exc), EXIT_CONFIG)
     except ClusterError as exc:
         fail(str(exc), EXIT_RUNTIME)
     out.print(url, highlight=False)
+    shown = ", ".join(str(p) for p in exports)
     if cfg.cluster.address is not None:
-        log(f"serving {export} at {url} on {cfg.cluster.address}; `raytune-ft serve stop --address ADDR` deletes it")
+        log(f"serving {shown} at {url} on {cfg.cluster.address}; `raytune-ft serve stop --address ADDR` deletes it")
         return
     if detach:
-        log(f"serving {export} at {url}; `raytune-ft serve stop` stops it")
+        log(f"serving {shown} at {url}; `raytune-ft serve stop` stops it")
         return
-    log(f"serving {export} at {url} (Ctrl-C stops)")
+    log(f"serving {shown} at {url} (Ctrl-C stops)")
     serve_until_interrupted(cfg.serve.port, log)
-
-
-def _export_config(export: Path, overrides: list[str]) -> ExperimentConfig:
-    """The experiment an export was trained with (its raytune_ft.json), with command-line overrides."""
-    from raytune_ft.export import METADATA
-    from raytune_ft.serve.model import export_config
-
-    try:
-        return export_config(export, overrides)
-    except ConfigError as exc:
-        config_errors(exc, export / METADATA)
 
 
 @app.command()

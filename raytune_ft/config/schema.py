@@ -725,7 +725,16 @@ class RequestLimits(Section):
         default=10_000, description="Characters per text (classification) or prompt (completions)."
     )
     max_tokens: PositiveInt = Field(
-        default=256, description="The largest `max_tokens` a completion request may ask for."
+        default=256,
+        description="The largest `max_tokens` (or `max_completion_tokens`) a completion or chat completion request "
+        "may ask for.",
+    )
+    max_messages: PositiveInt = Field(default=64, description="Messages per chat completion request.")
+    max_prompt_tokens: PositiveInt = Field(
+        default=2048,
+        description="Prompt tokens per generation request, counted after the chat template is applied; a longer "
+        "prompt (or one that leaves no room for `max_tokens` in the model's context) gets 400 "
+        "`context_length_exceeded`.",
     )
 
 
@@ -747,7 +756,16 @@ class ServeConfig(Section):
         "fp16), `bf16`, `fp16`, `fp32`. A replica on CPU runs fp32. `GET /v1/models` shows each replica's `device` "
         "and `dtype`.",
     )
-    max_batch_size: PositiveInt = Field(default=16, description="Dynamic batching: texts per forward pass at most.")
+    max_batch_size: PositiveInt = Field(
+        default=16,
+        description="Dynamic batching: texts per classification forward pass, and sequences generated together "
+        "(continuous batching of causal-LM and chat requests), at most.",
+    )
+    max_adapters_per_replica: PositiveInt = Field(
+        default=4,
+        description="Serving several LoRA exports on one base (`raytune-ft serve EXPORT EXPORT...`): adapters a "
+        "replica keeps loaded; the least recently used is unloaded to make room (Ray Serve model multiplexing).",
+    )
     batch_wait_timeout_s: Annotated[float, Field(ge=0)] = Field(
         default=0.0,
         description="Dynamic batching: how long a batch waits for more texts once its first has entered. Texts "

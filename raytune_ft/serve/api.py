@@ -34,16 +34,27 @@ from raytune_ft.config.schema import RequestLimits
 logger = logging.getLogger("ray.serve")  # into the replica's log, where Serve's own lines go
 
 CLASSIFY, COMPLETIONS, MODELS, HEALTH = "/v1/classify", "/v1/completions", "/v1/models", "/healthz"
+CHAT = "/v1/chat/completions"
 DOCS_ROUTES = {"/docs", "/docs/oauth2-redirect", "/openapi.json"}
-JSON_ROUTES = {CLASSIFY, COMPLETIONS}
+JSON_ROUTES = {CLASSIFY, COMPLETIONS, CHAT}
+# Ray Serve's model multiplexing header: routes a request to a replica that has the adapter loaded
+MODEL_HEADER = "serve_multiplexed_model_id"
 BATCH_SIZE_HEADER = "x-batch-size"  # the size of the server-side batch that served a classify request
 REPLICA_HEADER = "x-replica"  # the Serve replica that answered: load spread and autoscaling seen from outside
 SERVER_TIMING = "server-timing"  # W3C Server-Timing: where a request's time in the replica went
-GREEDY_BELOW = 1e-5  # a completion temperature under this is 0: greedy
 
 
 def error_body(status: int, message: str, kind: str, param: str | None = None) -> dict[str, Any]:
     return {"error": {"message": message, "type": kind, "param": param, "code": status}}
+
+
+class ApiError(Exception):
+    """A request the routes refuse after validation (unknown model, prompt too long...): answered as its JSON
+    error body."""
+
+    def __init__(self, status: int, message: str, kind: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.kind, self.param = status, message, kind, param
 
 
 def _not_blank(text: str) -> str:
@@ -52,12 +63,13 @@ def _not_blank(text: str) -> str:
     return text
 
 
-def request_models(
+def classify_model(
     limits: RequestLimits, tasks: tuple[str, ...] = (), task_required: bool = False
-) -> tuple[type[BaseModel], type[BaseModel]]:
-    """The request schemas, with this deployment's limits in them (so the OpenAPI schema shows them too). TASKS:
-    the classification tasks of a multi-task export, which a classify request may name (default: its own; a
-    causal-LM export's classification tasks must be named: TASK_REQUIRED)."""
+) -> type[BaseModel]:
+    """The classify request schema, with this deployment's limits in it (so the OpenAPI schema shows them too).
+    TASKS: the classification tasks of a multi-task export, which a classify request may name (default: its own; a
+    causal-LM export's classification tasks must be named: TASK_REQUIRED). `model`: the adapter, when one
+    deployment serves several (generation's schemas: serve/generate.py)."""
     # not blank: checked by _not_blank (its own message), shown to schema readers as a pattern
     not_blank = Field(json_schema_extra={"pattern": r"\S"})
     Text = Annotated[
@@ -66,6 +78,7 @@ def request_models(
 
     class ClassifyRequest(BaseModel):
         model_config = ConfigDict(extra="forbid")
+        model: str | None = None
         text: Text | Annotated[list[Text], Field(min_length=1, max_length=limits.max_items)]
 
     if tasks and task_required:
@@ -78,18 +91,7 @@ def request_models(
         class ClassifyRequest(ClassifyRequest):  # type: ignore[no-redef]
             task: Literal[tasks] | None = None  # type: ignore[valid-type]
 
-    class CompletionRequest(BaseModel):
-        # OpenAI clients send more fields than are used here (user, n=1, logprobs=null...): ignored, not refused
-        model_config = ConfigDict(extra="ignore")
-        model: str | None = None
-        prompt: Text
-        max_tokens: Annotated[int, Field(ge=1, le=limits.max_tokens)] = min(16, limits.max_tokens)
-        temperature: Annotated[float, Field(ge=0.0, le=2.0), AfterValidator(_greedy_near_zero)] = 1.0
-        top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
-        seed: Annotated[int, Field(ge=-(2**63), le=2**64 - 1)] | None = None  # what torch.manual_seed takes
-        stream: Annotated[bool, AfterValidator(_no_streaming), Field(json_schema_extra={"const": False})] = False
-
-    return ClassifyRequest, CompletionRequest
+    return ClassifyRequest
 
 
 # The answers, for the OpenAPI schema only: the routes return plain dicts (no response validation per request)
@@ -122,6 +124,29 @@ class CompletionResponse(BaseModel):
     created: int
     model: str
     choices: list[Choice]
+    usage: Usage
+
+
+class ChatMessageOut(BaseModel):
+    role: Literal["assistant"]
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatMessageOut
+    logprobs: None
+    finish_reason: Literal["stop", "length"]
+
+
+class ChatCompletionResponse(BaseModel):
+    """With `stream: true`: server-sent events of `chat.completion.chunk` objects, then `data: [DONE]`."""
+
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[ChatChoice]
     usage: Usage
 
 
@@ -162,7 +187,8 @@ class ErrorResponse(BaseModel):
 
 
 _ERRORS = {
-    400: "the body is not JSON, or not UTF-8",
+    400: "the body is not JSON, or not UTF-8; a prompt over the context (context_length_exceeded); no model named",
+    404: "no such model (an adapter this deployment does not serve)",
     401: "missing or wrong API key (serve.api_key_env)",
     413: "the body is over serve.limits.max_body_bytes",
     415: "not Content-Type: application/json",
@@ -175,18 +201,6 @@ _ERRORS = {
 def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
     """The `responses` of a route answering CODES, each with the error body (documented in its OpenAPI schema)."""
     return {code: {"model": ErrorResponse, "description": _ERRORS[code]} for code in codes}
-
-
-def _greedy_near_zero(temperature: float) -> float:
-    # as vLLM does: sampling at a temperature this small is greedy decoding, and at 1e-300 the logits divided by
-    # it overflow to inf (a NaN distribution, which generate() refuses with an error)
-    return 0.0 if temperature < GREEDY_BELOW else temperature
-
-
-def _no_streaming(stream: bool) -> bool:
-    if stream:
-        raise ValueError("streaming is not supported; send stream: false")
-    return stream
 
 
 class Admission:
@@ -330,6 +344,10 @@ def build_api(
             {"loc": [str(p) for p in e.get("loc", ())], "msg": e.get("msg"), "type": e.get("type")} for e in errors
         ]
         return JSONResponse(body, status_code=422)
+
+    @api.exception_handler(ApiError)
+    async def refused(request: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse(error_body(exc.status, exc.message, exc.kind, exc.param), status_code=exc.status)
 
     @api.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:

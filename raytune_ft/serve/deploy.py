@@ -52,15 +52,28 @@ def api_key_in(name: str | None, asked_by: str) -> str | None:
 
 def app_from_args(args: dict[str, Any]) -> Any:
     """Ray Serve application builder, for `serve run` / `serve deploy` / KubeRay's RayService (`import_path:
-    raytune_ft.serve.deploy:app_from_args`): args `export` (an export or a run directory holding one) and
-    optionally `overrides` (["serve.KEY=VALUE", ...]), validated like `raytune-ft serve`'s."""
-    from raytune_ft.serve.model import export_config, find_export
-
+    raytune_ft.serve.deploy:app_from_args`): args `export` (an export or a run directory holding one; or a list of
+    LoRA exports, or folders of them, served as adapters of one base) and optionally `overrides`
+    (["serve.KEY=VALUE", ...]), validated like `raytune-ft serve`'s."""
     if "export" not in args:
         raise ServeError("app_from_args needs args.export: the export directory (or a run directory holding one)")
-    export = find_export(Path(args["export"]))
-    cfg = export_config(export, args.get("overrides") or [])
-    return build_app(export, cfg.serve, api_key_of(cfg))
+    exports = [Path(p) for p in (args["export"] if isinstance(args["export"], list) else [args["export"]])]
+    cfg = serving_config(exports, args.get("overrides") or [])
+    return build_app(exports, cfg.serve, api_key_of(cfg))
+
+
+def serving_config(exports: list[Path], overrides: list[str]) -> ExperimentConfig:
+    """The settings of a deployment of EXPORTS: the first export's experiment (several adapters: the first of them,
+    in the order given, folders expanded), with OVERRIDES; ConfigError when they do not validate."""
+    from raytune_ft.serve.model import ExportError, export_config, find_export
+
+    try:
+        first = find_export(exports[0])
+    except ExportError:
+        from raytune_ft.serve.adapters import adapter_exports
+
+        first = adapter_exports(exports)[0].path
+    return export_config(first, overrides)
 
 
 def url_of(cfg: ExperimentConfig) -> str:
@@ -89,8 +102,9 @@ def local_servers() -> list[dict[str, Any]]:
     return servers
 
 
-def deploy(export: Path, cfg: ExperimentConfig, log: Callable[[str], None] = print) -> str:
-    """Deploy EXPORT on the configured cluster, or on an embedded Ray; the URL once every replica is healthy."""
+def deploy(export: Path | list[Path], cfg: ExperimentConfig, log: Callable[[str], None] = print) -> str:
+    """Deploy EXPORT (one export, or several LoRA exports of one base: build_app) on the configured cluster, or on
+    an embedded Ray; the URL once every replica is healthy."""
     import ray
     from ray import serve
 
@@ -119,7 +133,7 @@ def deploy(export: Path, cfg: ExperimentConfig, log: Callable[[str], None] = pri
             "ray_address": ray.get_runtime_context().gcs_address,
             # a new local Ray turns token authentication on; a driver joining by address must ask for it
             "ray_auth_mode": os.environ.get("RAY_AUTH_MODE"),
-            "export": str(export),
+            "export": [str(p) for p in export] if isinstance(export, list) else str(export),
         }
         state_file(cfg.serve.port).write_text(json.dumps(state))
     return url
@@ -212,15 +226,20 @@ def serve_until_interrupted(port: int, log: Callable[[str], None]) -> None:
 
 
 def start_detached(
-    export: Path, cfg: ExperimentConfig, overrides: list[str], timeout_s: float = 600.0, log: Callable = print
+    export: Path | list[Path],
+    cfg: ExperimentConfig,
+    overrides: list[str],
+    timeout_s: float = 600.0,
+    log: Callable = print,
 ) -> str:
-    """Run `raytune-ft serve EXPORT` in the background and wait until it answers /healthz."""
+    """Run `raytune-ft serve EXPORT...` in the background and wait until it answers /healthz."""
     if cfg.cluster.address is not None:
         return deploy(export, cfg, log)  # a cluster keeps the app; nothing local has to stay up
     api_key_of(cfg)  # fail here, not in the background process
     state_dir().mkdir(parents=True, exist_ok=True)
     log_path = state_dir() / f"serve-{cfg.serve.port}.log"
-    cmd = [sys.executable, "-m", "raytune_ft.cli", "serve", str(export), *overrides]
+    paths = export if isinstance(export, list) else [export]
+    cmd = [sys.executable, "-m", "raytune_ft.cli", "serve", *(str(p) for p in paths), *overrides]
     with open(log_path, "w") as log_file:
         process = subprocess.Popen(
             cmd, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True

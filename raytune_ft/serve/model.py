@@ -16,6 +16,7 @@ import torch
 from raytune_ft.config.schema import CAUSAL_TASKS
 from raytune_ft.errors import RaytuneFtError
 from raytune_ft.export import METADATA
+from raytune_ft.generation import stop_ids
 from raytune_ft.layout import TEST_METRICS
 
 
@@ -187,7 +188,10 @@ class LoadedModel:
     def complete(
         self, prompt: str, max_tokens: int, temperature: float, top_p: float, seed: int | None
     ) -> dict[str, Any]:
-        """One completion: greedy at temperature 0, sampled otherwise (seeded when SEED is given)."""
+        """One completion, in one `generate` call: greedy at temperature 0, sampled otherwise (seeded when SEED is
+        given); it ends where a served answer ends (serving_stop_ids). The in-process reference
+        that served answers are checked against."""
+        stops = serving_stop_ids(self.tokenizer, self.model)
         encoded = self.tokenizer(prompt, return_tensors="pt", truncation=True, max_length=self.max_length)
         encoded = encoded.to(self.device)
         generator_seed = seed if seed is not None else int(time.time_ns() % (2**31))
@@ -201,10 +205,12 @@ class LoadedModel:
             temperature=temperature if sample else None,
             top_p=top_p if sample else None,
             pad_token_id=self.tokenizer.pad_token_id,
+            eos_token_id=stops or None,
         )
         new = output[0, encoded["input_ids"].shape[1] :]
-        eos = self.tokenizer.eos_token_id
-        finished = eos is not None and bool((new == eos).any())
+        ended = [k for k, token in enumerate(new.tolist()) if token in stops]
+        finished = bool(ended)
+        new = new[: ended[0]] if ended else new
         return {
             "text": self.tokenizer.decode(new, skip_special_tokens=True),
             "finish_reason": "stop" if finished else "length",
@@ -217,9 +223,7 @@ class LoadedModel:
         as training rendered them) and the assistant's generation prompt, as token ids."""
         if not getattr(self.tokenizer, "chat_template", None):
             raise ExportError(f"{self.export_dir}: the tokenizer has no chat template to render conversations with")
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        # the template writes every marker itself (a BOS included): the tokenizer must add none
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return chat_prompt_ids(self.tokenizer, messages)
 
     def answer(self, conversations: list[list[dict[str, str]]], max_new_tokens: int, batch_size: int = 16) -> list[str]:
         """The assistant's next answer to each conversation (a list of {role, content}), greedy, in input order."""
@@ -234,6 +238,25 @@ class LoadedModel:
             batch_size=batch_size,
         )
         return [answer_text(self.tokenizer, answer) for answer in ids]
+
+
+def serving_stop_ids(tokenizer: Any, model: Any) -> list[int]:
+    """Where a served answer ends: the tokenizer's end of sequence and end-of-turn markers (generation.stop_ids),
+    and the end-of-sequence ids of the model's generation config, where `generate` stops too (a tokenizer
+    without an eos token, beside a model config that names one, is common for causal LMs)."""
+    found = stop_ids(tokenizer)
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for token in configured if isinstance(configured, list) else [configured]:
+        if isinstance(token, int) and token not in found:
+            found.append(token)
+    return found
+
+
+def chat_prompt_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
+    """MESSAGES rendered with TOKENIZER's chat template and the assistant's generation prompt, as token ids."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    # the template writes every marker itself (a BOS included): the tokenizer must add none
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 def _label(labels: list[str], i: int) -> str:

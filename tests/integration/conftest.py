@@ -121,6 +121,50 @@ def chat_run(tmp_path_factory, tiny_chat_llama, chat_data, local_ray):
 
 
 @pytest.fixture(scope="session")
+def chat_pbt_search(tmp_path_factory, tiny_chat_llama, chat_data, local_ray):
+    """Two LoRA chat trials under PBT meeting at step 3, the winner exported as its adapter alone
+    (finetune.lora.export: adapter): test_chat checks the search, the multi-adapter serving test serves the winner
+    beside a classifier adapter of the same base. (search result, config, search directory)"""
+    from helpers import chat_cfg, pbt_pair
+
+    from raytune_ft.tune import tune_experiment
+
+    free_session_cpus()
+    root = tmp_path_factory.mktemp("chat-pbt")
+    cfg = chat_cfg(
+        root / "runs",
+        "chat-pbt",
+        tiny_chat_llama,
+        chat_data,
+        finetune={"lora": {"r": 4, "alpha": 8, "dropout": 0.0, "export": "adapter"}},
+        train={"lr_schedule": "constant", "warmup_ratio": 0},
+        scaling={"num_workers": 1},
+        tune=pbt_pair(3, keep_checkpoints=1, max_failures=0, mlflow=False),
+    )
+    search = root / "search"
+    return tune_experiment(cfg, search), cfg, search
+
+
+@pytest.fixture(scope="session")
+def review_adapter_run(tmp_path_factory, tiny_chat_llama, reviews, local_ray):
+    """A sentiment classifier on the tiny chat Llama's base (LoRA, 1 worker, 6 steps), exported as its adapter
+    alone: served beside the chat adapter from one base. (result, config)"""
+    from raytune_ft.train import train
+
+    free_session_cpus()
+    cfg = make_cfg(
+        tmp_path_factory.mktemp("review-adapter"),
+        "reviews-adapter",
+        tiny_chat_llama,
+        reviews,
+        finetune={"method": "lora", "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "export": "adapter"}},
+        train={"max_steps": 6, "eval_every_steps": 3, "checkpoint_every_steps": 3},
+        scaling={"num_workers": 1},
+    )
+    return train(cfg), cfg
+
+
+@pytest.fixture(scope="session")
 def s3_server():
     """A real S3-compatible server (moto's, in a thread of this process) for the session, and the environment
     that reaches it: endpoint, region and credentials, the secret key drawn anew each session. Only the

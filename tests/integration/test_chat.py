@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from faults import Faults
-from helpers import chat_cfg, pbt_pair
+from helpers import chat_cfg
 
 from raytune_ft.data import reads_of_test_split
 from raytune_ft.data.chat_templates import CHATML
@@ -99,23 +99,10 @@ def test_full_finetuning_with_zero3_resumes_a_chat_run_after_a_killed_worker(
     assert meta["reload_check"]["generation_same_as_training"] == meta["reload_check"]["generation_probe_rows"]
 
 
-def test_pbt_exploit_between_chat_trials_moves_the_adapter_alone(tiny_chat_llama, chat_data, tmp_path, local_ray):
+def test_pbt_exploit_between_chat_trials_moves_the_adapter_alone(chat_pbt_search):
     """Two LoRA trials meet at step 3; the weaker takes the other's checkpoint. The winner is exported as its
     adapter alone (finetune.lora.export: adapter), which the test evaluation loads onto the base model."""
-    from raytune_ft.tune import tune_experiment
-
-    cfg = chat_cfg(
-        tmp_path / "runs",
-        "chat-pbt",
-        tiny_chat_llama,
-        chat_data,
-        finetune={"lora": {"r": 4, "alpha": 8, "dropout": 0.0, "export": "adapter"}},
-        train={"lr_schedule": "constant", "warmup_ratio": 0},
-        scaling={"num_workers": 1},
-        tune=pbt_pair(3, keep_checkpoints=1, max_failures=0, mlflow=False),
-    )
-    search = tmp_path / "search"
-    found = tune_experiment(cfg, search)
+    found, cfg, search = chat_pbt_search
     [exploit] = [json.loads(line) for line in (search / "exploits.jsonl").read_text().splitlines()]
     assert exploit["restored_step"] == 3 and exploit["bytes_moved"] > 0
     # what a checkpoint, and so an exploit, moves is the LoRA adapter's weights and optimizer state: none of the

@@ -260,8 +260,8 @@ def test_completions_answer_in_the_openai_shape(lm_run, classifier):
     for bad in (
         {"prompt": "x", "max_tokens": 0},
         {"prompt": "x", "max_tokens": 100000},
-        {"prompt": "x", "stream": True},
         {"prompt": "x", "temperature": 3},
+        {"prompt": "x", "n": 2},
         {"max_tokens": 3},
     ):
         status, _, body = post_json(f"{url}/v1/completions", bad)
