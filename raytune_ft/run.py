@@ -457,13 +457,14 @@ def _validation_texts(run: Run, limit: int = CHECK_TEXTS) -> list[str]:
 
 
 def stage_bench(run: Run) -> str:
-    from raytune_ft.bench.serve import bench_serve, plot
+    from raytune_ft.bench.generation import bench_served
+    from raytune_ft.bench.serve import plot
     from raytune_ft.serve.deploy import api_key_of, stop
     from raytune_ft.serve.model import export_config
 
     served = json.loads(_require(run, run.root / "serve.json", "serve").read_text())
     cfg = export_config(run.export, _serving_overrides(run))
-    result = bench_serve(
+    result = bench_served(
         served["url"],
         concurrency=run.cfg.bench.concurrency,
         rates=[],

@@ -189,14 +189,19 @@ def route_of(task: str | None) -> str:
     return "/v1/chat/completions" if task == "chat" else "/v1/completions"
 
 
-def request_body(task: str | None, model: str | None, text: str, max_tokens: int, stream: bool = True) -> bytes:
-    """A greedy generation request for TEXT: a user message to a chat export, a prompt to a causal LM."""
+def request_body(
+    task: str | None, model: str | None, text: str, max_tokens: int, stream: bool = True, ignore_eos: bool = False
+) -> bytes:
+    """A greedy generation request for TEXT: a user message to a chat export, a prompt to a causal LM. IGNORE_EOS:
+    every answer MAX_TOKENS long (vLLM's extension, which the server takes too), so levels compare equal work."""
     body: dict[str, Any] = {"model": model} if model else {}
     if task == "chat":
         body["messages"] = [{"role": "user", "content": text}]
     else:
         body["prompt"] = text
     body.update(max_tokens=max_tokens, temperature=0)
+    if ignore_eos:
+        body["ignore_eos"] = True
     if stream:
         body.update(stream=True, stream_options={"include_usage": True})
     return json.dumps(body).encode()
@@ -382,6 +387,7 @@ def generation_floor(
     requests: int,
     threads: int,
     max_batch_size: int | None = None,
+    ignore_eos: bool = False,
 ) -> dict[str, Any]:
     """The export's GenerationEngine in this process, greedy, MAX_TOKENS per answer: TTFT p50 and output tokens/s
     at concurrency 1, output tokens/s at TOP (a few unmeasured requests first at each)."""
@@ -397,7 +403,7 @@ def generation_floor(
 
     async def main() -> tuple[dict[str, Any], dict[str, Any]]:
         # the served engine's stop ids: an answer ends where the server's would
-        stops = serving_stop_ids(loaded.tokenizer, loaded.model)
+        stops = [] if ignore_eos else serving_stop_ids(loaded.tokenizer, loaded.model)
         engine = GenerationEngine(loaded.model, pad_id=loaded.tokenizer.pad_token_id, stop_ids=stops, **options)
         used["max_batch_size"] = getattr(engine, "max_batch_size", max_batch_size)
         try:
@@ -482,6 +488,7 @@ def bench_generation(
     max_tokens: int = 64,
     adapters: list[str] | None = None,
     adapter_requests: int = 10,
+    ignore_eos: bool = False,
     rates: list[float] = (),
     baseline_noop: bool = False,
     address: str | None = None,
@@ -493,7 +500,7 @@ def bench_generation(
 
     task, model_id = info.get("task"), info.get("id")
     route = route_of(task)
-    bodies = [request_body(task, model_id, text, max_tokens) for text in texts]
+    bodies = [request_body(task, model_id, text, max_tokens, ignore_eos=ignore_eos) for text in texts]
     # an adapter of a multiplexed deployment: the header lets Ray Serve route to a replica that has it loaded
     headers = {MULTIPLEX_HEADER: model_id} if info.get("adapter") and model_id else None
     if rates:
@@ -533,6 +540,7 @@ def bench_generation(
                     requests=requests,
                     threads=info.get("threads") or 1,
                     max_batch_size=floor_batch_size(info, export),
+                    ignore_eos=ignore_eos,
                 )
             except (OSError, ValueError, RuntimeError) as exc:  # the served figures stand without it
                 log(f"no in-process floor: {type(exc).__name__}: {exc}")
@@ -542,5 +550,74 @@ def bench_generation(
         result["noop_p50_ms"], result["noop"] = noop["p50_ms"], noop
     if adapter_results:
         result["adapters"] = adapter_results
-    result.update(url=url, endpoint=url.rstrip("/") + route, model=model_id, task=task, max_tokens=max_tokens)
+    result.update(
+        url=url,
+        endpoint=url.rstrip("/") + route,
+        model=model_id,
+        task=task,
+        max_tokens=max_tokens,
+        ignore_eos=ignore_eos,
+    )
     return result
+
+
+def bench_served(
+    url: str,
+    *,
+    concurrency: list[int],
+    rates: list[float],
+    requests: int,
+    warmup: int,
+    api_key: str | None,
+    texts: list[str],
+    model: Path | None,
+    baseline_noop: bool = False,
+    address: str | None = None,
+    max_tokens: int = 64,
+    adapters: list[str] | None = None,
+    adapter_requests: int = 10,
+    ignore_eos: bool = False,
+    log: Any = print,
+) -> dict[str, Any]:
+    """`bench serve URL`, whatever it serves: a generation benchmark when a model there generates (the first that
+    does is measured), else the classifier's (bench/serve.py)."""
+    from raytune_ft.bench.serve import BenchServeError, bench_serve, model_info
+    from raytune_ft.config.schema import CAUSAL_TASKS
+
+    models = model_info(url, api_key)
+    generating = [m for m in models if m.get("task") in CAUSAL_TASKS]
+    if not generating:
+        return bench_serve(
+            url,
+            models[0],
+            concurrency=concurrency,
+            rates=rates,
+            requests=requests,
+            warmup=warmup,
+            api_key=api_key,
+            texts=texts,
+            model=model,
+            baseline_noop=baseline_noop,
+            address=address,
+            log=log,
+        )
+    if not concurrency:
+        raise BenchServeError("a generation server is measured in closed loop: pass --concurrency levels")
+    return bench_generation(
+        url,
+        generating[0],
+        concurrency=concurrency,
+        requests=requests,
+        warmup=warmup,
+        api_key=api_key,
+        texts=texts,
+        model=model,
+        max_tokens=max_tokens,
+        adapters=adapters,
+        adapter_requests=adapter_requests,
+        ignore_eos=ignore_eos,
+        rates=rates,
+        baseline_noop=baseline_noop,
+        address=address,
+        log=log,
+    )

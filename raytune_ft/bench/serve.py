@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from raytune_ft.config.schema import CAUSAL_TASKS
 from raytune_ft.errors import RaytuneFtError
 
 # Review-like sentences of mixed length: the default request texts (the package reads no data set for this).
@@ -201,8 +200,8 @@ def _kinds(errors: list[str]) -> dict[str, int]:
     return {kind: errors.count(kind) for kind in sorted(set(errors))}
 
 
-def classify_bodies(texts: list[str]) -> list[bytes | None]:
-    return [json.dumps({"text": text}).encode() for text in texts]
+def classify_bodies(texts: list[str], model: str | None = None) -> list[bytes | None]:
+    return [json.dumps({"text": text, **({"model": model} if model else {})}).encode() for text in texts]
 
 
 def run_levels(
@@ -341,8 +340,9 @@ class BenchServeError(RaytuneFtError, RuntimeError):
     pass
 
 
-def model_info(url: str, api_key: str | None) -> dict[str, Any]:
-    """GET URL/v1/models: what the server serves (task, export directory, labels)."""
+def model_info(url: str, api_key: str | None) -> list[dict[str, Any]]:
+    """GET URL/v1/models: what the server serves (task, export directory, labels), one entry per model (several
+    when one deployment serves several LoRA adapters)."""
     import urllib.error
     import urllib.request
 
@@ -351,7 +351,7 @@ def model_info(url: str, api_key: str | None) -> dict[str, Any]:
         request.add_header("Authorization", f"Bearer {api_key}")
     try:
         with urllib.request.urlopen(request, timeout=30) as response:
-            return json.loads(response.read())["data"][0]
+            return json.loads(response.read())["data"]
     except urllib.error.HTTPError as exc:
         raise BenchServeError(f"GET {request.full_url}: HTTP {exc.code} {exc.read()[:200]!r}") from None
     except (urllib.error.URLError, OSError) as exc:
@@ -417,6 +417,7 @@ def noop_baseline(url: str, body: bytes, requests: int, warmup: int, address: st
 
 def bench_serve(
     url: str,
+    info: dict[str, Any],
     *,
     concurrency: list[int],
     rates: list[float],
@@ -429,21 +430,18 @@ def bench_serve(
     address: str | None,
     log: Any = print,
 ) -> dict[str, Any]:
-    info = model_info(url, api_key)
-    if info.get("task") in CAUSAL_TASKS:
-        endpoint = f"{url.rstrip('/')}/v1/completions"
-        bodies = [json.dumps({"prompt": t, "max_tokens": 16, "temperature": 0}).encode() for t in texts]
-    else:
-        endpoint = f"{url.rstrip('/')}/v1/classify"
-        bodies = classify_bodies(texts)
+    """`bench serve` against a classifier, whose /v1/models entry is INFO (generation: bench/generation.py)."""
+    endpoint = f"{url.rstrip('/')}/v1/classify"
+    # an adapter of a multiplexed deployment is named in each request
+    bodies = classify_bodies(texts, info.get("id") if info.get("adapter") else None)
     levels = run_levels(endpoint, bodies, concurrency, rates, requests, warmup, api_key, log)
     floor_result = None
     export = model or (Path(info["export_dir"]) if info.get("export_dir") else None)
-    if info.get("task") not in CAUSAL_TASKS and export is not None and export.is_dir():
+    if export is not None and export.is_dir() and not info.get("adapter"):
         log(f"in-process floor: {export}")
         floor_result = floor(export, texts, batch_size=max(concurrency), repeats=50, threads=info.get("threads") or 1)
-    elif info.get("task") not in CAUSAL_TASKS:
-        log("no in-process floor: the export is not on this machine (pass --model EXPORT_DIR)")
+    else:
+        log("no in-process floor: the export is not on this machine (pass --model EXPORT_DIR), or is an adapter")
     noop = noop_baseline(url, bodies[0] or b"{}", requests, warmup, address, log) if baseline_noop else None
     result = summarize(levels, floor_result, noop)
     result.update(url=url, endpoint=endpoint, model=info.get("id"), task=info.get("task"))

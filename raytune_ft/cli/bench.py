@@ -439,6 +439,10 @@ def bench_serve(
     adapter_requests: Annotated[
         int, typer.Option("--adapter-requests", min=1, help="Warm requests per adapter after its first.")
     ] = 10,
+    ignore_eos: Annotated[
+        bool,
+        typer.Option("--ignore-eos", help="Generation: every answer --max-tokens long, so levels do equal work."),
+    ] = False,
 ) -> None:
     """Load-test a served model over HTTP: closed loop per concurrency, open loop per rate; p50/p90/p99/max,
     requests/s and errors per level, the in-process floor, serving overhead and batching gain. A causal-LM or chat
@@ -455,49 +459,27 @@ def bench_serve(
     if not levels and not rate_list or any(c < 1 for c in levels) or any(r <= 0 for r in rate_list):
         fail("--concurrency levels must be >= 1 and --rates > 0, at least one level in all", EXIT_CONFIG)
     texts, key = request_texts(texts_file), api_key_from(api_key_env)
-    from raytune_ft.bench.serve import bench_serve as run_bench
-    from raytune_ft.bench.serve import model_info
-    from raytune_ft.config.schema import CAUSAL_TASKS
+    from raytune_ft.bench.generation import bench_served
 
     log = lambda m: err.print(m, highlight=False)  # noqa: E731
     try:
-        info = model_info(url, key)
-        if info.get("task") in CAUSAL_TASKS:  # a generation server: streamed, closed loop (bench/generation.py)
-            from raytune_ft.bench.generation import bench_generation
-
-            if not levels:
-                fail("a generation server is measured in closed loop: pass --concurrency levels", EXIT_CONFIG)
-            result = bench_generation(
-                url,
-                info,
-                concurrency=levels,
-                requests=requests,
-                warmup=warmup,
-                api_key=key,
-                texts=texts,
-                model=model,
-                max_tokens=max_tokens,
-                adapters=[a.strip() for a in adapters.split(",") if a.strip()] if adapters else None,
-                adapter_requests=adapter_requests,
-                rates=rate_list,
-                baseline_noop=baseline_noop,
-                address=address,
-                log=log,
-            )
-        else:
-            result = run_bench(
-                url,
-                concurrency=levels,
-                rates=rate_list,
-                requests=requests,
-                warmup=warmup,
-                api_key=key,
-                texts=texts,
-                model=model,
-                baseline_noop=baseline_noop,
-                address=address,
-                log=log,
-            )
+        result = bench_served(
+            url,
+            concurrency=levels,
+            rates=rate_list,
+            requests=requests,
+            warmup=warmup,
+            api_key=key,
+            texts=texts,
+            model=model,
+            baseline_noop=baseline_noop,
+            address=address,
+            max_tokens=max_tokens,
+            adapters=[a.strip() for a in adapters.split(",") if a.strip()] if adapters else None,
+            adapter_requests=adapter_requests,
+            ignore_eos=ignore_eos,
+            log=log,
+        )
     except BenchServeError as exc:
         fail(str(exc), EXIT_RUNTIME)
     if result.get("benchmark") == "generation":

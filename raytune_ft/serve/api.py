@@ -63,9 +63,7 @@ def _not_blank(text: str) -> str:
     return text
 
 
-def classify_model(
-    limits: RequestLimits, tasks: tuple[str, ...] = (), task_required: bool = False
-) -> type[BaseModel]:
+def classify_model(limits: RequestLimits, tasks: tuple[str, ...] = (), task_required: bool = False) -> type[BaseModel]:
     """The classify request schema, with this deployment's limits in it (so the OpenAPI schema shows them too).
     TASKS: the classification tasks of a multi-task export, which a classify request may name (default: its own; a
     causal-LM export's classification tasks must be named: TASK_REQUIRED). `model`: the adapter, when one

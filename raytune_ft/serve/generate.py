@@ -126,9 +126,7 @@ def generation_models(limits: RequestLimits) -> tuple[type[BaseModel], type[Base
             return self.max_completion_tokens or self.max_tokens or limits.max_tokens
 
         def conversation(self) -> list[dict[str, str]]:
-            return [
-                {"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages
-            ]
+            return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
 
     class CompletionRequest(Sampled):
         prompt: Annotated[Prompt, Field(json_schema_extra=prompt_tokens)]
