@@ -170,6 +170,9 @@ class ModelList(BaseModel):
 class Health(BaseModel):
     status: Literal["ok"]
     model: str
+    # the generation engine's counters (running, waiting, finished, cancelled, failed, steps, prefills,
+    # largest_batch); null for a classifier
+    generation: dict[str, int] | None = None
 
 
 class ErrorDetail(BaseModel):

@@ -179,9 +179,11 @@ async def pieces(
 
 
 async def complete(source: AsyncIterator[str | Generated]) -> Generated:
-    async for item in source:
-        if isinstance(item, Generated):
-            return item
+    # closed on return: a generation cut by a stop string leaves the batch now, not when the iterator is collected
+    async with aclosing(source) as items:
+        async for item in items:
+            if isinstance(item, Generated):
+                return item
     raise RuntimeError("generation ended without a result")
 
 
