@@ -17,7 +17,9 @@ waits, beyond `max_queued_requests` waiting it gets 429 with Retry-After (serve/
 
 import asyncio
 import json
+import threading
 import time
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -244,14 +246,24 @@ def build_app(exports: Path | list[Path], settings: ServeConfig, api_key: str | 
                 return (chat_answer if chat else completion_answer)(target.id, done)
             usage = bool(body.stream_options and body.stream_options.include_usage)
 
+            released = threading.Event()
+
+            def release() -> None:
+                if not released.is_set():
+                    released.set()
+                    self.models.release(target)
+
             async def stream() -> Any:
                 try:
                     async for event in events(source, target.id, chat, usage):
                         yield event
                 finally:
-                    self.models.release(target)
+                    release()
 
-            return StreamingResponse(stream(), media_type="text/event-stream", headers=SSE_HEADERS)
+            body_iterator = stream()
+            # a client gone before the first byte: the stream never starts, and its finally never runs
+            weakref.finalize(body_iterator, release)
+            return StreamingResponse(body_iterator, media_type="text/event-stream", headers=SSE_HEADERS)
 
         def check_context(self, prompt_tokens: int, max_tokens: int, param: str) -> None:
             context = self.models.context

@@ -260,7 +260,11 @@ def _sample(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator
     if sampling.top_p < 1.0:
         sorted_probs, order = probs.sort(descending=True)
         before = sorted_probs.cumsum(dim=-1) - sorted_probs  # probability of the tokens ranked above each one
-        sorted_probs[before >= sampling.top_p] = 0.0  # never the first: `before` is 0 there
+        cut = before >= sampling.top_p
+        # the most likely token always stays: a top_p below float32's smallest number (5e-324 from a client)
+        # compares as 0, which `before` of the first token equals
+        cut[0] = False
+        sorted_probs[cut] = 0.0
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
     return int(torch.multinomial(probs, 1, generator=generator))
 
