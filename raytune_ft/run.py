@@ -542,9 +542,9 @@ def summary(run: Run) -> dict[str, Any]:
     bench = run.root / "bench" / "serve.json"
     if bench.is_file():
         levels = json.loads(bench.read_text())["levels"]
-        out["latency"] = [
-            {k: lv.get(k) for k in ("concurrency", "rps", "p50_ms", "p95_ms", "p99_ms", "errors")} for lv in levels
-        ]
+        # generation levels add time to first token and output tokens/s
+        keys = ("concurrency", "rps", "p50_ms", "p95_ms", "p99_ms", "errors", "ttft_p50_ms", "output_tokens_per_s")
+        out["latency"] = [{k: lv.get(k) for k in keys if k in lv} for lv in levels]
     if (run.root / "report.html").is_file():
         out["report"] = str(run.root / "report.html")
     return out

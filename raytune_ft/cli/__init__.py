@@ -476,10 +476,10 @@ def _print_run_summary(summary: dict[str, Any]) -> None:
     if promotion is not None:
         table.add_row("promoted", "yes" if promotion["promoted"] else "no")
     for level in summary.get("latency") or []:
-        table.add_row(
-            f"serve c={level['concurrency']}",
-            f"p50 {level['p50_ms']:.1f} ms, p99 {level['p99_ms']:.1f} ms, {level['rps']:.1f} req/s",
-        )
+        shown = f"p50 {level['p50_ms']:.1f} ms, p99 {level['p99_ms']:.1f} ms, {level['rps']:.1f} req/s"
+        if level.get("ttft_p50_ms") is not None:  # a generation server
+            shown += f", TTFT p50 {level['ttft_p50_ms']:.1f} ms, {level['output_tokens_per_s']:.1f} tokens/s"
+        table.add_row(f"serve c={level['concurrency']}", shown)
     if summary.get("serve"):
         table.add_row("served at", summary["serve"]["url"])
     for key in ("export", "report", "run_dir"):
