@@ -20,7 +20,6 @@ concurrency 1 and at the largest level: what the hardware gives without HTTP, Ra
 from __future__ import annotations
 
 import asyncio
-import inspect
 import itertools
 import json
 import statistics
@@ -332,6 +331,8 @@ async def _engine_level(
 ) -> dict[str, Any]:
     """CONCURRENCY callers of ENGINE, each submitting its next prompt when the previous answer ends: TTFT (submit
     to the first token id), end to end, output tokens/s."""
+    from raytune_ft.serve.engine import Finish
+
     queue = itertools.cycle(prompts)
     ttft: list[float] = []
     e2e: list[float] = []
@@ -340,12 +341,9 @@ async def _engine_level(
     async def one(record: bool) -> None:
         started = time.perf_counter()
         first, count = None, 0
-        stream = engine.generate(next(queue), sampling)
-        if inspect.isawaitable(stream):
-            stream = await stream
-        async for item in stream:
-            if hasattr(item, "completion_tokens"):  # the Finish
-                count = int(item.completion_tokens)
+        async for item in engine.generate(next(queue), sampling):
+            if isinstance(item, Finish):
+                count = item.completion_tokens
             elif first is None:
                 first = time.perf_counter() - started
         if record:
@@ -399,13 +397,11 @@ def generation_floor(
     sampling = Sampling(max_new_tokens=max_tokens, temperature=0.0)
     options = {"max_batch_size": max_batch_size} if max_batch_size else {}
 
-    used: dict[str, Any] = {}
+    # the served engine's stop ids: an answer ends where the server's would
+    stops = [] if ignore_eos else serving_stop_ids(loaded.tokenizer, loaded.model)
+    engine = GenerationEngine(loaded.model, pad_id=loaded.tokenizer.pad_token_id, stop_ids=stops, **options)
 
     async def main() -> tuple[dict[str, Any], dict[str, Any]]:
-        # the served engine's stop ids: an answer ends where the server's would
-        stops = [] if ignore_eos else serving_stop_ids(loaded.tokenizer, loaded.model)
-        engine = GenerationEngine(loaded.model, pad_id=loaded.tokenizer.pad_token_id, stop_ids=stops, **options)
-        used["max_batch_size"] = getattr(engine, "max_batch_size", max_batch_size)
         try:
             one = await _engine_level(engine, prompts, sampling, 1, floor_requests(1, requests), 2)
             many = one
@@ -413,15 +409,13 @@ def generation_floor(
                 many = await _engine_level(engine, prompts, sampling, top, floor_requests(top, requests), top)
             return one, many
         finally:
-            closed = engine.close()
-            if inspect.isawaitable(closed):
-                await closed
+            engine.close()
 
     one, many = asyncio.run(main())
     return {
         "export": str(loaded.export_dir),
         "threads": threads,
-        "max_batch_size": used.get("max_batch_size"),  # the server's when known, else the engine's default
+        "max_batch_size": engine.max_batch_size,  # the server's when known, else the engine's default
         "max_tokens": max_tokens,
         "ttft_p50_ms": one["ttft_p50_ms"],
         "p50_ms": one["p50_ms"],  # end to end at concurrency 1 (what the latency plot draws as the floor)
@@ -524,26 +518,21 @@ def bench_generation(
     if export is None or not export.is_dir():
         log("no in-process floor: the export is not on this machine (pass --model EXPORT_DIR)")
     else:
+        log(f"in-process floor: {export}")
         try:
-            import raytune_ft.serve.engine  # noqa: F401
-        except ImportError:
-            log("no in-process floor: this install has no raytune_ft.serve.engine")
-        else:
-            log(f"in-process floor: {export}")
-            try:
-                floor_result = generation_floor(
-                    export,
-                    texts,
-                    task,
-                    max_tokens=max_tokens,
-                    top=max(concurrency),
-                    requests=requests,
-                    threads=info.get("threads") or 1,
-                    max_batch_size=floor_batch_size(info, export),
-                    ignore_eos=ignore_eos,
-                )
-            except (OSError, ValueError, RuntimeError) as exc:  # the served figures stand without it
-                log(f"no in-process floor: {type(exc).__name__}: {exc}")
+            floor_result = generation_floor(
+                export,
+                texts,
+                task,
+                max_tokens=max_tokens,
+                top=max(concurrency),
+                requests=requests,
+                threads=info.get("threads") or 1,
+                max_batch_size=floor_batch_size(info, export),
+                ignore_eos=ignore_eos,
+            )
+        except (OSError, ValueError, RuntimeError) as exc:  # the served figures stand without it
+            log(f"no in-process floor: {type(exc).__name__}: {exc}")
     result = summarize_generation(levels, floor_result)
     if baseline_noop:
         noop = noop_baseline(url, bodies[0], requests, warmup, address, log)

@@ -43,7 +43,7 @@ from raytune_ft.config.schema import CAUSAL_TASKS
 from raytune_ft.errors import RaytuneFtError
 from raytune_ft.export import ADAPTER_CONFIG
 from raytune_ft.layout import METADATA
-from raytune_ft.serve.model import ExportError, find_export
+from raytune_ft.serve.model import ExportError, by_key, find_export, predictions
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 CLASSIFICATION = "sequence-classification"
@@ -721,27 +721,8 @@ class AdapterHost:
         finally:
             self._selection.rows, self._selection.groups = before
         labels = export.labels or [str(i) for i in range(logits.shape[-1])]
-        out = []
-        for row in torch.softmax(logits.float(), dim=-1).tolist():
-            best = max(range(len(row)), key=row.__getitem__)
-            out.append(
-                {
-                    "label": _label(labels, best),
-                    "label_id": best,
-                    "probs": {_label(labels, i): p for i, p in enumerate(row)},
-                }
-            )
-        return out
+        return predictions(logits, labels)
 
     def classify_items(self, items: list[tuple[str, str]]) -> list[dict[str, Any]]:
         """(adapter_id, text) pairs from several requests: one forward per adapter, answers in input order."""
-        out: list[dict[str, Any]] = [{} for _ in items]
-        for adapter_id in dict.fromkeys(a for a, _ in items):
-            rows = [i for i, (a, _) in enumerate(items) if a == adapter_id]
-            for i, answer in zip(rows, self.classify(adapter_id, [items[i][1] for i in rows]), strict=True):
-                out[i] = answer
-        return out
-
-
-def _label(labels: list[str], i: int) -> str:
-    return labels[i] if i < len(labels) else str(i)
+        return by_key(items, self.classify)

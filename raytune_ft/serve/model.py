@@ -162,27 +162,11 @@ class LoadedModel:
         else:
             known = ", ".join(n for n in [self.primary_task, *self.heads] if n) or "none: a single-task export"
             raise ValueError(f"unknown task '{task}'; this export's classification tasks: {known}")
-        probs = torch.softmax(logits.float(), dim=-1).tolist()
-        out = []
-        for row in probs:
-            best = max(range(len(row)), key=row.__getitem__)
-            out.append(
-                {
-                    "label": _label(labels, best),
-                    "label_id": best,
-                    "probs": {_label(labels, i): p for i, p in enumerate(row)},
-                }
-            )
-        return out
+        return predictions(logits, labels)
 
     def classify_items(self, items: list[tuple[str | None, str]]) -> list[dict[str, Any]]:
         """(task, text) pairs from several requests: one forward pass per task, answers in input order."""
-        out: list[dict[str, Any]] = [{} for _ in items]
-        for task in dict.fromkeys(task for task, _ in items):
-            rows = [i for i, (t, _) in enumerate(items) if t == task]
-            for i, answer in zip(rows, self.classify([items[i][1] for i in rows], task), strict=True):
-                out[i] = answer
-        return out
+        return by_key(items, lambda task, texts: self.classify(texts, task))
 
     @torch.inference_mode()
     def complete(
@@ -257,6 +241,31 @@ def chat_prompt_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     # the template writes every marker itself (a BOS included): the tokenizer must add none
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def by_key(items: list[tuple[Any, str]], classify: Any) -> list[dict[str, Any]]:
+    """(key, text) pairs from several requests: CLASSIFY(key, texts) once per key, answers in input order."""
+    out: list[dict[str, Any]] = [{} for _ in items]
+    for key in dict.fromkeys(key for key, _ in items):
+        rows = [i for i, (k, _) in enumerate(items) if k == key]
+        for i, answer in zip(rows, classify(key, [items[i][1] for i in rows]), strict=True):
+            out[i] = answer
+    return out
+
+
+def predictions(logits: torch.Tensor, labels: list[str]) -> list[dict[str, Any]]:
+    """Each row of classifier LOGITS as the API answers it: label, label id and every label's probability."""
+    out = []
+    for row in torch.softmax(logits.float(), dim=-1).tolist():
+        best = max(range(len(row)), key=row.__getitem__)
+        out.append(
+            {
+                "label": _label(labels, best),
+                "label_id": best,
+                "probs": {_label(labels, i): p for i, p in enumerate(row)},
+            }
+        )
+    return out
 
 
 def _label(labels: list[str], i: int) -> str:

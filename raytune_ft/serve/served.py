@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,6 @@ class Target:
     tokenizer: Any
     key: str | None  # the engine row's adapter and the classification key (single export: None / the task)
     stop_ids: list[int]
-    info: dict[str, Any] = field(default_factory=dict)
 
     @property
     def generates(self) -> bool:

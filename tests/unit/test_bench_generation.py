@@ -377,9 +377,6 @@ def chat_export(tmp_path_factory) -> Path:
 
 
 def test_the_floor_runs_the_engine_on_the_export_at_one_and_many(chat_export):
-    pytest.importorskip("raytune_ft.serve.engine", reason="raytune_ft/serve/engine.py (GenerationEngine) not there")
-    if not hasattr(pytest.importorskip("raytune_ft.serve.model"), "serving_stop_ids"):
-        pytest.skip("raytune_ft/serve/model.py has no serving_stop_ids (the served engine's stop ids) yet")
     from raytune_ft.bench.generation import generation_floor
 
     floor = generation_floor(chat_export, ["hi", "a longer prompt"], "chat", max_tokens=6, top=4, requests=8, threads=1)
